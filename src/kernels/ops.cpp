@@ -1,0 +1,188 @@
+// Threaded drivers: split a range into chunks and call one KernelTable entry per chunk.
+#include "msbnb/kernels/ops.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace msbnb::kernels {
+
+namespace {
+
+std::atomic<int> g_threads{0};
+
+// Elements per task: large enough to amortise scheduling, small enough to balance 2+ threads.
+constexpr int64_t kChunk = int64_t{1} << 15;
+// Blocks longer than this are reduced in pieces so one huge block still uses every thread.
+constexpr int64_t kPiece = int64_t{1} << 16;
+
+int threads_for(int64_t work_items) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), work_items)));
+}
+
+const char* byte_ptr(const void* x, DType dt, int64_t i) {
+  return static_cast<const char*>(x) + i * static_cast<int64_t>(dtype_size(dt));
+}
+
+// Runs fn(start, count) over [0, n) in chunks of `chunk` elements.
+template <typename Fn>
+void parallel_chunks(int64_t n, int64_t chunk, Fn fn) {
+  const int64_t tasks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads_for(tasks))
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t start = t * chunk;
+    fn(start, std::min(chunk, n - start));
+  }
+}
+
+// Reduces blocks of bs over n elements: fn(first_elem, count, block_size, out_index) on whole
+// blocks, or on pieces of long blocks followed by combine(block, pieces).
+template <typename BlockFn, typename CombineFn>
+void reduce_blocks(int64_t n, int64_t bs, BlockFn block_fn, CombineFn combine) {
+  const int64_t nblocks = (n + bs - 1) / bs;
+  if (bs <= kPiece) {
+    const int64_t per_task = std::max<int64_t>(1, kChunk / bs);
+    parallel_chunks(nblocks, per_task, [&](int64_t b0, int64_t nb) {
+      block_fn(b0 * bs, std::min(n, (b0 + nb) * bs) - b0 * bs, bs, b0);
+    });
+    return;
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t first = b * bs, len = std::min(n, first + bs) - first;
+    const int64_t pieces = (len + kPiece - 1) / kPiece;
+    combine(b, pieces, [&](float* partial_a, float* partial_b) {
+      parallel_chunks(pieces, 1, [&](int64_t p, int64_t) {
+        const int64_t s = first + p * kPiece, l = std::min(kPiece, len - p * kPiece);
+        block_fn(s, l, l, -1 - p, partial_a + p, partial_b ? partial_b + p : nullptr);
+      });
+    });
+  }
+}
+
+}  // namespace
+
+int num_threads() {
+  const int n = g_threads.load();
+  return n > 0 ? n : omp_get_max_threads();
+}
+void set_num_threads(int n) { g_threads.store(std::max(0, n)); }
+
+void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out, const KernelTable& k) {
+  if (n <= 0) return;
+  reduce_blocks(
+      n, bs,
+      [&](int64_t first, int64_t len, int64_t block, int64_t b0, float* pa = nullptr, float* = nullptr) {
+        k.absmax_blocks(byte_ptr(x, dt, first), dt, len, block, pa ? pa : out + b0);
+      },
+      [&](int64_t b, int64_t pieces, auto run) {
+        std::vector<float> partial(static_cast<size_t>(pieces));
+        run(partial.data(), nullptr);
+        // The partials are magnitudes (or NaN): their absmax is the block's, exactly.
+        k.absmax_blocks(partial.data(), DType::f32, pieces, pieces, out + b);
+      });
+}
+
+void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs,
+                   const KernelTable& k) {
+  if (n <= 0) return;
+  reduce_blocks(
+      n, bs,
+      [&](int64_t first, int64_t len, int64_t block, int64_t b0, float* pa = nullptr, float* pb = nullptr) {
+        k.minmax_blocks(byte_ptr(x, dt, first), dt, len, block, pa ? pa : mins + b0,
+                        pb ? pb : maxs + b0);
+      },
+      [&](int64_t b, int64_t pieces, auto run) {
+        std::vector<float> pmin(static_cast<size_t>(pieces)), pmax(static_cast<size_t>(pieces));
+        run(pmin.data(), pmax.data());
+        float unused;
+        k.minmax_blocks(pmin.data(), DType::f32, pieces, pieces, mins + b, &unused);
+        k.minmax_blocks(pmax.data(), DType::f32, pieces, pieces, &unused, maxs + b);
+      });
+}
+
+void quantize_int8(const void* x, DType dt, int64_t n, int64_t bs, const float* scale,
+                   const int32_t* zero_point, int32_t lo, int32_t hi, int8_t* q, const KernelTable& k) {
+  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+    k.quantize_int8(byte_ptr(x, dt, s), dt, s, len, bs, scale, zero_point, lo, hi, q + s);
+  });
+}
+
+void dequantize_int8(const int8_t* q, int64_t n, int64_t bs, const float* scale,
+                     const int32_t* zero_point, float* out, const KernelTable& k) {
+  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+    k.dequantize_int8(q + s, s, len, bs, scale, zero_point, out + s);
+  });
+}
+
+void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs,
+                   const float* scale, const int32_t* zero_point, uint8_t* packed, const KernelTable& k) {
+  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t rows_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cols));
+  parallel_chunks(rows, rows_per_task, [&](int64_t r, int64_t nr) {
+    k.quantize_int4(byte_ptr(x, dt, r * cols), dt, nr, cols, gs, scale + r * groups,
+                    zero_point ? zero_point + r * groups : nullptr, packed + r * row_bytes);
+  });
+}
+
+void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs,
+                     const float* scale, const int32_t* zero_point, float* out, const KernelTable& k) {
+  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t rows_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cols));
+  parallel_chunks(rows, rows_per_task, [&](int64_t r, int64_t nr) {
+    k.dequantize_int4(packed + r * row_bytes, nr, cols, gs, scale + r * groups,
+                      zero_point ? zero_point + r * groups : nullptr, out + r * cols);
+  });
+}
+
+void quantize_lut4(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax,
+                   const Lut4& lut, uint8_t* packed, const KernelTable& k) {
+  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+    k.quantize_lut4(byte_ptr(x, dt, s), dt, s, len, bs, absmax, &lut, packed + s / 2);
+  });
+}
+
+void dequantize_lut4(const uint8_t* packed, int64_t n, int64_t bs, const float* absmax,
+                     const float* code16, float* out, const KernelTable& k) {
+  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+    k.dequantize_lut4(packed + s / 2, s, len, bs, absmax, code16, out + s);
+  });
+}
+
+void quantize_lut8(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax,
+                   const Lut8& lut, uint8_t* q, const KernelTable& k) {
+  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+    k.quantize_lut8(byte_ptr(x, dt, s), dt, s, len, bs, absmax, &lut, q + s);
+  });
+}
+
+void dequantize_lut8(const uint8_t* q, int64_t n, int64_t bs, const float* absmax,
+                     const float* code256, float* out, const KernelTable& k) {
+  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+    k.dequantize_lut8(q + s, s, len, bs, absmax, code256, out + s);
+  });
+}
+
+void symmetric_scales(const float* absmax, int64_t count, float qmax, float* scale) {
+  for (int64_t i = 0; i < count; ++i) scale[i] = absmax[i] / qmax;
+}
+
+void asymmetric_scales(const float* mins, const float* maxs, int64_t count, int32_t qmin,
+                       int32_t qmax, float* scale, int32_t* zero_point) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float lo = std::fmin(mins[i], 0.0f), hi = std::fmax(maxs[i], 0.0f);
+    // In double: hi - lo overflows float for +-huge inputs.
+    const float s = static_cast<float>((static_cast<double>(hi) - lo) / (qmax - qmin));
+    scale[i] = s;
+    if (s == 0.0f) {
+      zero_point[i] = 0;
+      continue;
+    }
+    const float z = std::nearbyint(static_cast<float>(qmin) - lo / s);
+    zero_point[i] = static_cast<int32_t>(std::fmin(std::fmax(z, static_cast<float>(qmin)), static_cast<float>(qmax)));
+  }
+}
+
+}  // namespace msbnb::kernels

@@ -1,0 +1,87 @@
+// Scalar element helpers shared by the reference kernels and the tails of the SIMD kernels.
+// Everything is in an unnamed namespace so each translation unit (each compiled with its own ISA
+// flags) keeps its own copy: the linker can never merge one into an AVX-512 build of another.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "msbnb/kernels/types.h"
+
+namespace msbnb::kernels {
+namespace {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// IEEE half -> float, exact for every value (denormals, Inf, NaN).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (mant << 13));
+  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  if (mant == 0) return bits_float(sign);
+  // Denormal half: normalise into a float.
+  int e = -1;
+  do {
+    ++e;
+    mant <<= 1;
+  } while ((mant & 0x400u) == 0);
+  return bits_float(sign | static_cast<uint32_t>(112 - e) << 23 | ((mant & 0x3ffu) << 13));
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+inline float load_elem(const void* x, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::f32:
+      return static_cast<const float*>(x)[i];
+    case DType::f16:
+      return half_to_float(static_cast<const uint16_t*>(x)[i]);
+    case DType::bf16:
+      return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+  }
+  return 0.0f;
+}
+
+// Signed-integer key with the same order as the float (for exact, order-free min / max).
+inline int32_t order_key(float f) {
+  const int32_t k = static_cast<int32_t>(float_bits(f));
+  return k ^ ((k >> 31) & 0x7fffffff);
+}
+inline float key_float(int32_t k) { return bits_float(static_cast<uint32_t>(k ^ ((k >> 31) & 0x7fffffff))); }
+
+// q = clamp(rne(x / s) + zp, lo, hi) in float, then to int (DESIGN.md int8 / int4).
+inline int32_t quantize_affine(float x, float s, float zp, float lo, float hi) {
+  if (s == 0.0f) return static_cast<int32_t>(zp);
+  float t = std::nearbyint(x / s) + zp;
+  t = std::fmin(std::fmax(t, lo), hi);
+  return static_cast<int32_t>(t);
+}
+
+// 1 / absmax of a block, 0 for an all-zero block so that it codes as x = 0.
+inline float inverse_absmax(float a) { return a == 0.0f ? 0.0f : 1.0f / a; }
+
+// Sorted position of x among a codebook's midpoints: #{i < count : x > mid[i]}.
+inline int sorted_position16(float x, const float* mid) {
+  int p = 0;
+  for (int i = 0; i < 15; ++i) p += x > mid[i];
+  return p;
+}
+inline int sorted_position256(float x, const float* mid) {
+  int p = 0;  // branch-free binary search; mid[255] = +inf
+  for (int step = 128; step >= 1; step >>= 1) p += (mid[p + step - 1] < x) ? step : 0;
+  return p;
+}
+
+}  // namespace
+}  // namespace msbnb::kernels
