@@ -51,3 +51,12 @@ int num_threads();
 void set_num_threads(int n);
 
 }  // namespace msbnb::kernels
+
+namespace msbnb::kernels {
+/// MindSpore qint4x2 packing of int8 values (low nibble first, two's complement, odd cols padded
+/// with 0): rows of cols values -> rows of (cols + 1) / 2 bytes. Values outside [-8, 7] are the
+/// caller's to reject.
+void pack_qint4x2(const int8_t* values, int64_t rows, int64_t cols, uint8_t* packed);
+/// Inverse of pack_qint4x2 (sign-extends each nibble).
+void unpack_qint4x2(const uint8_t* packed, int64_t rows, int64_t cols, int8_t* values);
+}  // namespace msbnb::kernels

@@ -1,0 +1,66 @@
+// Input checks shared by the functional API. Each throws c10::Error naming the argument, what
+// was expected and what came.
+#pragma once
+#include <torch/types.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "msbnb/kernels/types.h"
+
+namespace msbnb::detail {
+
+inline std::string shape_str(c10::IntArrayRef s) {
+  std::ostringstream o;
+  o << s;
+  return o.str();
+}
+
+inline void check_defined(const torch::Tensor& t, const char* arg) {
+  TORCH_CHECK(t.defined(), arg, ": expected a tensor, got an undefined tensor");
+}
+
+inline void check_cpu(const torch::Tensor& t, const char* arg) {
+  check_defined(t, arg);
+  TORCH_CHECK(t.device().is_cpu(), arg, ": expected a CPU tensor, got device ", t.device());
+}
+
+inline void check_dtype(const torch::Tensor& t, torch::ScalarType expected, const char* arg) {
+  check_cpu(t, arg);
+  TORCH_CHECK(t.scalar_type() == expected, arg, ": expected dtype ", expected, ", got ", t.scalar_type());
+}
+
+inline void check_numel(const torch::Tensor& t, int64_t expected, const char* arg) {
+  TORCH_CHECK(t.numel() == expected, arg, ": expected ", expected, " elements, got ", t.numel(),
+              " (shape ", shape_str(t.sizes()), ")");
+}
+
+/// A float input for quantization: CPU, float32 / float16 / bfloat16, not empty. Returns the
+/// kernel dtype; `x` is made contiguous (copied if it was not).
+inline kernels::DType float_input(torch::Tensor& x, const char* arg) {
+  check_cpu(x, arg);
+  kernels::DType dt;
+  switch (x.scalar_type()) {
+    case torch::kFloat32: dt = kernels::DType::f32; break;
+    case torch::kFloat16: dt = kernels::DType::f16; break;
+    case torch::kBFloat16: dt = kernels::DType::bf16; break;
+    default:
+      TORCH_CHECK(false, arg, ": expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  TORCH_CHECK(x.numel() > 0, arg, ": expected a non-empty tensor, got shape ", shape_str(x.sizes()));
+  x = x.contiguous();
+  return dt;
+}
+
+/// Block statistics come out non-finite iff the block holds NaN or Inf.
+inline void check_finite_blocks(const float* stats, int64_t count, int64_t bs, const char* arg) {
+  for (int64_t b = 0; b < count; ++b)
+    TORCH_CHECK(std::isfinite(stats[b]), arg, ": expected finite values, got NaN or Inf in elements [",
+                b * bs, ", ", (b + 1) * bs, ")");
+}
+
+inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+}  // namespace msbnb::detail
