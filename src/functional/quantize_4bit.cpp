@@ -54,6 +54,7 @@ torch::Tensor resolved_absmax(const QuantState& s, int64_t expected) {
     detail::check_numel(s.offset, 1, "state.offset");
     TORCH_CHECK(s.state2->quant_type == "dynamic8", "state.state2.quant_type: expected \"dynamic8\", got \"",
                 s.state2->quant_type, "\"");
+    detail::check_numel(s.absmax, s.state2->numel(), "state.absmax");
     a = dequantize_blockwise(s.absmax, *s.state2).reshape({-1}) + s.offset.item<float>();
   } else {
     detail::check_dtype(s.absmax, torch::kFloat32, "state.absmax");
