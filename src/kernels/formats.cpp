@@ -21,24 +21,20 @@ const FormatInfo kFormats[] = {
 };
 constexpr int kNumFormats = sizeof(kFormats) / sizeof(kFormats[0]);
 
-// Sorts `count` codes, fills midpoints and the sorted-position -> code-index map. Equal
-// neighbours (FP4's +0 and -0) get a midpoint just below them, so x = 0 (either sign) codes as
-// the later index in value order, which ties to the code with the smaller index (+0 = index 0),
-// as bitsandbytes' FP4 tree does (sign from x < 0).
+// Sorts `count` codes (ties keep index order, as torch.argsort did for bitsandbytes' FP4 +0 at
+// index 0 and 0 at index 8), fills the midpoints and the sorted-position -> code-index map.
+// Coding x as #{i : x > mid[i]} is torch.bucketize(x, mid, right=False): a value on a midpoint
+// goes to the lower code, x <= 0 to FP4 index 0 and tiny positive x to index 8.
 template <typename Index>
 void prepare_codebook(const float* code, int count, float* mid, Index* sorted_to_code) {
   std::vector<int> order(static_cast<size_t>(count));
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    if (code[a] != code[b]) return code[a] < code[b];
-    return b < a;  // equal values: larger index first, so the smaller index wins x == value
-  });
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return code[a] < code[b]; });
   for (int p = 0; p < count; ++p) sorted_to_code[p] = static_cast<Index>(order[static_cast<size_t>(p)]);
   for (int p = 0; p + 1 < count; ++p) {
+    // (lo + hi) / 2 in float32, as bitsandbytes computes its bounds.
     const float lo = code[order[static_cast<size_t>(p)]], hi = code[order[static_cast<size_t>(p + 1)]];
-    // (lo + hi) / 2 rounded once to float, the constants of bitsandbytes' decision trees.
-    mid[p] = lo == hi ? std::nextafter(lo, -std::numeric_limits<float>::infinity())
-                      : static_cast<float>((static_cast<double>(lo) + hi) / 2.0);
+    mid[p] = (lo + hi) / 2.0f;
   }
   mid[count - 1] = std::numeric_limits<float>::infinity();
 }
@@ -63,6 +59,9 @@ Lut4 make_lut4(const float* code16) {
   Lut4 lut{};
   std::copy(code16, code16 + 16, lut.code);
   prepare_codebook(code16, 16, lut.mid, lut.sorted_to_code);
+  int p = 0;
+  while (p < 15 && 0.0f > lut.mid[p]) ++p;
+  lut.zero_code = lut.sorted_to_code[p];
   return lut;
 }
 
@@ -83,9 +82,10 @@ std::array<float, 256> create_dynamic_map(bool is_signed, int max_exponent_bits,
     const float step = (end - start) / static_cast<float>(items - 1);
     const int halfway = items / 2;
     std::vector<float> b(static_cast<size_t>(items));
+    // torch's vectorised linspace (AVX2 / AVX-512 builds) rounds start + step * i once (an FMA).
     for (int i = 0; i < items; ++i)
-      b[static_cast<size_t>(i)] = i < halfway ? start + step * static_cast<float>(i)
-                                              : end - step * static_cast<float>(items - i - 1);
+      b[static_cast<size_t>(i)] = i < halfway ? std::fma(step, static_cast<float>(i), start)
+                                              : std::fma(-step, static_cast<float>(items - i - 1), end);
     for (int i = 0; i + 1 < items; ++i)
       means.push_back((b[static_cast<size_t>(i)] + b[static_cast<size_t>(i + 1)]) / 2.0f);
   };

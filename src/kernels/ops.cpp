@@ -1,6 +1,8 @@
 // Threaded drivers: split a range into chunks and call one KernelTable entry per chunk.
 #include "msbnb/kernels/ops.h"
 
+#include "kernels/scalar_math.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -139,9 +141,26 @@ void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
 
 void quantize_lut4(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax,
                    const Lut4& lut, uint8_t* packed, const KernelTable& k) {
-  parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
+  // bitsandbytes scales full blocks by the float32 reciprocal of absmax but divides the short
+  // last block by its absmax (backends/default/ops.py quantize_4bit); the kernels multiply, and
+  // the short block (< bs elements) is coded here, from its first whole byte.
+  const int64_t full = n / bs * bs, head = full - full % 2;
+  parallel_chunks(head, kChunk, [&](int64_t s, int64_t len) {
     k.quantize_lut4(byte_ptr(x, dt, s), dt, s, len, bs, absmax, &lut, packed + s / 2);
   });
+  for (int64_t i = head; i < n; i += 2) {
+    uint8_t byte = 0;
+    for (int64_t j = i; j < i + 2; ++j) {
+      uint8_t q = lut.zero_code;
+      if (j < n) {
+        const float v = load_elem(x, dt, j), a = absmax[j / bs];
+        const float xn = j < full ? v * inverse_absmax(a) : v / std::fmax(a, kAbsmaxFloor);
+        q = lut.sorted_to_code[sorted_position16(xn, lut.mid)];
+      }
+      byte = static_cast<uint8_t>(byte << 4 | q);
+    }
+    packed[i / 2] = byte;
+  }
 }
 
 void dequantize_lut4(const uint8_t* packed, int64_t n, int64_t bs, const float* absmax,

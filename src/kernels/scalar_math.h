@@ -68,8 +68,11 @@ inline int32_t quantize_affine(float x, float s, float zp, float lo, float hi) {
   return static_cast<int32_t>(t);
 }
 
-// 1 / absmax of a block, 0 for an all-zero block so that it codes as x = 0.
-inline float inverse_absmax(float a) { return a == 0.0f ? 0.0f : 1.0f / a; }
+// bitsandbytes' absmax floor (backends/default/ops.py quantize_4bit: max(absmax, 1e-38)): an
+// all-zero block codes as x = 0 and a denormal absmax cannot overflow the reciprocal.
+inline constexpr float kAbsmaxFloor = 1e-38f;
+// Full blocks multiply by this float32 reciprocal, as bitsandbytes does.
+inline float inverse_absmax(float a) { return 1.0f / std::fmax(a, kAbsmaxFloor); }
 
 // Sorted position of x among a codebook's midpoints: #{i < count : x > mid[i]}.
 inline int sorted_position16(float x, const float* mid) {

@@ -52,12 +52,16 @@ TEST(Formats, CodebookValuesQuantizeToTheirIndexHighNibbleFirst) {
   }
 }
 
-TEST(Formats, OddCountPadsLowNibbleWithZero) {
-  torch::Tensor x = torch::tensor({1.0f, -1.0f, 1.0f});
-  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4").set_blocksize(64));
-  ASSERT_EQ(q.data.numel(), 2);
-  EXPECT_EQ(q.data.data_ptr<uint8_t>()[0], 0xF0);
-  EXPECT_EQ(q.data.data_ptr<uint8_t>()[1], 0xF0);
+// bitsandbytes pads an odd count with x = 0, so the pad nibble is the code of 0.
+TEST(Formats, OddCountPadsWithTheCodeOfZero) {
+  const torch::Tensor x = torch::tensor({1.0f, -1.0f, 1.0f});
+  auto nf4 = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4").set_blocksize(64));
+  ASSERT_EQ(nf4.data.numel(), 2);
+  EXPECT_EQ(nf4.data.data_ptr<uint8_t>()[0], 0xF0);
+  EXPECT_EQ(nf4.data.data_ptr<uint8_t>()[1], 0xF7);  // NF4 index 7 is 0.0
+  auto fp4 = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("fp4").set_blocksize(64));
+  EXPECT_EQ(fp4.data.data_ptr<uint8_t>()[0], 0x3B);  // +1 is index 3, -1 is index 11
+  EXPECT_EQ(fp4.data.data_ptr<uint8_t>()[1], 0x30);  // FP4 index 0 is 0.0
 }
 
 TEST(Formats, Int4Qint4x2LowNibbleFirstTwosComplement) {

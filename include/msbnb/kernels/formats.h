@@ -6,7 +6,8 @@
 //             2j+1 in the HIGH nibble, two's complement for symmetric [-7, 7], uint4 [0, 15]
 //             with a zero point for asymmetric; each row has (cols + 1) / 2 bytes.
 //   nf4, fp4  bitsandbytes: flat blocks of `blocksize`, absmax per block, nearest of 16 codes,
-//             first element of a pair in the HIGH nibble: byte = q[2i] << 4 | q[2i+1].
+//             first element of a pair in the HIGH nibble: byte = q[2i] << 4 | q[2i+1];
+//             an odd count is padded with the code of 0 (7 for nf4, 0 for fp4).
 //   dynamic8  blockwise 8-bit with the signed dynamic map (256 codes), absmax per block.
 #pragma once
 #include <array>
@@ -73,6 +74,7 @@ struct Lut4 {
   float code[16];
   float mid[16];  // mid[15] = +inf (padding so SIMD can compare 16 lanes)
   uint8_t sorted_to_code[16];
+  uint8_t zero_code;  // code of x = 0: an odd count is padded with it (bitsandbytes pads x with 0)
 };
 Lut4 make_lut4(const float* code16);
 

@@ -46,7 +46,8 @@ struct KernelTable {
   void (*dequantize_int4)(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs,
                           const float* scale, const int32_t* zero_point, float* out);
 
-  /// bitsandbytes 4-bit: code of x / absmax (absmax 0 codes as x = 0), HIGH nibble first.
+  /// bitsandbytes 4-bit: code of x * (1 / max(absmax, 1e-38)), HIGH nibble first, an odd n
+  /// padded with lut->zero_code. (ops.h codes a short last block by division, as bitsandbytes.)
   void (*quantize_lut4)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
                         const float* absmax, const Lut4* lut, uint8_t* packed);
 

@@ -10,7 +10,7 @@ void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs
   for (int64_t i = 0; i < n; i += 2) {
     uint8_t byte = 0;
     for (int64_t j = i; j < i + 2; ++j) {
-      uint8_t q = 0;  // odd n: the pad nibble is 0
+      uint8_t q = lut->zero_code;  // odd n: pad with the code of 0
       if (j < n) {
         const float xn = load_elem(x, dt, j) * inverse_absmax(absmax[(start + j) / bs]);
         q = lut->sorted_to_code[sorted_position16(xn, lut->mid)];

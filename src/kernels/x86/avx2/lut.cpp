@@ -1,0 +1,242 @@
+// AVX2 codebook formats: 4-bit (NF4 / FP4, HIGH nibble first) and 8-bit (dynamic map).
+// Quantize: x * inverse_absmax, then the reference's sorted position (15 compares, or the
+// 8-step branch-free search with permutes and gathers), then sorted_to_code. Dequantize: code[q] * absmax,
+// with the 16 products of a block computed once (the same multiplications) and looked up by
+// permutes, or a gather of the 256 codes.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/isa_kernels.h"
+#include "kernels/scalar_math.h"
+
+namespace msbnb::kernels::avx2 {
+namespace {
+
+template <DType DT>
+inline __m256 load8(const void* x, int64_t i) {
+  if constexpr (DT == DType::f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+    if constexpr (DT == DType::f16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// The segment loops walk blocks b = start / bs, b + 1, ...: no division per block (it would cost
+// as much as a short block). End of block b's segment of the range [0, n) that starts at `start`:
+inline int64_t block_end(int64_t start, int64_t b, int64_t n, int64_t bs) {
+  return std::min(n, (b + 1) * bs - start);
+}
+
+// #{k < 15 : xn > mid[k]} per lane; a compare mask is -1, so subtracting it counts.
+inline __m256i position16(__m256 xn, const __m256* mid) {
+  __m256i p0 = _mm256_setzero_si256(), p1 = p0;
+  for (int k = 0; k < 14; k += 2) {
+    p0 = _mm256_sub_epi32(p0, _mm256_castps_si256(_mm256_cmp_ps(xn, mid[k], _CMP_GT_OQ)));
+    p1 = _mm256_sub_epi32(p1, _mm256_castps_si256(_mm256_cmp_ps(xn, mid[k + 1], _CMP_GT_OQ)));
+  }
+  p0 = _mm256_sub_epi32(p0, _mm256_castps_si256(_mm256_cmp_ps(xn, mid[14], _CMP_GT_OQ)));
+  return _mm256_add_epi32(p0, p1);
+}
+
+template <DType DT>
+void quantize_lut4_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                     const Lut4* lut, uint8_t* packed) {
+  __m256 mid[15];
+  for (int k = 0; k < 15; ++k) mid[k] = _mm256_set1_ps(lut->mid[k]);
+  const __m128i s2c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut->sorted_to_code));
+  auto code = [&](int64_t j) -> int {  // scalar, element j of the range
+    if (j >= n) return lut->zero_code;  // odd n: pad with the code of 0
+    const float xn = load_elem(x, DT, j) * inverse_absmax(absmax[(start + j) / bs]);
+    return lut->sorted_to_code[sorted_position16(xn, lut->mid)];
+  };
+  // i is always even (a byte boundary); a scalar pair may step one past the block's end (odd bs).
+  for (int64_t i = 0, b = start / bs; i < n;) {
+    const int64_t end = block_end(start, b, n, bs);
+    const __m256 inv = _mm256_set1_ps(inverse_absmax(absmax[b]));
+    for (; i + 16 <= end; i += 16) {
+      const __m256i p0 = position16(_mm256_mul_ps(load8<DT>(x, i), inv), mid);
+      const __m256i p1 = position16(_mm256_mul_ps(load8<DT>(x, i + 8), inv), mid);
+      // Positions 0..15 to bytes in element order, then to codes.
+      const __m128i w0 = _mm_packus_epi32(_mm256_castsi256_si128(p0), _mm256_extracti128_si256(p0, 1));
+      const __m128i w1 = _mm_packus_epi32(_mm256_castsi256_si128(p1), _mm256_extracti128_si256(p1, 1));
+      const __m128i c = _mm_shuffle_epi8(s2c, _mm_packus_epi16(w0, w1));
+      // As 16-bit words: low byte = even element -> high nibble, high byte = odd -> low nibble.
+      const __m128i w = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(c, 4), _mm_set1_epi16(0x00f0)),
+                                     _mm_srli_epi16(c, 8));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm_packus_epi16(w, w));
+    }
+    // Rest of the block by pairs; a pair may reach into the next block (odd bs) or the pad.
+    for (; i < end; i += 2) packed[i / 2] = static_cast<uint8_t>(code(i) << 4 | code(i + 1));
+    b = i == end ? b + 1 : (start + i) / bs;
+  }
+}
+
+// The reference's branch-free search, p += (mid[p + step - 1] < xn) ? step : 0 for step = 128 ..
+// 1, with the same compares on the same mid values (so it matches for any mid table). Before the
+// step-s compare p is a multiple of 2s, so steps 128 .. 4 need at most 32 distinct mids: they come
+// from registers by permutes (gathers are slow on some CPUs); steps 2, 1 and sorted_to_code gather.
+struct Lut8Search {
+  __m256 t128, t64, t32, t16, t8[2], t4[4];  // t_s[k] = mid[2sk + s - 1], 8 per register
+  const Lut8* lut;
+
+  explicit Lut8Search(const Lut8* l) : lut(l) {
+    const float* m = l->mid;
+    t128 = _mm256_set1_ps(m[127]);
+    t64 = _mm256_setr_ps(m[63], m[191], 0, 0, 0, 0, 0, 0);
+    t32 = _mm256_setr_ps(m[31], m[95], m[159], m[223], 0, 0, 0, 0);
+    t16 = _mm256_setr_ps(m[15], m[47], m[79], m[111], m[143], m[175], m[207], m[239]);
+    const __m256i by16 = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);
+    const __m256i by8 = _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56);
+    for (int r = 0; r < 2; ++r) t8[r] = _mm256_i32gather_ps(m + 128 * r + 7, by16, 4);
+    for (int r = 0; r < 4; ++r) t4[r] = _mm256_i32gather_ps(m + 64 * r + 3, by8, 4);
+  }
+
+  // Lane j: (sign of sel[j] ? b : a)[idx[j] & 7].
+  static __m256 pick(__m256 a, __m256 b, __m256i idx, __m256 sel) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(a, idx), _mm256_permutevar8x32_ps(b, idx), sel);
+  }
+
+  static __m256i step(__m256i p, __m256 m, __m256 xn, int s) {
+    const __m256i lt = _mm256_castps_si256(_mm256_cmp_ps(m, xn, _CMP_LT_OQ));
+    return _mm256_add_epi32(p, _mm256_and_si256(lt, _mm256_set1_epi32(s)));
+  }
+
+  // Codes of 8 normalised values, as int32 (the low byte is the stored code).
+  __m256i codes(__m256 xn) const {
+    __m256i p = step(_mm256_setzero_si256(), t128, xn, 128);
+    p = step(p, _mm256_permutevar8x32_ps(t64, _mm256_srli_epi32(p, 7)), xn, 64);
+    p = step(p, _mm256_permutevar8x32_ps(t32, _mm256_srli_epi32(p, 6)), xn, 32);
+    p = step(p, _mm256_permutevar8x32_ps(t16, _mm256_srli_epi32(p, 5)), xn, 16);
+    // 16 / 32 candidates: permps reads bits 0-2 of p >> 4 (p >> 3); bits 6 and 7 of p, moved to
+    // the sign bit, pick the register.
+    const __m256 bit7 = _mm256_castsi256_ps(_mm256_slli_epi32(p, 24));
+    const __m256i i8 = _mm256_srli_epi32(p, 4);
+    p = step(p, pick(t8[0], t8[1], i8, bit7), xn, 8);
+    const __m256i i4 = _mm256_srli_epi32(p, 3);
+    const __m256 bit6 = _mm256_castsi256_ps(_mm256_slli_epi32(p, 25));
+    const __m256 m01 = pick(t4[0], t4[1], i4, bit6), m23 = pick(t4[2], t4[3], i4, bit6);
+    p = step(p, _mm256_blendv_ps(m01, m23, bit7), xn, 4);
+    p = step(p, _mm256_i32gather_ps(lut->mid + 1, p, 4), xn, 2);
+    p = step(p, _mm256_i32gather_ps(lut->mid, p, 4), xn, 1);
+    return _mm256_i32gather_epi32(lut->sorted_to_code, p, 4);
+  }
+};
+
+// Low byte of each int32 (static_cast<uint8_t> of the int32 code).
+inline __m128i low_bytes8(__m256i c) {
+  c = _mm256_and_si256(c, _mm256_set1_epi32(0xff));
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+  return _mm_packus_epi16(w, w);
+}
+
+template <DType DT>
+void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                     const Lut8* lut, uint8_t* q) {
+  const Lut8Search search(lut);
+  for (int64_t i = 0, b = start / bs; i < n; ++b) {
+    const int64_t end = block_end(start, b, n, bs);
+    const float inv_s = inverse_absmax(absmax[b]);
+    const __m256 inv = _mm256_set1_ps(inv_s);
+    for (; i + 16 <= end; i += 16) {  // two independent searches overlap their gather latencies
+      const __m256i c0 = search.codes(_mm256_mul_ps(load8<DT>(x, i), inv));
+      const __m256i c1 = search.codes(_mm256_mul_ps(load8<DT>(x, i + 8), inv));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), low_bytes8(c0));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i + 8), low_bytes8(c1));
+    }
+    for (; i + 8 <= end; i += 8) {
+      const __m256i c = search.codes(_mm256_mul_ps(load8<DT>(x, i), inv));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), low_bytes8(c));
+    }
+    for (; i < end; ++i) {
+      const float xn = load_elem(x, DT, i) * inv_s;
+      q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
+    }
+  }
+}
+
+}  // namespace
+
+void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
+                   const float* absmax, const Lut4* lut, uint8_t* packed) {
+  switch (dt) {
+    case DType::f32: return quantize_lut4_t<DType::f32>(x, start, n, bs, absmax, lut, packed);
+    case DType::f16: return quantize_lut4_t<DType::f16>(x, start, n, bs, absmax, lut, packed);
+    case DType::bf16: return quantize_lut4_t<DType::bf16>(x, start, n, bs, absmax, lut, packed);
+  }
+}
+
+void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs,
+                     const float* absmax, const float* code16, float* out) {
+  const __m256 c_lo = _mm256_loadu_ps(code16), c_hi = _mm256_loadu_ps(code16 + 8);
+  // 8 elements come from one 32-bit word broadcast to all lanes; byte k holds element 2k in its
+  // high nibble and 2k + 1 in its low one. Lane j shifts its nibble down to bits 0-3 (permps reads
+  // only bits 0-2) and, separately, its bit 3 up to the sign bit for blendv.
+  const __m256i shr = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  const __m256i shl = _mm256_setr_epi32(24, 28, 16, 20, 8, 12, 0, 4);
+  for (int64_t i = 0, b = start / bs; i < n; ++b) {
+    const int64_t end = block_end(start, b, n, bs);
+    const float a = absmax[b];
+    auto scalar = [&](int64_t j) {
+      const uint8_t byte = packed[j / 2];
+      out[j] = code16[(j % 2 == 0) ? (byte >> 4) : (byte & 0xf)] * a;
+    };
+    if (i % 2 != 0) scalar(i++);  // odd bs: the block starts in a byte's low nibble
+    // code16[q] * absmax for the 16 codes: the same products the reference forms per element.
+    const __m256 va = _mm256_set1_ps(a);
+    const __m256 t_lo = _mm256_mul_ps(c_lo, va), t_hi = _mm256_mul_ps(c_hi, va);
+    auto step8 = [&](const uint8_t* src, float* dst) {
+      int32_t word;
+      std::memcpy(&word, src, 4);
+      const __m256i w = _mm256_set1_epi32(word);
+      const __m256i idx = _mm256_srlv_epi32(w, shr);
+      const __m256 sel = _mm256_castsi256_ps(_mm256_sllv_epi32(w, shl));
+      _mm256_storeu_ps(dst, _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, idx),
+                                             _mm256_permutevar8x32_ps(t_hi, idx), sel));
+    };
+    const uint8_t* src = packed + i / 2;  // i is even here
+    for (; i + 32 <= end; i += 32, src += 16) {
+      step8(src, out + i);
+      step8(src + 4, out + i + 8);
+      step8(src + 8, out + i + 16);
+      step8(src + 12, out + i + 24);
+    }
+    for (; i + 8 <= end; i += 8, src += 4) step8(src, out + i);
+    for (; i < end; ++i) scalar(i);
+  }
+}
+
+void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
+                   const float* absmax, const Lut8* lut, uint8_t* q) {
+  switch (dt) {
+    case DType::f32: return quantize_lut8_t<DType::f32>(x, start, n, bs, absmax, lut, q);
+    case DType::f16: return quantize_lut8_t<DType::f16>(x, start, n, bs, absmax, lut, q);
+    case DType::bf16: return quantize_lut8_t<DType::bf16>(x, start, n, bs, absmax, lut, q);
+  }
+}
+
+void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                     const float* code256, float* out) {
+  for (int64_t i = 0, b = start / bs; i < n; ++b) {
+    const int64_t end = block_end(start, b, n, bs);
+    const float a = absmax[b];
+    const __m256 va = _mm256_set1_ps(a);
+    auto step8 = [&](int64_t j) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+      _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_i32gather_ps(code256, idx, 4), va));
+    };
+    for (; i + 32 <= end; i += 32) {
+      step8(i);
+      step8(i + 8);
+      step8(i + 16);
+      step8(i + 24);
+    }
+    for (; i + 8 <= end; i += 8) step8(i);
+    for (; i < end; ++i) out[i] = code256[q[i]] * a;
+  }
+}
+
+}  // namespace msbnb::kernels::avx2
