@@ -12,7 +12,8 @@ int main() {
   torch::nn::Linear layer(torch::nn::LinearOptions(1024, 1024));
   const torch::Tensor w = layer->weight.detach();
   std::printf("msbnb basic usage: Linear(1024, 1024) weight, %zu KiB in float32 (kernels: %s)\n\n",
-              static_cast<size_t>(w.numel() * 4 / 1024), msbnb::kernels::isa_name(msbnb::kernels::active_isa()));
+              static_cast<size_t>(w.numel() * 4 / 1024),
+              msbnb::kernels::isa_name(msbnb::kernels::active_isa()));
 
   // int8, one scale per output channel (symmetric): w ~ q * scale.
   const msbnb::Int8Quantized q8 = msbnb::quantize_8bit(w);
@@ -24,11 +25,13 @@ int main() {
   const torch::Tensor w4 = msbnb::dequantize_4bit(nf4.data, nf4.state);
 
   // int4 per group of 128 (MindSpore qint4x2).
-  const msbnb::Quantized4bit i4 = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().set_quant_type("int4").set_blocksize(128));
+  const msbnb::Quantized4bit i4 =
+      msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().set_quant_type("int4").set_blocksize(128));
   const torch::Tensor wi4 = msbnb::dequantize_4bit(i4.data, i4.state);
 
   example::print_header();
-  const auto info8 = msbnb::get_quantization_info(q8), info4 = msbnb::get_quantization_info(nf4.data, nf4.state);
+  const auto info8 = msbnb::get_quantization_info(q8),
+             info4 = msbnb::get_quantization_info(nf4.data, nf4.state);
   const auto infoi4 = msbnb::get_quantization_info(i4.data, i4.state);
   example::print_row("int8 per channel", info8.bits_per_weight, w, w8);
   example::print_row("nf4 (double quant)", info4.bits_per_weight, w, w4);

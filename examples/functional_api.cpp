@@ -36,12 +36,14 @@ int main() {
   };
   const FourBitCase four_bit_cases[] = {
       {"int4 sym group 128", Quantize4bitOptions().set_quant_type("int4").set_blocksize(128)},
-      {"int4 asym group 128", Quantize4bitOptions().set_quant_type("int4").set_blocksize(128).set_symmetric(false)},
+      {"int4 asym group 128",
+       Quantize4bitOptions().set_quant_type("int4").set_blocksize(128).set_symmetric(false)},
       {"int4 sym group 32", Quantize4bitOptions().set_quant_type("int4").set_blocksize(32)},
       {"fp4 block 64", Quantize4bitOptions().set_quant_type("fp4")},
       {"nf4 block 64", Quantize4bitOptions().set_quant_type("nf4")},
       {"nf4 block 64 dq", Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true)},
-      {"nf4 block 128 dq", Quantize4bitOptions().set_quant_type("nf4").set_blocksize(128).set_compress_statistics(true)},
+      {"nf4 block 128 dq",
+       Quantize4bitOptions().set_quant_type("nf4").set_blocksize(128).set_compress_statistics(true)},
   };
   for (const FourBitCase& c : four_bit_cases) {
     const auto q = msbnb::quantize_4bit(w, c.options);
@@ -50,8 +52,9 @@ int main() {
   }
   for (int64_t bs : {256, 4096}) {
     const auto q = msbnb::quantize_blockwise(w, bs);
-    example::print_row("dynamic8 block " + std::to_string(bs), msbnb::get_quantization_info(q.data, q.state).bits_per_weight,
-                       w, msbnb::dequantize_blockwise(q.data, q.state));
+    example::print_row("dynamic8 block " + std::to_string(bs),
+                       msbnb::get_quantization_info(q.data, q.state).bits_per_weight, w,
+                       msbnb::dequantize_blockwise(q.data, q.state));
   }
 
   // Generic front end and the pieces under it.
@@ -71,7 +74,8 @@ int main() {
   std::printf("dynamic map: %lld values in [%.6f, %.1f]; normal map: %lld non-zero values\n",
               static_cast<long long>(dyn.numel()), dyn.min().item<float>(), dyn.max().item<float>(),
               static_cast<long long>((nf != 0).sum().item<int64_t>()));
-  const auto nf4 = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
+  const auto nf4 =
+      msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
   const auto info = msbnb::get_quantization_info(nf4.data, nf4.state);
   std::printf("nf4 + double quant: %.4f bits/weight, %.2fx smaller than float32, absmax in [%.4f, %.4f]\n",
               info.bits_per_weight, info.compression_ratio, info.scale_min, info.scale_max);

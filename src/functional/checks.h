@@ -33,8 +33,8 @@ inline void check_dtype(const torch::Tensor& t, torch::ScalarType expected, cons
 }
 
 inline void check_numel(const torch::Tensor& t, int64_t expected, const char* arg) {
-  TORCH_CHECK(t.numel() == expected, arg, ": expected ", expected, " elements, got ", t.numel(),
-              " (shape ", shape_str(t.sizes()), ")");
+  TORCH_CHECK(t.numel() == expected, arg, ": expected ", expected, " elements, got ", t.numel(), " (shape ",
+              shape_str(t.sizes()), ")");
 }
 
 /// A float input for quantization: CPU, float32 / float16 / bfloat16, not empty. Returns the
@@ -43,9 +43,15 @@ inline kernels::DType float_input(torch::Tensor& x, const char* arg) {
   check_cpu(x, arg);
   kernels::DType dt;
   switch (x.scalar_type()) {
-    case torch::kFloat32: dt = kernels::DType::f32; break;
-    case torch::kFloat16: dt = kernels::DType::f16; break;
-    case torch::kBFloat16: dt = kernels::DType::bf16; break;
+    case torch::kFloat32:
+      dt = kernels::DType::f32;
+      break;
+    case torch::kFloat16:
+      dt = kernels::DType::f16;
+      break;
+    case torch::kBFloat16:
+      dt = kernels::DType::bf16;
+      break;
     default:
       TORCH_CHECK(false, arg, ": expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
   }

@@ -105,13 +105,15 @@ Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Qua
   } else {
     std::vector<float> lo(static_cast<size_t>(count)), hi(static_cast<size_t>(count));
     for (int64_t r = 0; r < rc.rows; ++r)
-      kernels::minmax_blocks(px + r * rc.cols * esize, dt, rc.cols, gs, lo.data() + r * groups, hi.data() + r * groups);
+      kernels::minmax_blocks(px + r * rc.cols * esize, dt, rc.cols, gs, lo.data() + r * groups,
+                             hi.data() + r * groups);
     detail::check_finite_blocks(lo.data(), count, gs, "x (groups of rows)");
     detail::check_finite_blocks(hi.data(), count, gs, "x (groups of rows)");
     zp.resize(static_cast<size_t>(count));
     kernels::asymmetric_scales(lo.data(), hi.data(), count, 0, 15, scale, zp.data());
     s.zero_point = torch::empty({rc.rows, groups}, kU8);
-    for (int64_t i = 0; i < count; ++i) s.zero_point.data_ptr<uint8_t>()[i] = static_cast<uint8_t>(zp[static_cast<size_t>(i)]);
+    for (int64_t i = 0; i < count; ++i)
+      s.zero_point.data_ptr<uint8_t>()[i] = static_cast<uint8_t>(zp[static_cast<size_t>(i)]);
   }
   std::vector<int64_t> packed_shape = s.shape;
   if (packed_shape.empty()) packed_shape.push_back(1);
@@ -159,7 +161,8 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
   if (fmt == kernels::Format::int4) return quantize_int4(x, dt, o);
   check_block_pow2(o.blocksize, "blocksize");
   const kernels::FormatInfo& info = kernels::format_info(fmt);
-  static const kernels::Lut4 luts[] = {kernels::make_lut4(kernels::kCodeNF4), kernels::make_lut4(kernels::kCodeFP4)};
+  static const kernels::Lut4 luts[] = {kernels::make_lut4(kernels::kCodeNF4),
+                                       kernels::make_lut4(kernels::kCodeFP4)};
   const kernels::Lut4& lut = luts[fmt == kernels::Format::nf4 ? 0 : 1];
   const int64_t n = x.numel(), bs = o.blocksize, nb = (n + bs - 1) / bs;
   Quantized4bit out;
@@ -173,7 +176,8 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
   kernels::absmax_blocks(x.data_ptr(), dt, n, bs, s.absmax.data_ptr<float>());
   detail::check_finite_blocks(s.absmax.data_ptr<float>(), nb, bs, "x");
   out.data = torch::empty({(n + 1) / 2, 1}, kU8);
-  kernels::quantize_lut4(x.data_ptr(), dt, n, bs, s.absmax.data_ptr<float>(), lut, out.data.data_ptr<uint8_t>());
+  kernels::quantize_lut4(x.data_ptr(), dt, n, bs, s.absmax.data_ptr<float>(), lut,
+                         out.data.data_ptr<uint8_t>());
   if (o.compress_statistics) nest_statistics(s);
   return out;
 }
@@ -192,7 +196,8 @@ torch::Tensor dequantize_4bit(const torch::Tensor& data, const QuantState& s) {
     detail::check_dtype(s.code, torch::kFloat32, "state.code");
     detail::check_numel(s.code, 16, "state.code");
     const int64_t nb = (n + s.blocksize - 1) / s.blocksize;
-    const torch::Tensor absmax = resolved_absmax(s, nb), packed = data.contiguous(), code = s.code.contiguous();
+    const torch::Tensor absmax = resolved_absmax(s, nb), packed = data.contiguous(),
+                        code = s.code.contiguous();
     out = torch::empty(s.shape, kF32);
     kernels::dequantize_lut4(packed.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(),
                              code.data_ptr<float>(), out.data_ptr<float>());
@@ -223,14 +228,16 @@ QuantizedBlockwise quantize_blockwise(const torch::Tensor& input, int64_t blocks
   kernels::absmax_blocks(x.data_ptr(), dt, n, blocksize, s.absmax.data_ptr<float>());
   detail::check_finite_blocks(s.absmax.data_ptr<float>(), nb, blocksize, "x");
   out.data = torch::empty(x.sizes(), kU8);
-  kernels::quantize_lut8(x.data_ptr(), dt, n, blocksize, s.absmax.data_ptr<float>(), lut, out.data.data_ptr<uint8_t>());
+  kernels::quantize_lut8(x.data_ptr(), dt, n, blocksize, s.absmax.data_ptr<float>(), lut,
+                         out.data.data_ptr<uint8_t>());
   if (nested) nest_statistics(s);
   return out;
 }
 
 torch::Tensor dequantize_blockwise(const torch::Tensor& data, const QuantState& s) {
   detail::check_dtype(data, torch::kUInt8, "data");
-  TORCH_CHECK(s.quant_type == "dynamic8", "state.quant_type: expected \"dynamic8\", got \"", s.quant_type, "\"");
+  TORCH_CHECK(s.quant_type == "dynamic8", "state.quant_type: expected \"dynamic8\", got \"", s.quant_type,
+              "\"");
   check_block_pow2(s.blocksize, "state.blocksize");
   const int64_t n = s.numel();
   TORCH_CHECK(n > 0, "state.shape: expected a non-empty shape, got ", detail::shape_str(s.shape));
@@ -240,8 +247,8 @@ torch::Tensor dequantize_blockwise(const torch::Tensor& data, const QuantState& 
   const int64_t nb = (n + s.blocksize - 1) / s.blocksize;
   const torch::Tensor absmax = resolved_absmax(s, nb), q = data.contiguous(), code = s.code.contiguous();
   torch::Tensor out = torch::empty(s.shape, kF32);
-  kernels::dequantize_lut8(q.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(), code.data_ptr<float>(),
-                           out.data_ptr<float>());
+  kernels::dequantize_lut8(q.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(),
+                           code.data_ptr<float>(), out.data_ptr<float>());
   return s.dtype == torch::kFloat32 ? out : out.to(s.dtype);
 }
 

@@ -51,7 +51,8 @@ Int8Quantized quantize_8bit(const torch::Tensor& input, const Int8Options& optio
   kernels::quantize_int8(x.data_ptr(), dt, n, bs, scale, zp.data(), -128, 127,
                          q.weight_int8.data_ptr<int8_t>());
   q.offset = torch::empty({nb}, f32);
-  for (int64_t b = 0; b < nb; ++b) q.offset.data_ptr<float>()[b] = static_cast<float>(-zp[static_cast<size_t>(b)]);
+  for (int64_t b = 0; b < nb; ++b)
+    q.offset.data_ptr<float>()[b] = static_cast<float>(-zp[static_cast<size_t>(b)]);
   return q;
 }
 

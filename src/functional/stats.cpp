@@ -7,12 +7,15 @@
 
 namespace msbnb {
 
-QuantizationError estimate_quantization_error(const torch::Tensor& original, const torch::Tensor& dequantized) {
+QuantizationError estimate_quantization_error(const torch::Tensor& original,
+                                              const torch::Tensor& dequantized) {
   detail::check_cpu(original, "original");
   detail::check_cpu(dequantized, "dequantized");
   TORCH_CHECK(original.sizes() == dequantized.sizes(), "dequantized: expected shape ",
-              detail::shape_str(original.sizes()), " (that of original), got ", detail::shape_str(dequantized.sizes()));
-  TORCH_CHECK(original.numel() > 0, "original: expected a non-empty tensor, got shape ", detail::shape_str(original.sizes()));
+              detail::shape_str(original.sizes()), " (that of original), got ",
+              detail::shape_str(dequantized.sizes()));
+  TORCH_CHECK(original.numel() > 0, "original: expected a non-empty tensor, got shape ",
+              detail::shape_str(original.sizes()));
   TORCH_CHECK(original.is_floating_point() && dequantized.is_floating_point(),
               "original, dequantized: expected floating-point tensors, got ", original.scalar_type(), " and ",
               dequantized.scalar_type());
@@ -28,14 +31,17 @@ QuantizationError estimate_quantization_error(const torch::Tensor& original, con
   r.mean_error = e.abs().sum().item<double>() / n;
   r.max_error = e.abs().max().item<double>();
   r.mse = se / n;
-  r.relative_error = sx > 0 ? 100.0 * std::sqrt(se / sx) : (se > 0 ? std::numeric_limits<double>::infinity() : 0.0);
+  r.relative_error =
+      sx > 0 ? 100.0 * std::sqrt(se / sx) : (se > 0 ? std::numeric_limits<double>::infinity() : 0.0);
   r.snr_db = se > 0 ? 10.0 * std::log10(sx / se) : std::numeric_limits<double>::infinity();
   r.cosine = (sx > 0 && sy > 0) ? (x * y).sum().item<double>() / std::sqrt(sx * sy) : (sx == sy ? 1.0 : 0.0);
   return r;
 }
 
 namespace {
-int64_t bytes_of(const torch::Tensor& t) { return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0; }
+int64_t bytes_of(const torch::Tensor& t) {
+  return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+}
 
 int64_t state_bytes(const QuantState& s) {
   int64_t b = bytes_of(s.absmax) + bytes_of(s.code) + bytes_of(s.offset) + bytes_of(s.zero_point);
@@ -60,7 +66,8 @@ void fill_sizes(QuantizationInfo& info, int64_t bytes, torch::ScalarType dtype) 
 }  // namespace
 
 QuantizationInfo get_quantization_info(const torch::Tensor& data, const QuantState& state) {
-  const torch::Tensor w = state.quant_type == "dynamic8" ? dequantize_blockwise(data, state) : dequantize_4bit(data, state);
+  const torch::Tensor w =
+      state.quant_type == "dynamic8" ? dequantize_blockwise(data, state) : dequantize_4bit(data, state);
   QuantizationInfo info;
   info.format = state.quant_type;
   info.shape = state.shape;

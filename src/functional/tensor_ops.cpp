@@ -39,10 +39,10 @@ torch::Tensor to_tensor(const std::vector<float>& v) {
 // Inverse of the standard normal CDF in double: Acklam's rational approximation, refined by
 // two Newton steps on erfc, accurate to about 1e-15 (scipy.stats.norm.ppf's precision).
 double normal_ppf(double p) {
-  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02,  -2.759285104469687e+02,
                              1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
   static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
-                             6.680131188771972e+01,  -1.328068155288572e+01};
+                             6.680131188771972e+01, -1.328068155288572e+01};
   static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
                              -2.549732539343734e+00, 4.374664141464968e+00,  2.938163982698783e+00};
   static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
@@ -75,8 +75,8 @@ std::vector<float> linspace_f32(float start, float end, int steps) {
   std::vector<float> v(static_cast<size_t>(steps));
   const float step = (end - start) / static_cast<float>(steps - 1);
   for (int i = 0; i < steps; ++i)
-    v[static_cast<size_t>(i)] = i < steps / 2 ? start + step * static_cast<float>(i)
-                                              : end - step * static_cast<float>(steps - i - 1);
+    v[static_cast<size_t>(i)] =
+        i < steps / 2 ? start + step * static_cast<float>(i) : end - step * static_cast<float>(steps - i - 1);
   return v;
 }
 }  // namespace
@@ -105,8 +105,9 @@ QuantizedTensor quantize_tensor(const torch::Tensor& input, int bits, bool symme
   q.symmetric = symmetric;
   q.per_channel = per_channel;
   if (bits == 8) {
-    Int8Quantized r = quantize_8bit(input, Int8Options().set_symmetric(symmetric).set_granularity(
-                                               per_channel ? Granularity::per_channel : Granularity::per_tensor));
+    Int8Quantized r =
+        quantize_8bit(input, Int8Options().set_symmetric(symmetric).set_granularity(
+                                 per_channel ? Granularity::per_channel : Granularity::per_tensor));
     q.data = r.weight_int8;
     q.scale = r.scale;
     q.offset = r.offset;
@@ -148,13 +149,16 @@ QuantizedTensor quantize_tensor(const torch::Tensor& input, int bits, bool symme
 torch::Tensor dequantize_tensor(const QuantizedTensor& q) {
   TORCH_CHECK(q.bits == 8 || q.bits == 4, "q.bits: expected 8 or 4, got ", q.bits);
   if (q.bits == 8) {
-    const Int8Options o = Int8Options().set_symmetric(q.symmetric).set_granularity(
-        q.per_channel ? Granularity::per_channel : Granularity::per_tensor);
+    const Int8Options o =
+        Int8Options()
+            .set_symmetric(q.symmetric)
+            .set_granularity(q.per_channel ? Granularity::per_channel : Granularity::per_tensor);
     return dequantize_8bit(q.data, q.scale, q.offset, o, q.dtype).reshape(q.shape);
   }
   QuantState s;
   s.quant_type = "int4";
-  const int64_t numel = std::accumulate(q.shape.begin(), q.shape.end(), int64_t{1}, std::multiplies<int64_t>());
+  const int64_t numel =
+      std::accumulate(q.shape.begin(), q.shape.end(), int64_t{1}, std::multiplies<int64_t>());
   const int64_t rows = q.shape.empty() ? 1 : q.shape[0], cols = rows == 0 ? 0 : numel / rows;
   s.shape = {rows, cols};
   s.dtype = q.dtype;
@@ -170,7 +174,8 @@ torch::Tensor dequantize_tensor(const QuantizedTensor& q) {
 
 torch::Tensor pack_int4_to_qint4x2(const torch::Tensor& values) {
   detail::check_dtype(values, torch::kInt8, "values");
-  TORCH_CHECK(values.dim() >= 1 && values.numel() > 0, "values: expected a non-empty tensor of at least 1 dim, got shape ",
+  TORCH_CHECK(values.dim() >= 1 && values.numel() > 0,
+              "values: expected a non-empty tensor of at least 1 dim, got shape ",
               detail::shape_str(values.sizes()));
   TORCH_CHECK(values.min().item<int8_t>() >= -8 && values.max().item<int8_t>() <= 7,
               "values: expected int4 values in [-8, 7], got range [", int{values.min().item<int8_t>()}, ", ",
@@ -186,7 +191,8 @@ torch::Tensor pack_int4_to_qint4x2(const torch::Tensor& values) {
 
 torch::Tensor unpack_qint4x2_to_int8(const torch::Tensor& packed, int64_t cols) {
   detail::check_dtype(packed, torch::kUInt8, "packed");
-  TORCH_CHECK(packed.dim() >= 1 && packed.numel() > 0, "packed: expected a non-empty tensor of at least 1 dim, got shape ",
+  TORCH_CHECK(packed.dim() >= 1 && packed.numel() > 0,
+              "packed: expected a non-empty tensor of at least 1 dim, got shape ",
               detail::shape_str(packed.sizes()));
   const int64_t row_bytes = packed.size(-1);
   if (cols < 0) cols = 2 * row_bytes;

@@ -79,7 +79,8 @@ Isa choose_isa() {
     try {
       isa = isa_from_name(forced);
     } catch (const std::invalid_argument&) {
-      throw std::runtime_error(std::string("MSBNB_ISA: expected scalar, avx2 or avx512, got '") + forced + "'");
+      throw std::runtime_error(std::string("MSBNB_ISA: expected scalar, avx2 or avx512, got '") + forced +
+                               "'");
     }
     if (!isa_supported(isa))
       throw std::runtime_error(std::string("MSBNB_ISA=") + forced + ": this CPU does not support " + forced);

@@ -1,4 +1,6 @@
 // Format table rows, codebook preparation and bitsandbytes' dynamic map.
+#include "msbnb/kernels/formats.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,8 +9,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include "msbnb/kernels/formats.h"
 
 namespace msbnb::kernels {
 
@@ -74,8 +74,9 @@ Lut8 make_lut8(const float* code256) {
 
 std::array<float, 256> create_dynamic_map(bool is_signed, int max_exponent_bits, int total_bits) {
   if (max_exponent_bits < 1 || total_bits < 2 || total_bits > 8 || max_exponent_bits >= total_bits)
-    throw std::invalid_argument("create_dynamic_map: expected 1 <= max_exponent_bits < total_bits <= 8, got max_exponent_bits=" +
-                                std::to_string(max_exponent_bits) + ", total_bits=" + std::to_string(total_bits));
+    throw std::invalid_argument(
+        "create_dynamic_map: expected 1 <= max_exponent_bits < total_bits <= 8, got max_exponent_bits=" +
+        std::to_string(max_exponent_bits) + ", total_bits=" + std::to_string(total_bits));
   // bitsandbytes.functional.create_dynamic_map, with torch's float32 linspace and arithmetic.
   auto linspace_means = [](int items, std::vector<double>& means) {
     const float start = 0.1f, end = 1.0f;

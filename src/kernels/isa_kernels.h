@@ -3,28 +3,27 @@
 #pragma once
 #include "msbnb/kernels/kernel_table.h"
 
-#define MSBNB_DECLARE_ISA_KERNELS(ns)                                                               \
-  namespace msbnb::kernels::ns {                                                                    \
-  void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out);                   \
-  void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs);     \
-  void quantize_int8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,                 \
-                     const float* scale, const int32_t* zero_point, int32_t lo, int32_t hi,         \
-                     int8_t* q);                                                                    \
-  void dequantize_int8(const int8_t* q, int64_t start, int64_t n, int64_t bs, const float* scale,   \
-                       const int32_t* zero_point, float* out);                                      \
-  void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs,               \
-                     const float* scale, const int32_t* zero_point, uint8_t* packed);               \
-  void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs,               \
-                       const float* scale, const int32_t* zero_point, float* out);                  \
-  void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,                 \
-                     const float* absmax, const Lut4* lut, uint8_t* packed);                        \
-  void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs,                 \
-                       const float* absmax, const float* code16, float* out);                       \
-  void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,                 \
-                     const float* absmax, const Lut8* lut, uint8_t* q);                             \
-  void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs,                      \
-                       const float* absmax, const float* code256, float* out);                      \
-  extern const KernelTable table;                                                                   \
+#define MSBNB_DECLARE_ISA_KERNELS(ns)                                                                     \
+  namespace msbnb::kernels::ns {                                                                          \
+  void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out);                         \
+  void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs);           \
+  void quantize_int8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* scale,   \
+                     const int32_t* zero_point, int32_t lo, int32_t hi, int8_t* q);                       \
+  void dequantize_int8(const int8_t* q, int64_t start, int64_t n, int64_t bs, const float* scale,         \
+                       const int32_t* zero_point, float* out);                                            \
+  void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale, \
+                     const int32_t* zero_point, uint8_t* packed);                                         \
+  void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale, \
+                       const int32_t* zero_point, float* out);                                            \
+  void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,  \
+                     const Lut4* lut, uint8_t* packed);                                                   \
+  void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,  \
+                       const float* code16, float* out);                                                  \
+  void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,  \
+                     const Lut8* lut, uint8_t* q);                                                        \
+  void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,       \
+                       const float* code256, float* out);                                                 \
+  extern const KernelTable table;                                                                         \
   }
 
 MSBNB_DECLARE_ISA_KERNELS(scalar)

@@ -1,14 +1,14 @@
 // Threaded drivers: split a range into chunks and call one KernelTable entry per chunk.
 #include "msbnb/kernels/ops.h"
 
-#include "kernels/scalar_math.h"
-
 #include <omp.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
+
+#include "kernels/scalar_math.h"
 
 namespace msbnb::kernels {
 
@@ -93,8 +93,7 @@ void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, 
   reduce_blocks(
       n, bs,
       [&](int64_t first, int64_t len, int64_t block, int64_t b0, float* pa = nullptr, float* pb = nullptr) {
-        k.minmax_blocks(byte_ptr(x, dt, first), dt, len, block, pa ? pa : mins + b0,
-                        pb ? pb : maxs + b0);
+        k.minmax_blocks(byte_ptr(x, dt, first), dt, len, block, pa ? pa : mins + b0, pb ? pb : maxs + b0);
       },
       [&](int64_t b, int64_t pieces, auto run) {
         std::vector<float> pmin(static_cast<size_t>(pieces)), pmax(static_cast<size_t>(pieces));
@@ -112,15 +111,15 @@ void quantize_int8(const void* x, DType dt, int64_t n, int64_t bs, const float* 
   });
 }
 
-void dequantize_int8(const int8_t* q, int64_t n, int64_t bs, const float* scale,
-                     const int32_t* zero_point, float* out, const KernelTable& k) {
+void dequantize_int8(const int8_t* q, int64_t n, int64_t bs, const float* scale, const int32_t* zero_point,
+                     float* out, const KernelTable& k) {
   parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
     k.dequantize_int8(q + s, s, len, bs, scale, zero_point, out + s);
   });
 }
 
-void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs,
-                   const float* scale, const int32_t* zero_point, uint8_t* packed, const KernelTable& k) {
+void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
+                   const int32_t* zero_point, uint8_t* packed, const KernelTable& k) {
   const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
   const int64_t rows_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cols));
   parallel_chunks(rows, rows_per_task, [&](int64_t r, int64_t nr) {
@@ -129,8 +128,8 @@ void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t 
   });
 }
 
-void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs,
-                     const float* scale, const int32_t* zero_point, float* out, const KernelTable& k) {
+void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
+                     const int32_t* zero_point, float* out, const KernelTable& k) {
   const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
   const int64_t rows_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cols));
   parallel_chunks(rows, rows_per_task, [&](int64_t r, int64_t nr) {
@@ -139,8 +138,8 @@ void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
   });
 }
 
-void quantize_lut4(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax,
-                   const Lut4& lut, uint8_t* packed, const KernelTable& k) {
+void quantize_lut4(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax, const Lut4& lut,
+                   uint8_t* packed, const KernelTable& k) {
   // bitsandbytes scales full blocks by the float32 reciprocal of absmax but divides the short
   // last block by its absmax (backends/default/ops.py quantize_4bit); the kernels multiply, and
   // the short block (< bs elements) is coded here, from its first whole byte.
@@ -163,22 +162,22 @@ void quantize_lut4(const void* x, DType dt, int64_t n, int64_t bs, const float* 
   }
 }
 
-void dequantize_lut4(const uint8_t* packed, int64_t n, int64_t bs, const float* absmax,
-                     const float* code16, float* out, const KernelTable& k) {
+void dequantize_lut4(const uint8_t* packed, int64_t n, int64_t bs, const float* absmax, const float* code16,
+                     float* out, const KernelTable& k) {
   parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
     k.dequantize_lut4(packed + s / 2, s, len, bs, absmax, code16, out + s);
   });
 }
 
-void quantize_lut8(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax,
-                   const Lut8& lut, uint8_t* q, const KernelTable& k) {
+void quantize_lut8(const void* x, DType dt, int64_t n, int64_t bs, const float* absmax, const Lut8& lut,
+                   uint8_t* q, const KernelTable& k) {
   parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
     k.quantize_lut8(byte_ptr(x, dt, s), dt, s, len, bs, absmax, &lut, q + s);
   });
 }
 
-void dequantize_lut8(const uint8_t* q, int64_t n, int64_t bs, const float* absmax,
-                     const float* code256, float* out, const KernelTable& k) {
+void dequantize_lut8(const uint8_t* q, int64_t n, int64_t bs, const float* absmax, const float* code256,
+                     float* out, const KernelTable& k) {
   parallel_chunks(n, kChunk, [&](int64_t s, int64_t len) {
     k.dequantize_lut8(q + s, s, len, bs, absmax, code256, out + s);
   });
@@ -188,8 +187,8 @@ void symmetric_scales(const float* absmax, int64_t count, float qmax, float* sca
   for (int64_t i = 0; i < count; ++i) scale[i] = absmax[i] / qmax;
 }
 
-void asymmetric_scales(const float* mins, const float* maxs, int64_t count, int32_t qmin,
-                       int32_t qmax, float* scale, int32_t* zero_point) {
+void asymmetric_scales(const float* mins, const float* maxs, int64_t count, int32_t qmin, int32_t qmax,
+                       float* scale, int32_t* zero_point) {
   for (int64_t i = 0; i < count; ++i) {
     const float lo = std::fmin(mins[i], 0.0f), hi = std::fmax(maxs[i], 0.0f);
     // In double: hi - lo overflows float for +-huge inputs.
@@ -200,7 +199,8 @@ void asymmetric_scales(const float* mins, const float* maxs, int64_t count, int3
       continue;
     }
     const float z = std::nearbyint(static_cast<float>(qmin) - lo / s);
-    zero_point[i] = static_cast<int32_t>(std::fmin(std::fmax(z, static_cast<float>(qmin)), static_cast<float>(qmax)));
+    zero_point[i] =
+        static_cast<int32_t>(std::fmin(std::fmax(z, static_cast<float>(qmin)), static_cast<float>(qmax)));
   }
 }
 

@@ -54,15 +54,18 @@ TEST(BadInput, NanAndInf) {
     torch::Tensor x = torch::randn({4, 64});
     x[2][5] = bad;
     expect_error([&] { msbnb::quantize_4bit(x, kNF4); }, {"x:", "finite", "[128, 192)"});
-    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(32)); },
-                 {"x", "finite"});
-    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_symmetric(false)); },
-                 {"x", "finite"});
+    expect_error(
+        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(32)); },
+        {"x", "finite"});
+    expect_error(
+        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_symmetric(false)); },
+        {"x", "finite"});
     expect_error([&] { msbnb::quantize_8bit(x); }, {"x:", "finite"});
     expect_error([&] { msbnb::quantize_8bit(x, Int8Options().set_symmetric(false)); }, {"x:", "finite"});
     expect_error([&] { msbnb::quantize_blockwise(x, 64); }, {"x:", "finite"});
     expect_error([&] { msbnb::quantize_tensor(x, 4, false); }, {"x:", "finite"});
-    expect_error([&] { msbnb::estimate_quantization_error(x, torch::zeros_like(x)); }, {"original:", "finite"});
+    expect_error([&] { msbnb::estimate_quantization_error(x, torch::zeros_like(x)); },
+                 {"original:", "finite"});
     // The same in bfloat16 and float16.
     expect_error([&] { msbnb::quantize_4bit(x.to(torch::kBFloat16), kNF4); }, {"x:", "finite"});
     expect_error([&] { msbnb::quantize_4bit(x.to(torch::kFloat16), kNF4); }, {"x:", "finite"});
@@ -75,10 +78,15 @@ TEST(BadInput, BlockAndGroupSizes) {
     expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions(kNF4).set_blocksize(bs)); },
                  {"blocksize:", "power of two in [32, 4096]", std::to_string(bs).c_str()});
   for (int64_t gs : {0, -2, 1, 33})
-    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(gs)); },
-                 {"blocksize:", "even int4 group size", std::to_string(gs).c_str()});
-  expect_error([&] { msbnb::quantize_8bit(x, Int8Options().set_granularity(msbnb::Granularity::per_block).set_blocksize(0)); },
-               {"blocksize:", "positive", "0"});
+    expect_error(
+        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(gs)); },
+        {"blocksize:", "even int4 group size", std::to_string(gs).c_str()});
+  expect_error(
+      [&] {
+        msbnb::quantize_8bit(x,
+                             Int8Options().set_granularity(msbnb::Granularity::per_block).set_blocksize(0));
+      },
+      {"blocksize:", "positive", "0"});
   expect_error([&] { msbnb::quantize_blockwise(x, 100); }, {"blocksize:", "100"});
   expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf3")); },
                {"quant_type:", "\"nf4\", \"fp4\" or \"int4\"", "nf3"});
@@ -88,8 +96,10 @@ TEST(BadInput, StateDoesNotMatchData) {
   const torch::Tensor x = torch::randn({16, 64});
   for (const char* type : {"nf4", "int4"})
     for (bool nested : {false, true}) {
-      auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(nested));
-      expect_error([&] { msbnb::dequantize_4bit(q.data.slice(0, 1), q.state); }, {"data:", "expected", "elements"});
+      auto q =
+          msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(nested));
+      expect_error([&] { msbnb::dequantize_4bit(q.data.slice(0, 1), q.state); },
+                   {"data:", "expected", "elements"});
       msbnb::QuantState s = q.state;
       s.shape = {16, 65};
       expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"expected", "got"});
@@ -117,13 +127,15 @@ TEST(BadInput, StateDoesNotMatchData) {
                {"scale:", "expected 16 elements", "got 15"});
   expect_error([&] { msbnb::dequantize_8bit(q8.weight_int8, q8.scale, q8.offset + 0.5, q8.options); },
                {"offset:", "integral"});
-  expect_error([&] { msbnb::dequantize_8bit(q8.weight_int8, q8.scale, {}, q8.options); }, {"offset:", "undefined"});
+  expect_error([&] { msbnb::dequantize_8bit(q8.weight_int8, q8.scale, {}, q8.options); },
+               {"offset:", "undefined"});
   auto b = msbnb::quantize_blockwise(x, 256);
   msbnb::QuantState bs = b.state;
   bs.code = b.state.code.slice(0, 0, 16);
   expect_error([&] { msbnb::dequantize_blockwise(b.data, bs); }, {"state.code:", "256", "16"});
   expect_error([&] { msbnb::quantize_blockwise(x, 256, torch::zeros({255})); }, {"code:", "256", "255"});
-  expect_error([&] { msbnb::estimate_quantization_error(x, x.slice(0, 1)); }, {"dequantized:", "[16, 64]", "[15, 64]"});
+  expect_error([&] { msbnb::estimate_quantization_error(x, x.slice(0, 1)); },
+               {"dequantized:", "[16, 64]", "[15, 64]"});
 }
 
 TEST(BadInput, NonContiguousIsHandledAndInputUnchanged) {
@@ -134,7 +146,8 @@ TEST(BadInput, NonContiguousIsHandledAndInputUnchanged) {
   auto b = msbnb::quantize_4bit(t.contiguous(), kNF4);
   EXPECT_TRUE(torch::equal(a.data, b.data));
   auto c = msbnb::quantize_8bit(t, Int8Options().set_symmetric(false));
-  EXPECT_TRUE(torch::equal(c.weight_int8, msbnb::quantize_8bit(t.contiguous(), Int8Options().set_symmetric(false)).weight_int8));
+  EXPECT_TRUE(torch::equal(
+      c.weight_int8, msbnb::quantize_8bit(t.contiguous(), Int8Options().set_symmetric(false)).weight_int8));
   msbnb::quantize_blockwise(t, 64, {}, true);
   msbnb::quantize_tensor(t, 4, false, true);
   EXPECT_TRUE(torch::equal(t, before));

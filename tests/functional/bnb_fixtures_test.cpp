@@ -80,20 +80,23 @@ void check_4bit_case(const json& file, const json& c) {
                                              .set_blocksize(p["blocksize"].get<int64_t>())
                                              .set_compress_statistics(nested));
   ASSERT_EQ(q.data.sizes().vec(), shape_of(o["packed_shape"]));
-  EXPECT_TRUE(torch::equal(q.data.reshape({-1}), ints<uint8_t>(o["packed"], torch::kUInt8))) << "packed codes";
+  EXPECT_TRUE(torch::equal(q.data.reshape({-1}), ints<uint8_t>(o["packed"], torch::kUInt8)))
+      << "packed codes";
 
   // absmax: bitsandbytes stores its 1e-38 floor for an all-zero short last block, we store 0.
   const torch::Tensor raw = floats(o["absmax_raw"]);
-  const torch::Tensor ours_raw = nested ? msbnb::quantize_4bit(x, msbnb::Quantize4bitOptions()
-                                                                       .set_quant_type(p["quant_type"].get<std::string>())
-                                                                       .set_blocksize(p["blocksize"].get<int64_t>()))
-                                              .state.absmax
-                                        : q.state.absmax;
+  const torch::Tensor ours_raw =
+      nested ? msbnb::quantize_4bit(x, msbnb::Quantize4bitOptions()
+                                           .set_quant_type(p["quant_type"].get<std::string>())
+                                           .set_blocksize(p["blocksize"].get<int64_t>()))
+                   .state.absmax
+             : q.state.absmax;
   EXPECT_TRUE(torch::equal(ours_raw, torch::where(raw <= 1e-38f, torch::zeros_like(raw), raw))) << "absmax";
 
   const torch::Tensor expected = floats(o["dequant"]).reshape(x.sizes());
   if (!nested) {
-    EXPECT_TRUE(torch::equal(msbnb::dequantize_4bit(q.data, q.state).to(torch::kFloat32), expected)) << "dequantize";
+    EXPECT_TRUE(torch::equal(msbnb::dequantize_4bit(q.data, q.state).to(torch::kFloat32), expected))
+        << "dequantize";
   } else {
     // Offset: torch's float32 cascade mean against our double mean, both rounded to float32.
     EXPECT_TRUE(within_ulps(q.state.offset.item<float>(), static_cast<float>(o["offset"].get<double>()), 2))
@@ -167,10 +170,13 @@ TEST(Bitsandbytes, QuantizeBlockwiseDynamic) {
     EXPECT_TRUE(torch::equal(theirs, floats(o["dequant"]).reshape(x.sizes()))) << "dequantize of their codes";
     // Ours are the nearest codes; theirs come from a 65536-point grid (see tools/README.md).
     const torch::Tensor ours = msbnb::dequantize_blockwise(q.data, q.state);
-    const torch::Tensor slack = 2 * std::numeric_limits<float>::epsilon() * q.state.absmax.repeat_interleave(bs).slice(0, 0, x.numel()).reshape(x.sizes());
+    const torch::Tensor slack =
+        2 * std::numeric_limits<float>::epsilon() *
+        q.state.absmax.repeat_interleave(bs).slice(0, 0, x.numel()).reshape(x.sizes());
     EXPECT_TRUE(((ours - x).abs() <= (theirs - x).abs() + slack).all().item<bool>());
-    testing::Test::RecordProperty(c["name"].get<std::string>() + "_codes_equal_percent",
-                                  std::to_string(100 * (q.data == theirs_q).to(torch::kFloat64).mean().item<double>()));
+    testing::Test::RecordProperty(
+        c["name"].get<std::string>() + "_codes_equal_percent",
+        std::to_string(100 * (q.data == theirs_q).to(torch::kFloat64).mean().item<double>()));
   }
 }
 

@@ -20,9 +20,9 @@ TEST(Formats, TableRowsMatchDesign) {
 
 TEST(Formats, NF4AndFP4CodesAsDesign) {
   // DESIGN.md prints 7 decimals: each code is within half a unit of the 7th decimal.
-  const double nf4[16] = {-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734,
-                          -0.0910500, 0.0, 0.0795803, 0.1609302, 0.2461123, 0.3379152,
-                          0.4407098, 0.5626170, 0.7229568, 1.0};
+  const double nf4[16] = {-1.0,       -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734,
+                          -0.0910500, 0.0,        0.0795803,  0.1609302,  0.2461123,  0.3379152,
+                          0.4407098,  0.5626170,  0.7229568,  1.0};
   const double fp4[8] = {0.0, 0.0052083, 0.6666667, 1.0, 0.3333333, 0.5, 0.1666667, 0.25};
   for (int i = 0; i < 16; ++i) EXPECT_NEAR(msbnb::kernels::kCodeNF4[i], nf4[i], 5e-8) << i;
   for (int i = 0; i < 8; ++i) {
@@ -47,8 +47,8 @@ TEST(Formats, CodebookValuesQuantizeToTheirIndexHighNibbleFirst) {
       const int a = (std::string(type) == "fp4" && i == 8) ? 0 : i;
       EXPECT_EQ(p[i / 2], (a << 4) | (i + 1)) << type << " pair " << i;
     }
-    EXPECT_TRUE(torch::equal(msbnb::dequantize_4bit(q.data, q.state).slice(0, 0, 16).abs(),
-                             x.slice(0, 0, 16).abs()));
+    EXPECT_TRUE(
+        torch::equal(msbnb::dequantize_4bit(q.data, q.state).slice(0, 0, 16).abs(), x.slice(0, 0, 16).abs()));
   }
 }
 

@@ -50,7 +50,8 @@ TEST(Statistics, AsymmetricInt8NoWorseOnShiftedData) {
   const torch::Tensor w = randn({128, 512}, 2) + 3.0;
   for (Granularity g : {Granularity::per_tensor, Granularity::per_channel, Granularity::per_block}) {
     const auto o = Int8Options().set_granularity(g).set_blocksize(64);
-    const auto sym = msbnb::estimate_quantization_error(w, msbnb::dequantize_8bit(msbnb::quantize_8bit(w, o)));
+    const auto sym =
+        msbnb::estimate_quantization_error(w, msbnb::dequantize_8bit(msbnb::quantize_8bit(w, o)));
     const auto asym = msbnb::estimate_quantization_error(
         w, msbnb::dequantize_8bit(msbnb::quantize_8bit(w, Int8Options(o).set_symmetric(false))));
     EXPECT_LE(asym.mse, sym.mse) << static_cast<int>(g);
@@ -61,7 +62,8 @@ TEST(Statistics, AsymmetricInt8NoWorseOnShiftedData) {
 
 TEST(Statistics, AsymmetricInt8Formula) {
   torch::Tensor x = torch::tensor({-1.0f, 0.0f, 0.5f, 3.0f});
-  auto q = msbnb::quantize_8bit(x, Int8Options().set_symmetric(false).set_granularity(Granularity::per_tensor));
+  auto q =
+      msbnb::quantize_8bit(x, Int8Options().set_symmetric(false).set_granularity(Granularity::per_tensor));
   const float scale = 4.0f / 255.0f;
   EXPECT_FLOAT_EQ(q.scale.item<float>(), scale);
   const float z = std::nearbyint(-128.0f - (-1.0f) / scale);  // -64
@@ -88,7 +90,8 @@ TEST(Statistics, Int4RelativeErrorIsAboutTwelvePercent) {
 TEST(Int4, ShortLastGroupAndOddColumns) {
   const torch::Tensor w = randn({5, 37}, 4);  // groups of 16: 16, 16, 5; 37 columns -> 19 bytes
   for (bool symmetric : {true, false}) {
-    auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("int4").set_blocksize(16).set_symmetric(symmetric));
+    auto q = msbnb::quantize_4bit(
+        w, Quantize4bitOptions().set_quant_type("int4").set_blocksize(16).set_symmetric(symmetric));
     ASSERT_EQ(q.data.sizes(), (std::vector<int64_t>{5, 19}));
     ASSERT_EQ(q.state.absmax.sizes(), (std::vector<int64_t>{5, 3}));
     // The last group's scale comes from its own 5 columns.
@@ -119,7 +122,8 @@ TEST(RoundTrip, QuantizeDequantizeQuantizeIsFixedPoint) {
   const torch::Tensor w = randn({33, 130}, 5);
   for (const char* type : {"nf4", "fp4", "int4"})
     for (bool nested : {false, true}) {
-      const auto o = Quantize4bitOptions().set_quant_type(type).set_blocksize(64).set_compress_statistics(nested);
+      const auto o =
+          Quantize4bitOptions().set_quant_type(type).set_blocksize(64).set_compress_statistics(nested);
       auto q1 = msbnb::quantize_4bit(w, o);
       auto q2 = msbnb::quantize_4bit(msbnb::dequantize_4bit(q1.data, q1.state), o);
       EXPECT_TRUE(torch::equal(codes_modulo_zero_sign(q1.data, type), codes_modulo_zero_sign(q2.data, type)))
@@ -152,7 +156,8 @@ TEST(DTypes, HalfInputsMatchTheirFloatValues) {
       EXPECT_TRUE(torch::equal(d, msbnb::dequantize_4bit(qf.data, qf.state).to(dt)));
     }
     EXPECT_TRUE(torch::equal(msbnb::quantize_8bit(h).weight_int8, msbnb::quantize_8bit(f).weight_int8)) << dt;
-    EXPECT_TRUE(torch::equal(msbnb::quantize_blockwise(h, 64).data, msbnb::quantize_blockwise(f, 64).data)) << dt;
+    EXPECT_TRUE(torch::equal(msbnb::quantize_blockwise(h, 64).data, msbnb::quantize_blockwise(f, 64).data))
+        << dt;
   }
 }
 
@@ -162,7 +167,8 @@ TEST(Threads, OneAndTwoThreadsGiveIdenticalResults) {
     msbnb::kernels::set_num_threads(threads);
     std::vector<torch::Tensor> out;
     for (const char* type : {"nf4", "fp4", "int4"}) {
-      auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(true));
+      auto q =
+          msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(true));
       out.push_back(q.data);
       out.push_back(q.state.absmax);
       out.push_back(msbnb::dequantize_4bit(q.data, q.state));
@@ -188,7 +194,8 @@ TEST(DoubleQuant, AbsmaxWithinMapResolution) {
   const torch::Tensor w = randn({64, 4096}, 8) * torch::rand({64, 1}) * 10;
   for (const char* type : {"nf4", "fp4"}) {
     auto plain = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type));
-    auto nested = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(true));
+    auto nested =
+        msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(true));
     EXPECT_TRUE(torch::equal(plain.data, nested.data)) << "codes are quantized with the exact absmax";
     ASSERT_TRUE(nested.state.nested());
     EXPECT_EQ(nested.state.absmax.scalar_type(), torch::kUInt8);
@@ -205,17 +212,21 @@ TEST(DoubleQuant, AbsmaxWithinMapResolution) {
     const torch::Tensor up = code.index({(q + 1).clamp_max(255)}) - code.index({q});
     const torch::Tensor down = code.index({q}) - code.index({(q - 1).clamp_min(0)});
     // Below the lowest code (the signed map has no -1.0) the error reaches code[0] - (-1).
-    const torch::Tensor local = torch::where(q == 0, torch::maximum(up / 2, code[0] + 1.0), torch::maximum(up, down) / 2);
-    const torch::Tensor bound = local * nested_absmax.repeat_interleave(256).slice(0, 0, nb) + 1e-6 * exact.abs();
+    const torch::Tensor local =
+        torch::where(q == 0, torch::maximum(up / 2, code[0] + 1.0), torch::maximum(up, down) / 2);
+    const torch::Tensor bound =
+        local * nested_absmax.repeat_interleave(256).slice(0, 0, nb) + 1e-6 * exact.abs();
     const torch::Tensor excess = (rec - exact).abs() - bound;
-    EXPECT_TRUE((excess <= 0).all().item<bool>()) << type << " worst excess " << excess.max().item<double>()
-                                                  << " at " << excess.argmax().item<int64_t>() << " rec "
-                                                  << rec[excess.argmax()].item<double>() << " exact "
-                                                  << exact[excess.argmax()].item<double>() << " q " << q[excess.argmax()].item<int64_t>();
+    EXPECT_TRUE((excess <= 0).all().item<bool>())
+        << type << " worst excess " << excess.max().item<double>() << " at "
+        << excess.argmax().item<int64_t>() << " rec " << rec[excess.argmax()].item<double>() << " exact "
+        << exact[excess.argmax()].item<double>() << " q " << q[excess.argmax()].item<int64_t>();
     // And dequantize uses exactly that reconstruction.
     const torch::Tensor w2 = msbnb::dequantize_4bit(nested.data, nested.state);
     EXPECT_LT(msbnb::estimate_quantization_error(w, w2).relative_error,
-              msbnb::estimate_quantization_error(w, msbnb::dequantize_4bit(plain.data, plain.state)).relative_error * 1.02);
+              msbnb::estimate_quantization_error(w, msbnb::dequantize_4bit(plain.data, plain.state))
+                      .relative_error *
+                  1.02);
   }
 }
 
@@ -245,8 +256,9 @@ TEST(Generic, QuantizeTensorAndScaleOffset) {
         ASSERT_EQ(w2.sizes(), w.sizes());
         // Round to nearest: within half a step, the range over its number of steps.
         const double levels = bits == 8 ? (symmetric ? 254 : 255) : (symmetric ? 14 : 15);
-        const torch::Tensor range = per_channel ? (std::get<0>(w.max(1)).clamp_min(0) - std::get<0>(w.min(1)).clamp_max(0))
-                                                : (w.max().clamp_min(0) - w.min().clamp_max(0)).expand({16});
+        const torch::Tensor range =
+            per_channel ? (std::get<0>(w.max(1)).clamp_min(0) - std::get<0>(w.min(1)).clamp_max(0))
+                        : (w.max().clamp_min(0) - w.min().clamp_max(0)).expand({16});
         const torch::Tensor absmax = per_channel ? std::get<0>(w.abs().max(1)) : w.abs().max().expand({16});
         const torch::Tensor step = symmetric ? absmax * 2 / levels : range / levels;
         EXPECT_TRUE(((w2 - w).abs() <= (step / 2 * (1 + 1e-5)).unsqueeze(1)).all().item<bool>())

@@ -18,9 +18,11 @@ namespace {
 
 using kernels::KernelTable;
 
-const int64_t kLengths[] = {1, 2, 3, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 255, 257, 1000, 4097, 70001};
+const int64_t kLengths[] = {1,  2,  3,   7,   15,  16,  17,   31,   33,   63,
+                            64, 65, 127, 129, 255, 257, 1000, 4097, 70001};
 const DType kDTypes[] = {DType::f32, DType::f16, DType::bf16};
-const Fill kFills[] = {Fill::randn, Fill::zeros, Fill::constant, Fill::denormal, Fill::huge, Fill::tiny, Fill::mixed};
+const Fill kFills[] = {Fill::randn, Fill::zeros, Fill::constant, Fill::denormal,
+                       Fill::huge,  Fill::tiny,  Fill::mixed};
 
 std::string where(DType dt, Fill fill, int64_t n, int64_t bs) {
   std::ostringstream s;
@@ -36,11 +38,11 @@ int64_t first_mismatch(const std::vector<T>& a, const std::vector<T>& b) {
   return -1;
 }
 
-#define EXPECT_SAME_BITS(ref, got, ctx)                                                        \
-  do {                                                                                         \
-    const int64_t bad = first_mismatch(ref, got);                                              \
+#define EXPECT_SAME_BITS(ref, got, ctx)                                                                      \
+  do {                                                                                                       \
+    const int64_t bad = first_mismatch(ref, got);                                                            \
     EXPECT_EQ(bad, -1) << ctx << " index=" << bad << " ref=" << +ref[static_cast<size_t>(bad < 0 ? 0 : bad)] \
-                       << " got=" << +got[static_cast<size_t>(bad < 0 ? 0 : bad)];           \
+                       << " got=" << +got[static_cast<size_t>(bad < 0 ? 0 : bad)];                           \
   } while (0)
 
 class IsaVsReference : public testing::TestWithParam<Isa> {
@@ -82,8 +84,9 @@ TEST_P(IsaVsReference, AbsmaxPropagatesNanAndInf) {
         if (dt != DType::f32) {
           in.u16.resize(static_cast<size_t>(n));
           for (int64_t i = 0; i < n; ++i)
-            in.u16[static_cast<size_t>(i)] = dt == DType::bf16 ? static_cast<uint16_t>(bits_of(in.f32[static_cast<size_t>(i)]) >> 16)
-                                                            : float_to_half(in.f32[static_cast<size_t>(i)]);
+            in.u16[static_cast<size_t>(i)] =
+                dt == DType::bf16 ? static_cast<uint16_t>(bits_of(in.f32[static_cast<size_t>(i)]) >> 16)
+                                  : float_to_half(in.f32[static_cast<size_t>(i)]);
         }
         in.dt = dt;
         float a = 0, lo = 0, hi = 0;
@@ -107,7 +110,8 @@ TEST_P(IsaVsReference, Int8SymmetricAndAsymmetric) {
             std::vector<int32_t> zp(nb);
             if (asym) {
               ref_->minmax_blocks(in.data(), dt, n, bs, lo.data(), hi.data());
-              kernels::asymmetric_scales(lo.data(), hi.data(), static_cast<int64_t>(nb), -128, 127, scale.data(), zp.data());
+              kernels::asymmetric_scales(lo.data(), hi.data(), static_cast<int64_t>(nb), -128, 127,
+                                         scale.data(), zp.data());
             } else {
               ref_->absmax_blocks(in.data(), dt, n, bs, lo.data());
               kernels::symmetric_scales(lo.data(), static_cast<int64_t>(nb), 127.0f, scale.data());
@@ -125,11 +129,14 @@ TEST_P(IsaVsReference, Int8SymmetricAndAsymmetric) {
             // A range that starts inside a block (as a thread's chunk does).
             if (n > 5) {
               const int64_t s = 5;
-              const char* xs = static_cast<const char*>(in.data()) + s * static_cast<int64_t>(kernels::dtype_size(dt));
+              const char* xs =
+                  static_cast<const char*>(in.data()) + s * static_cast<int64_t>(kernels::dtype_size(dt));
               k_->quantize_int8(xs, dt, s, n - s, bs, scale.data(), zpp, qlo, 127, q_got.data() + s);
               k_->dequantize_int8(q_ref.data() + s, s, n - s, bs, scale.data(), zpp, d_got.data() + s);
-              EXPECT_SAME_BITS(q_ref, q_got, "quantize_int8 start=5 asym=" << asym << " " << where(dt, fill, n, bs));
-              EXPECT_SAME_BITS(d_ref, d_got, "dequantize_int8 start=5 asym=" << asym << " " << where(dt, fill, n, bs));
+              EXPECT_SAME_BITS(q_ref, q_got,
+                               "quantize_int8 start=5 asym=" << asym << " " << where(dt, fill, n, bs));
+              EXPECT_SAME_BITS(d_ref, d_got,
+                               "dequantize_int8 start=5 asym=" << asym << " " << where(dt, fill, n, bs));
             }
             if (HasFailure()) return;
           }
@@ -142,11 +149,13 @@ TEST_P(IsaVsReference, Int4PerGroup) {
         for (int64_t gs : {2, 16, 32, 64, 128})
           for (bool asym : {false, true}) {
             const int64_t rows = 3, n = rows * cols, groups = (cols + gs - 1) / gs;
-            const Input in = make_input(static_cast<size_t>(n), dt, fill, static_cast<uint32_t>(cols * 7 + gs));
+            const Input in =
+                make_input(static_cast<size_t>(n), dt, fill, static_cast<uint32_t>(cols * 7 + gs));
             std::vector<float> scale(static_cast<size_t>(rows * groups)), lo(scale.size()), hi(scale.size());
             std::vector<int32_t> zp(scale.size());
             for (int64_t r = 0; r < rows; ++r) {
-              const char* xr = static_cast<const char*>(in.data()) + r * cols * static_cast<int64_t>(kernels::dtype_size(dt));
+              const char* xr = static_cast<const char*>(in.data()) +
+                               r * cols * static_cast<int64_t>(kernels::dtype_size(dt));
               ref_->minmax_blocks(xr, dt, cols, gs, lo.data() + r * groups, hi.data() + r * groups);
               ref_->absmax_blocks(xr, dt, cols, gs, scale.data() + r * groups);
             }
@@ -159,11 +168,15 @@ TEST_P(IsaVsReference, Int4PerGroup) {
             std::vector<uint8_t> p_ref(bytes, 0xAA), p_got(bytes, 0x55);
             ref_->quantize_int4(in.data(), dt, rows, cols, gs, scale.data(), zpp, p_ref.data());
             k_->quantize_int4(in.data(), dt, rows, cols, gs, scale.data(), zpp, p_got.data());
-            EXPECT_SAME_BITS(p_ref, p_got, "quantize_int4 asym=" << asym << " cols=" << cols << " " << where(dt, fill, n, gs));
+            EXPECT_SAME_BITS(
+                p_ref, p_got,
+                "quantize_int4 asym=" << asym << " cols=" << cols << " " << where(dt, fill, n, gs));
             std::vector<float> d_ref(static_cast<size_t>(n)), d_got(static_cast<size_t>(n));
             ref_->dequantize_int4(p_ref.data(), rows, cols, gs, scale.data(), zpp, d_ref.data());
             k_->dequantize_int4(p_ref.data(), rows, cols, gs, scale.data(), zpp, d_got.data());
-            EXPECT_SAME_BITS(d_ref, d_got, "dequantize_int4 asym=" << asym << " cols=" << cols << " " << where(dt, fill, n, gs));
+            EXPECT_SAME_BITS(
+                d_ref, d_got,
+                "dequantize_int4 asym=" << asym << " cols=" << cols << " " << where(dt, fill, n, gs));
             if (HasFailure()) return;
           }
 }
@@ -191,7 +204,8 @@ TEST_P(IsaVsReference, Lut4NF4AndFP4) {
             EXPECT_SAME_BITS(d_ref, d_got, "dequantize_lut4 " << fmt << where(dt, fill, n, bs));
             if (n > 6) {  // a range starting at an even element inside a block
               const int64_t s = 6;
-              const char* xs = static_cast<const char*>(in.data()) + s * static_cast<int64_t>(kernels::dtype_size(dt));
+              const char* xs =
+                  static_cast<const char*>(in.data()) + s * static_cast<int64_t>(kernels::dtype_size(dt));
               k_->quantize_lut4(xs, dt, s, n - s, bs, absmax.data(), &lut, p_got.data() + s / 2);
               k_->dequantize_lut4(p_ref.data() + s / 2, s, n - s, bs, absmax.data(), code, d_got.data() + s);
               EXPECT_SAME_BITS(p_ref, p_got, "quantize_lut4 start=6 " << fmt << where(dt, fill, n, bs));
@@ -217,14 +231,17 @@ TEST_P(IsaVsReference, Lut8DynamicMap) {
             std::vector<uint8_t> q_ref(static_cast<size_t>(n)), q_got(static_cast<size_t>(n));
             ref_->quantize_lut8(in.data(), dt, 0, n, bs, absmax.data(), &lut, q_ref.data());
             k_->quantize_lut8(in.data(), dt, 0, n, bs, absmax.data(), &lut, q_got.data());
-            EXPECT_SAME_BITS(q_ref, q_got, "quantize_lut8 signed=" << is_signed << " " << where(dt, fill, n, bs));
+            EXPECT_SAME_BITS(q_ref, q_got,
+                             "quantize_lut8 signed=" << is_signed << " " << where(dt, fill, n, bs));
             std::vector<float> d_ref(static_cast<size_t>(n)), d_got(static_cast<size_t>(n));
             ref_->dequantize_lut8(q_ref.data(), 0, n, bs, absmax.data(), code.data(), d_ref.data());
             k_->dequantize_lut8(q_ref.data(), 0, n, bs, absmax.data(), code.data(), d_got.data());
-            EXPECT_SAME_BITS(d_ref, d_got, "dequantize_lut8 signed=" << is_signed << " " << where(dt, fill, n, bs));
+            EXPECT_SAME_BITS(d_ref, d_got,
+                             "dequantize_lut8 signed=" << is_signed << " " << where(dt, fill, n, bs));
             if (n > 5) {
               const int64_t s = 5;
-              const char* xs = static_cast<const char*>(in.data()) + s * static_cast<int64_t>(kernels::dtype_size(dt));
+              const char* xs =
+                  static_cast<const char*>(in.data()) + s * static_cast<int64_t>(kernels::dtype_size(dt));
               k_->quantize_lut8(xs, dt, s, n - s, bs, absmax.data(), &lut, q_got.data() + s);
               EXPECT_SAME_BITS(q_ref, q_got, "quantize_lut8 start=5 " << where(dt, fill, n, bs));
             }

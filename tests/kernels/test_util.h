@@ -50,8 +50,8 @@ inline uint16_t float_to_half(float f) {
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
   if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
-  if (ax < 0x38800000u) {  // half denormal or zero
-    const float d = from_bits(ax) * 16777216.0f;  // / 2^-24
+  if (ax < 0x38800000u) {                                               // half denormal or zero
+    const float d = from_bits(ax) * 16777216.0f;                        // / 2^-24
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(d)));
   }
   uint32_t h = ((ax - 0x38000000u) >> 13);
@@ -74,12 +74,24 @@ inline Input make_input(size_t n, DType dt, Fill fill, uint32_t seed) {
   for (size_t i = 0; i < n; ++i) {
     const float g = normal(rng);
     switch (fill) {
-      case Fill::randn: v[i] = g; break;
-      case Fill::zeros: v[i] = (i % 3 == 0) ? -0.0f : 0.0f; break;
-      case Fill::constant: v[i] = 0.5f; break;
-      case Fill::denormal: v[i] = g * 1e-39f; break;  // float denormals (bf16 keeps some)
-      case Fill::huge: v[i] = g * 1e38f; break;
-      case Fill::tiny: v[i] = g * 1e-30f; break;
+      case Fill::randn:
+        v[i] = g;
+        break;
+      case Fill::zeros:
+        v[i] = (i % 3 == 0) ? -0.0f : 0.0f;
+        break;
+      case Fill::constant:
+        v[i] = 0.5f;
+        break;
+      case Fill::denormal:
+        v[i] = g * 1e-39f;
+        break;  // float denormals (bf16 keeps some)
+      case Fill::huge:
+        v[i] = g * 1e38f;
+        break;
+      case Fill::tiny:
+        v[i] = g * 1e-30f;
+        break;
       case Fill::mixed: {  // randn with zeros, ties of 0.5 and wide magnitudes sprinkled in
         const int k = pick(rng);
         v[i] = k == 0 ? 0.0f : k == 1 ? g * 1e4f : k == 2 ? g * 1e-4f : k == 3 ? 0.5f : g;
@@ -101,7 +113,9 @@ inline Input make_input(size_t n, DType dt, Fill fill, uint32_t seed) {
         in.u16[i] = static_cast<uint16_t>(bits_of(v[i]) >> 16);
         in.values[i] = from_bits(static_cast<uint32_t>(in.u16[i]) << 16);
       } else {
-        in.u16[i] = float_to_half(fill == Fill::huge ? v[i] * 1e-34f : fill == Fill::denormal ? v[i] * 1e34f : v[i]);
+        in.u16[i] = float_to_half(fill == Fill::huge       ? v[i] * 1e-34f
+                                  : fill == Fill::denormal ? v[i] * 1e34f
+                                                           : v[i]);
         in.values[i] = half_to_float_ref(in.u16[i]);
       }
     }
@@ -119,8 +133,8 @@ inline std::string isa_param_name(const testing::TestParamInfo<Isa>& info) {
   return kernels::isa_name(info.param);
 }
 
-#define MSBNB_SKIP_IF_UNSUPPORTED(isa)                                                  \
-  if (!msbnb::kernels::isa_supported(isa))                                             \
+#define MSBNB_SKIP_IF_UNSUPPORTED(isa)     \
+  if (!msbnb::kernels::isa_supported(isa)) \
   GTEST_SKIP() << "this CPU lacks " << msbnb::kernels::isa_name(isa) << ": not tested"
 
 }  // namespace msbnb::test

@@ -29,9 +29,18 @@ struct Int8Options {
   Granularity granularity = Granularity::per_channel;
   int64_t blocksize = 4096;
 
-  Int8Options& set_symmetric(bool v) { symmetric = v; return *this; }
-  Int8Options& set_granularity(Granularity v) { granularity = v; return *this; }
-  Int8Options& set_blocksize(int64_t v) { blocksize = v; return *this; }
+  Int8Options& set_symmetric(bool v) {
+    symmetric = v;
+    return *this;
+  }
+  Int8Options& set_granularity(Granularity v) {
+    granularity = v;
+    return *this;
+  }
+  Int8Options& set_blocksize(int64_t v) {
+    blocksize = v;
+    return *this;
+  }
 };
 
 /// Result of quantize_8bit.
@@ -50,8 +59,7 @@ struct Int8Quantized {
 /// Example: auto q = msbnb::quantize_8bit(w);  auto w2 = msbnb::dequantize_8bit(q);
 Int8Quantized quantize_8bit(const torch::Tensor& x, const Int8Options& options = {});
 /// Inverse of quantize_8bit, as `dtype` (default: the original dtype).
-torch::Tensor dequantize_8bit(const Int8Quantized& q,
-                              c10::optional<torch::ScalarType> dtype = c10::nullopt);
+torch::Tensor dequantize_8bit(const Int8Quantized& q, c10::optional<torch::ScalarType> dtype = c10::nullopt);
 /// The same from separate tensors (offset may be undefined for symmetric).
 torch::Tensor dequantize_8bit(const torch::Tensor& weight_int8, const torch::Tensor& scale,
                               const torch::Tensor& offset, const Int8Options& options,
@@ -87,15 +95,27 @@ struct QuantState {
 /// Options of quantize_4bit; defaults are bitsandbytes' (blocksize 64, no double quantization;
 /// bitsandbytes' functional default quant_type is fp4, ours too).
 struct Quantize4bitOptions {
-  std::string quant_type = "fp4";  // "nf4" | "fp4" | "int4"
-  int64_t blocksize = 64;          // nf4 / fp4: a power of two in [32, 4096]; int4: even group size >= 2
+  std::string quant_type = "fp4";    // "nf4" | "fp4" | "int4"
+  int64_t blocksize = 64;            // nf4 / fp4: a power of two in [32, 4096]; int4: even group size >= 2
   bool compress_statistics = false;  // double-quantize absmax / scales (blockwise 8-bit, 256)
-  bool symmetric = true;           // int4 only: false gives uint4 with a zero point
+  bool symmetric = true;             // int4 only: false gives uint4 with a zero point
 
-  Quantize4bitOptions& set_quant_type(std::string v) { quant_type = std::move(v); return *this; }
-  Quantize4bitOptions& set_blocksize(int64_t v) { blocksize = v; return *this; }
-  Quantize4bitOptions& set_compress_statistics(bool v) { compress_statistics = v; return *this; }
-  Quantize4bitOptions& set_symmetric(bool v) { symmetric = v; return *this; }
+  Quantize4bitOptions& set_quant_type(std::string v) {
+    quant_type = std::move(v);
+    return *this;
+  }
+  Quantize4bitOptions& set_blocksize(int64_t v) {
+    blocksize = v;
+    return *this;
+  }
+  Quantize4bitOptions& set_compress_statistics(bool v) {
+    compress_statistics = v;
+    return *this;
+  }
+  Quantize4bitOptions& set_symmetric(bool v) {
+    symmetric = v;
+    return *this;
+  }
 };
 
 struct Quantized4bit {

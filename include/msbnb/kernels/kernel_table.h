@@ -27,9 +27,8 @@ struct KernelTable {
 
   /// q = clamp(rne(x / scale) + zp, lo, hi); scale 0 gives q = zp (zp = 0 when zero_point is
   /// null). Symmetric int8 uses lo = -127, hi = 127; asymmetric lo = -128, hi = 127.
-  void (*quantize_int8)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                        const float* scale, const int32_t* zero_point, int32_t lo, int32_t hi,
-                        int8_t* q);
+  void (*quantize_int8)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* scale,
+                        const int32_t* zero_point, int32_t lo, int32_t hi, int8_t* q);
 
   /// out = (q - zp) * scale.
   void (*dequantize_int8)(const int8_t* q, int64_t start, int64_t n, int64_t bs, const float* scale,
@@ -39,29 +38,29 @@ struct KernelTable {
   /// (cols + 1) / 2 bytes per row, odd cols padded with a zero nibble). scale and zero_point are
   /// [rows, ceil(cols / gs)]. Symmetric (zero_point null): q = clamp(rne(x / s), -7, 7) as a
   /// two's-complement nibble; asymmetric: q = clamp(rne(x / s) + zp, 0, 15). Scale 0 gives zp.
-  void (*quantize_int4)(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs,
-                        const float* scale, const int32_t* zero_point, uint8_t* packed);
+  void (*quantize_int4)(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
+                        const int32_t* zero_point, uint8_t* packed);
 
   /// out = (q - zp) * scale, the inverse layout of quantize_int4.
-  void (*dequantize_int4)(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs,
-                          const float* scale, const int32_t* zero_point, float* out);
+  void (*dequantize_int4)(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
+                          const int32_t* zero_point, float* out);
 
   /// bitsandbytes 4-bit: code of x * (1 / max(absmax, 1e-38)), HIGH nibble first, an odd n
   /// padded with lut->zero_code. (ops.h codes a short last block by division, as bitsandbytes.)
-  void (*quantize_lut4)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                        const float* absmax, const Lut4* lut, uint8_t* packed);
+  void (*quantize_lut4)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                        const Lut4* lut, uint8_t* packed);
 
   /// out = code[q] * absmax.
-  void (*dequantize_lut4)(const uint8_t* packed, int64_t start, int64_t n, int64_t bs,
-                          const float* absmax, const float* code16, float* out);
+  void (*dequantize_lut4)(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                          const float* code16, float* out);
 
   /// Blockwise 8-bit with a 256-entry codebook: q = code index nearest to x / absmax.
-  void (*quantize_lut8)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                        const float* absmax, const Lut8* lut, uint8_t* q);
+  void (*quantize_lut8)(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                        const Lut8* lut, uint8_t* q);
 
   /// out = code[q] * absmax.
-  void (*dequantize_lut8)(const uint8_t* q, int64_t start, int64_t n, int64_t bs,
-                          const float* absmax, const float* code256, float* out);
+  void (*dequantize_lut8)(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                          const float* code256, float* out);
 };
 
 /// True if this CPU can run `isa` (cpuid, and the OS saves the registers).

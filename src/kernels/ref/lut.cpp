@@ -5,8 +5,8 @@
 
 namespace msbnb::kernels::scalar {
 
-void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                   const float* absmax, const Lut4* lut, uint8_t* packed) {
+void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                   const Lut4* lut, uint8_t* packed) {
   for (int64_t i = 0; i < n; i += 2) {
     uint8_t byte = 0;
     for (int64_t j = i; j < i + 2; ++j) {
@@ -21,8 +21,8 @@ void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs
   }
 }
 
-void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs,
-                     const float* absmax, const float* code16, float* out) {
+void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                     const float* code16, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t byte = packed[i / 2];
     const int q = (i % 2 == 0) ? (byte >> 4) : (byte & 0xf);
@@ -30,8 +30,8 @@ void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs
   }
 }
 
-void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                   const float* absmax, const Lut8* lut, uint8_t* q) {
+void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                   const Lut8* lut, uint8_t* q) {
   for (int64_t i = 0; i < n; ++i) {
     const float xn = load_elem(x, dt, i) * inverse_absmax(absmax[(start + i) / bs]);
     q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);

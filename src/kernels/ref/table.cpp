@@ -3,7 +3,7 @@
 namespace msbnb::kernels::scalar {
 
 const KernelTable table = {
-    Isa::scalar,   absmax_blocks,   minmax_blocks, quantize_int8,   dequantize_int8, quantize_int4,
+    Isa::scalar,     absmax_blocks, minmax_blocks,   quantize_int8, dequantize_int8, quantize_int4,
     dequantize_int4, quantize_lut4, dequantize_lut4, quantize_lut8, dequantize_lut8,
 };
 

@@ -87,17 +87,20 @@ void quantize_int4_t(const void* x, int64_t rows, int64_t cols, int64_t gs, cons
 
 }  // namespace
 
-void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs,
-                   const float* scale, const int32_t* zero_point, uint8_t* packed) {
+void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
+                   const int32_t* zero_point, uint8_t* packed) {
   switch (dt) {
-    case DType::f32: return quantize_int4_t<DType::f32>(x, rows, cols, gs, scale, zero_point, packed);
-    case DType::f16: return quantize_int4_t<DType::f16>(x, rows, cols, gs, scale, zero_point, packed);
-    case DType::bf16: return quantize_int4_t<DType::bf16>(x, rows, cols, gs, scale, zero_point, packed);
+    case DType::f32:
+      return quantize_int4_t<DType::f32>(x, rows, cols, gs, scale, zero_point, packed);
+    case DType::f16:
+      return quantize_int4_t<DType::f16>(x, rows, cols, gs, scale, zero_point, packed);
+    case DType::bf16:
+      return quantize_int4_t<DType::bf16>(x, rows, cols, gs, scale, zero_point, packed);
   }
 }
 
-void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs,
-                     const float* scale, const int32_t* zero_point, float* out) {
+void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
+                     const int32_t* zero_point, float* out) {
   const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
   const __m128i nib = _mm_set1_epi8(0x0f);
   // Symmetric codes are two's-complement nibbles: (q ^ 8) - 8 sign-extends them.

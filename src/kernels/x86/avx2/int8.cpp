@@ -80,13 +80,15 @@ void quantize_int8_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
 
 }  // namespace
 
-void quantize_int8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                   const float* scale, const int32_t* zero_point, int32_t lo, int32_t hi,
-                   int8_t* q) {
+void quantize_int8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* scale,
+                   const int32_t* zero_point, int32_t lo, int32_t hi, int8_t* q) {
   switch (dt) {
-    case DType::f32: return quantize_int8_t<DType::f32>(x, start, n, bs, scale, zero_point, lo, hi, q);
-    case DType::f16: return quantize_int8_t<DType::f16>(x, start, n, bs, scale, zero_point, lo, hi, q);
-    case DType::bf16: return quantize_int8_t<DType::bf16>(x, start, n, bs, scale, zero_point, lo, hi, q);
+    case DType::f32:
+      return quantize_int8_t<DType::f32>(x, start, n, bs, scale, zero_point, lo, hi, q);
+    case DType::f16:
+      return quantize_int8_t<DType::f16>(x, start, n, bs, scale, zero_point, lo, hi, q);
+    case DType::bf16:
+      return quantize_int8_t<DType::bf16>(x, start, n, bs, scale, zero_point, lo, hi, q);
   }
 }
 

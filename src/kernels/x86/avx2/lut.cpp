@@ -48,7 +48,7 @@ void quantize_lut4_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
   __m256 mid[15];
   for (int k = 0; k < 15; ++k) mid[k] = _mm256_set1_ps(lut->mid[k]);
   const __m128i s2c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut->sorted_to_code));
-  auto code = [&](int64_t j) -> int {  // scalar, element j of the range
+  auto code = [&](int64_t j) -> int {   // scalar, element j of the range
     if (j >= n) return lut->zero_code;  // odd n: pad with the code of 0
     const float xn = load_elem(x, DT, j) * inverse_absmax(absmax[(start + j) / bs]);
     return lut->sorted_to_code[sorted_position16(xn, lut->mid)];
@@ -65,8 +65,8 @@ void quantize_lut4_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
       const __m128i w1 = _mm_packus_epi32(_mm256_castsi256_si128(p1), _mm256_extracti128_si256(p1, 1));
       const __m128i c = _mm_shuffle_epi8(s2c, _mm_packus_epi16(w0, w1));
       // As 16-bit words: low byte = even element -> high nibble, high byte = odd -> low nibble.
-      const __m128i w = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(c, 4), _mm_set1_epi16(0x00f0)),
-                                     _mm_srli_epi16(c, 8));
+      const __m128i w =
+          _mm_or_si128(_mm_and_si128(_mm_slli_epi16(c, 4), _mm_set1_epi16(0x00f0)), _mm_srli_epi16(c, 8));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm_packus_epi16(w, w));
     }
     // Rest of the block by pairs; a pair may reach into the next block (odd bs) or the pad.
@@ -160,17 +160,20 @@ void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
 
 }  // namespace
 
-void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                   const float* absmax, const Lut4* lut, uint8_t* packed) {
+void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                   const Lut4* lut, uint8_t* packed) {
   switch (dt) {
-    case DType::f32: return quantize_lut4_t<DType::f32>(x, start, n, bs, absmax, lut, packed);
-    case DType::f16: return quantize_lut4_t<DType::f16>(x, start, n, bs, absmax, lut, packed);
-    case DType::bf16: return quantize_lut4_t<DType::bf16>(x, start, n, bs, absmax, lut, packed);
+    case DType::f32:
+      return quantize_lut4_t<DType::f32>(x, start, n, bs, absmax, lut, packed);
+    case DType::f16:
+      return quantize_lut4_t<DType::f16>(x, start, n, bs, absmax, lut, packed);
+    case DType::bf16:
+      return quantize_lut4_t<DType::bf16>(x, start, n, bs, absmax, lut, packed);
   }
 }
 
-void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs,
-                     const float* absmax, const float* code16, float* out) {
+void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                     const float* code16, float* out) {
   const __m256 c_lo = _mm256_loadu_ps(code16), c_hi = _mm256_loadu_ps(code16 + 8);
   // 8 elements come from one 32-bit word broadcast to all lanes; byte k holds element 2k in its
   // high nibble and 2k + 1 in its low one. Lane j shifts its nibble down to bits 0-3 (permps reads
@@ -209,12 +212,15 @@ void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs
   }
 }
 
-void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs,
-                   const float* absmax, const Lut8* lut, uint8_t* q) {
+void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
+                   const Lut8* lut, uint8_t* q) {
   switch (dt) {
-    case DType::f32: return quantize_lut8_t<DType::f32>(x, start, n, bs, absmax, lut, q);
-    case DType::f16: return quantize_lut8_t<DType::f16>(x, start, n, bs, absmax, lut, q);
-    case DType::bf16: return quantize_lut8_t<DType::bf16>(x, start, n, bs, absmax, lut, q);
+    case DType::f32:
+      return quantize_lut8_t<DType::f32>(x, start, n, bs, absmax, lut, q);
+    case DType::f16:
+      return quantize_lut8_t<DType::f16>(x, start, n, bs, absmax, lut, q);
+    case DType::bf16:
+      return quantize_lut8_t<DType::bf16>(x, start, n, bs, absmax, lut, q);
   }
 }
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job: install, build, and run the examples on built-in data (an error table for every
+# format on the same weights).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+./build/release/examples/basic_usage
+echo
+./build/release/examples/functional_api

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: install, build with -Werror, check formatting, run every test (each ISA
+# path this CPU has; the others are reported SKIPPED), then build the kernels and their tests
+# with AddressSanitizer + UndefinedBehaviorSanitizer and run them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+echo "== CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
+for f in avx2 avx512f avx512_vnni avx512_bf16; do
+  grep -qw "$f" /proc/cpuinfo && echo "   has $f" || echo "   lacks $f (its kernels are compiled, their tests SKIPPED)"
+done
+echo "== tests (Release, -Werror)"
+ctest --test-dir build/release --output-on-failure -j "$(nproc)"
+echo "== kernels under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug -DMSBNB_SANITIZE=ON -DMSBNB_WERROR=ON \
+  -DMSBNB_WITH_TORCH=OFF -DMSBNB_BUILD_BENCH=OFF -DMSBNB_BUILD_EXAMPLES=OFF -DMSBNB_FORMAT_CHECK=OFF >/dev/null
+ninja -C build/sanitize -j "$(nproc)"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build/sanitize --output-on-failure -j "$(nproc)"
