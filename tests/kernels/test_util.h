@@ -29,9 +29,10 @@ inline float from_bits(uint32_t u) {
 }
 
 /// Kinds of input data, named after the edge they hit.
-enum class Fill { randn, zeros, constant, denormal, huge, tiny, mixed };
+enum class Fill { randn, zeros, constant, denormal, huge, tiny, mixed, specials };
 inline const char* fill_name(Fill f) {
-  static const char* names[] = {"randn", "zeros", "constant", "denormal", "huge", "tiny", "mixed"};
+  static const char* names[] = {"randn", "zeros", "constant", "denormal",
+                                "huge",  "tiny",  "mixed",    "specials"};
   return names[static_cast<int>(f)];
 }
 
@@ -97,6 +98,12 @@ inline Input make_input(size_t n, DType dt, Fill fill, uint32_t seed) {
         v[i] = k == 0 ? 0.0f : k == 1 ? g * 1e4f : k == 2 ? g * 1e-4f : k == 3 ? 0.5f : g;
         break;
       }
+      case Fill::specials:  // randn with NaN, +-Inf and signalling NaN; set as raw halves below
+        v[i] = i % 7 == 1   ? std::numeric_limits<float>::quiet_NaN()
+               : i % 7 == 3 ? -std::numeric_limits<float>::infinity()
+               : i % 7 == 5 ? from_bits(0x7f800001u)
+                            : g;
+        break;
     }
   }
   Input in;
@@ -116,6 +123,7 @@ inline Input make_input(size_t n, DType dt, Fill fill, uint32_t seed) {
         in.u16[i] = float_to_half(fill == Fill::huge       ? v[i] * 1e-34f
                                   : fill == Fill::denormal ? v[i] * 1e34f
                                                            : v[i]);
+        if (fill == Fill::specials && i % 7 == 5) in.u16[i] = 0x7c01u;  // half signalling NaN
         in.values[i] = half_to_float_ref(in.u16[i]);
       }
     }
