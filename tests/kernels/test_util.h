@@ -6,11 +6,17 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "msbnb/kernels/kernel_table.h"
+
+namespace msbnb::kernels {
+// Test names and messages show the ISA's name.
+inline void PrintTo(Isa isa, std::ostream* os) { *os << isa_name(isa); }
+}  // namespace msbnb::kernels
 
 namespace msbnb::test {
 
