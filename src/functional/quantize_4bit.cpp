@@ -81,6 +81,14 @@ RowsCols rows_cols(const std::vector<int64_t>& shape) {
   return {cols == 0 ? 0 : shape_numel(shape) / cols, cols};
 }
 
+// Group statistics are non-finite iff the group holds NaN or Inf.
+void check_finite_groups(const float* stats, int64_t rows, int64_t groups, int64_t gs) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      TORCH_CHECK(std::isfinite(stats[r * groups + g]), "x: expected finite values, got NaN or Inf in row ",
+                  r, ", columns [", g * gs, ", ", (g + 1) * gs, ")");
+}
+
 Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Quantize4bitOptions& o) {
   const int64_t gs = o.blocksize;
   TORCH_CHECK(gs >= 2 && gs % 2 == 0, "blocksize: expected an even int4 group size >= 2, got ", gs);
@@ -100,15 +108,15 @@ Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Qua
   if (o.symmetric) {
     for (int64_t r = 0; r < rc.rows; ++r)
       kernels::absmax_blocks(px + r * rc.cols * esize, dt, rc.cols, gs, scale + r * groups);
-    detail::check_finite_blocks(scale, count, gs, "x (groups of rows)");
+    check_finite_groups(scale, rc.rows, groups, gs);
     kernels::symmetric_scales(scale, count, 7.0f, scale);
   } else {
     std::vector<float> lo(static_cast<size_t>(count)), hi(static_cast<size_t>(count));
     for (int64_t r = 0; r < rc.rows; ++r)
       kernels::minmax_blocks(px + r * rc.cols * esize, dt, rc.cols, gs, lo.data() + r * groups,
                              hi.data() + r * groups);
-    detail::check_finite_blocks(lo.data(), count, gs, "x (groups of rows)");
-    detail::check_finite_blocks(hi.data(), count, gs, "x (groups of rows)");
+    check_finite_groups(lo.data(), rc.rows, groups, gs);
+    check_finite_groups(hi.data(), rc.rows, groups, gs);
     zp.resize(static_cast<size_t>(count));
     kernels::asymmetric_scales(lo.data(), hi.data(), count, 0, 15, scale, zp.data());
     s.zero_point = torch::empty({rc.rows, groups}, kU8);

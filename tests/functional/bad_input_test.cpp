@@ -56,7 +56,7 @@ TEST(BadInput, NanAndInf) {
     expect_error([&] { msbnb::quantize_4bit(x, kNF4); }, {"x:", "finite", "[128, 192)"});
     expect_error(
         [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(32)); },
-        {"x", "finite"});
+        {"x:", "finite", "row 2, columns [0, 32)"});
     expect_error(
         [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_symmetric(false)); },
         {"x", "finite"});
