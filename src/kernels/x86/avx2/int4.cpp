@@ -1,46 +1,19 @@
 // AVX2 int4 per group along rows, qint4x2 packing (LOW nibble first). Vectors cover 16 (or 32)
 // columns that start at an even column and lie in one group; the rest of a group (and a pair
 // that straddles two groups when gs is odd) goes through the scalar helpers.
-#include <immintrin.h>
-
 #include <algorithm>
 
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
+#include "kernels/x86/avx2/simd.h"
 
 namespace msbnb::kernels::avx2 {
 namespace {
 
-template <DType DT>
-inline __m256 load8(const void* x, int64_t i) {
-  if constexpr (DT == DType::f32) {
-    return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
-    if constexpr (DT == DType::f16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
-
-// clamp(rne(x / s) + zp, lo, hi) as int32, in the reference's order (max_ps(NaN, lo) = lo).
-inline __m256i quantize8(__m256 x, __m256 s, __m256 zp, __m256 lo, __m256 hi) {
-  __m256 t = _mm256_round_ps(_mm256_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, zp), lo), hi);
-  return _mm256_cvttps_epi32(t);
-}
-
 // 16 int32 codes (elements 0-7 in a, 8-15 in b) -> 8 bytes, element 2j in the low nibble.
 inline __m128i pack_low_first(__m256i a, __m256i b) {
   const __m256i m = _mm256_set1_epi32(0xf);
-  a = _mm256_and_si256(a, m);
-  b = _mm256_and_si256(b, m);
-  const __m128i wa = _mm_packus_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-  const __m128i wb = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  const __m128i e = _mm_packus_epi16(wa, wb);  // one code per byte, in element order
-  // As 16-bit words: low byte = even element, high byte = odd element.
-  const __m128i w = _mm_or_si128(_mm_and_si128(e, _mm_set1_epi16(0x000f)),
-                                 _mm_and_si128(_mm_srli_epi16(e, 4), _mm_set1_epi16(0x00f0)));
-  return _mm_packus_epi16(w, w);
+  return pack_nibbles<NibbleOrder::low_first>(bytes16(_mm256_and_si256(a, m), _mm256_and_si256(b, m)));
 }
 
 template <DType DT>
@@ -69,10 +42,10 @@ void quantize_int4_t(const void* x, int64_t rows, int64_t cols, int64_t gs, cons
           const __m128i bytes = pack_low_first(z, z);
           for (; c + 16 <= gend; c += 16) _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + c / 2), bytes);
         } else {
-          const __m256 vs = _mm256_set1_ps(s), vzp = _mm256_set1_ps(zp);
+          const AffineParams p = {_mm256_set1_ps(s), _mm256_set1_ps(zp), vlo, vhi};
           for (; c + 16 <= gend; c += 16) {
-            const __m256i a = quantize8(load8<DT>(x, base + c), vs, vzp, vlo, vhi);
-            const __m256i b = quantize8(load8<DT>(x, base + c + 8), vs, vzp, vlo, vhi);
+            const __m256i a = quantize8(load8<DT>(x, base + c), p);
+            const __m256i b = quantize8(load8<DT>(x, base + c + 8), p);
             _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + c / 2), pack_low_first(a, b));
           }
         }
@@ -89,14 +62,8 @@ void quantize_int4_t(const void* x, int64_t rows, int64_t cols, int64_t gs, cons
 
 void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                    const int32_t* zero_point, uint8_t* packed) {
-  switch (dt) {
-    case DType::f32:
-      return quantize_int4_t<DType::f32>(x, rows, cols, gs, scale, zero_point, packed);
-    case DType::f16:
-      return quantize_int4_t<DType::f16>(x, rows, cols, gs, scale, zero_point, packed);
-    case DType::bf16:
-      return quantize_int4_t<DType::bf16>(x, rows, cols, gs, scale, zero_point, packed);
-  }
+  dispatch_dtype(
+      dt, [&](auto d) { quantize_int4_t<decltype(d)::value>(x, rows, cols, gs, scale, zero_point, packed); });
 }
 
 void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
@@ -124,9 +91,8 @@ void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
       // 16 codes, one per byte in element order -> (q - zp) * s, as the reference computes it.
       auto emit16 = [&](__m128i e, float* o) {
         e = _mm_sub_epi8(_mm_xor_si128(e, sx), sx);
-        const __m256i q0 = _mm256_cvtepi8_epi32(e), q1 = _mm256_cvtepi8_epi32(_mm_srli_si128(e, 8));
-        _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q0, vz)), vs));
-        _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q1, vz)), vs));
+        _mm256_storeu_ps(o, dequant8(_mm256_cvtepi8_epi32(e), vz, vs));
+        _mm256_storeu_ps(o + 8, dequant8(_mm256_cvtepi8_epi32(_mm_srli_si128(e, 8)), vz, vs));
       };
       for (; c + 32 <= gend; c += 32) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c >> 1)));

@@ -3,33 +3,14 @@
 // 8-step branch-free search with permutes and gathers), then sorted_to_code. Dequantize: code[q] * absmax,
 // with the 16 products of a block computed once (the same multiplications) and looked up by
 // permutes, or a gather of the 256 codes.
-#include <immintrin.h>
-
-#include <algorithm>
 #include <cstring>
 
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
+#include "kernels/x86/avx2/simd.h"
 
 namespace msbnb::kernels::avx2 {
 namespace {
-
-template <DType DT>
-inline __m256 load8(const void* x, int64_t i) {
-  if constexpr (DT == DType::f32) {
-    return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
-    if constexpr (DT == DType::f16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
-
-// The segment loops walk blocks b = start / bs, b + 1, ...: no division per block (it would cost
-// as much as a short block). End of block b's segment of the range [0, n) that starts at `start`:
-inline int64_t block_end(int64_t start, int64_t b, int64_t n, int64_t bs) {
-  return std::min(n, (b + 1) * bs - start);
-}
 
 // #{k < 15 : xn > mid[k]} per lane; a compare mask is -1, so subtracting it counts.
 inline __m256i position16(__m256 xn, const __m256* mid) {
@@ -60,14 +41,9 @@ void quantize_lut4_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
     for (; i + 16 <= end; i += 16) {
       const __m256i p0 = position16(_mm256_mul_ps(load8<DT>(x, i), inv), mid);
       const __m256i p1 = position16(_mm256_mul_ps(load8<DT>(x, i + 8), inv), mid);
-      // Positions 0..15 to bytes in element order, then to codes.
-      const __m128i w0 = _mm_packus_epi32(_mm256_castsi256_si128(p0), _mm256_extracti128_si256(p0, 1));
-      const __m128i w1 = _mm_packus_epi32(_mm256_castsi256_si128(p1), _mm256_extracti128_si256(p1, 1));
-      const __m128i c = _mm_shuffle_epi8(s2c, _mm_packus_epi16(w0, w1));
-      // As 16-bit words: low byte = even element -> high nibble, high byte = odd -> low nibble.
-      const __m128i w =
-          _mm_or_si128(_mm_and_si128(_mm_slli_epi16(c, 4), _mm_set1_epi16(0x00f0)), _mm_srli_epi16(c, 8));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), _mm_packus_epi16(w, w));
+      // Positions 0..15 to bytes in element order, then to codes, two per byte.
+      const __m128i c = _mm_shuffle_epi8(s2c, bytes16(p0, p1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + i / 2), pack_nibbles<NibbleOrder::high_first>(c));
     }
     // Rest of the block by pairs; a pair may reach into the next block (odd bs) or the pad.
     for (; i < end; i += 2) packed[i / 2] = static_cast<uint8_t>(code(i) << 4 | code(i + 1));
@@ -126,19 +102,11 @@ struct Lut8Search {
   }
 };
 
-// Low byte of each int32 (static_cast<uint8_t> of the int32 code).
-inline __m128i low_bytes8(__m256i c) {
-  c = _mm256_and_si256(c, _mm256_set1_epi32(0xff));
-  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-  return _mm_packus_epi16(w, w);
-}
-
 template <DType DT>
 void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const Lut8* lut, uint8_t* q) {
   const Lut8Search search(lut);
-  for (int64_t i = 0, b = start / bs; i < n; ++b) {
-    const int64_t end = block_end(start, b, n, bs);
+  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
     const float inv_s = inverse_absmax(absmax[b]);
     const __m256 inv = _mm256_set1_ps(inv_s);
     for (; i + 16 <= end; i += 16) {  // two independent searches overlap their gather latencies
@@ -155,21 +123,15 @@ void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
       const float xn = load_elem(x, DT, i) * inv_s;
       q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
     }
-  }
+  });
 }
 
 }  // namespace
 
 void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut4* lut, uint8_t* packed) {
-  switch (dt) {
-    case DType::f32:
-      return quantize_lut4_t<DType::f32>(x, start, n, bs, absmax, lut, packed);
-    case DType::f16:
-      return quantize_lut4_t<DType::f16>(x, start, n, bs, absmax, lut, packed);
-    case DType::bf16:
-      return quantize_lut4_t<DType::bf16>(x, start, n, bs, absmax, lut, packed);
-  }
+  dispatch_dtype(dt,
+                 [&](auto d) { quantize_lut4_t<decltype(d)::value>(x, start, n, bs, absmax, lut, packed); });
 }
 
 void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,
@@ -180,8 +142,7 @@ void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs
   // only bits 0-2) and, separately, its bit 3 up to the sign bit for blendv.
   const __m256i shr = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
   const __m256i shl = _mm256_setr_epi32(24, 28, 16, 20, 8, 12, 0, 4);
-  for (int64_t i = 0, b = start / bs; i < n; ++b) {
-    const int64_t end = block_end(start, b, n, bs);
+  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
     const float a = absmax[b];
     auto scalar = [&](int64_t j) {
       const uint8_t byte = packed[j / 2];
@@ -209,25 +170,17 @@ void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs
     }
     for (; i + 8 <= end; i += 8, src += 4) step8(src, out + i);
     for (; i < end; ++i) scalar(i);
-  }
+  });
 }
 
 void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut8* lut, uint8_t* q) {
-  switch (dt) {
-    case DType::f32:
-      return quantize_lut8_t<DType::f32>(x, start, n, bs, absmax, lut, q);
-    case DType::f16:
-      return quantize_lut8_t<DType::f16>(x, start, n, bs, absmax, lut, q);
-    case DType::bf16:
-      return quantize_lut8_t<DType::bf16>(x, start, n, bs, absmax, lut, q);
-  }
+  dispatch_dtype(dt, [&](auto d) { quantize_lut8_t<decltype(d)::value>(x, start, n, bs, absmax, lut, q); });
 }
 
 void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const float* code256, float* out) {
-  for (int64_t i = 0, b = start / bs; i < n; ++b) {
-    const int64_t end = block_end(start, b, n, bs);
+  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
     const float a = absmax[b];
     const __m256 va = _mm256_set1_ps(a);
     auto step8 = [&](int64_t j) {
@@ -242,7 +195,7 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
     }
     for (; i + 8 <= end; i += 8) step8(i);
     for (; i < end; ++i) out[i] = code256[q[i]] * a;
-  }
+  });
 }
 
 }  // namespace msbnb::kernels::avx2

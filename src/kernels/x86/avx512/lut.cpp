@@ -1,44 +1,18 @@
 // AVX-512: codebook formats, bit-identical to ref/lut.cpp. 4-bit (NF4, FP4, HIGH nibble first)
 // and 8-bit (dynamic map).
-// GCC 12 flags the intrinsics' own _mm512_undefined_*() as maybe-uninitialized once inlined
-// (GCC bug 105593); the warning points into the header, so silence it there only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
 #include <cstring>
 
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
+#include "kernels/x86/avx512/simd.h"
 
 namespace msbnb::kernels::avx512 {
 
 namespace {
 
-// Elements coded into a stack buffer of one code per byte before packing (even, so a byte's two
-// nibbles never straddle tiles).
-constexpr int64_t kTile = 1024;
 // dequantize_lut8 builds a 256-entry product table for blocks at least this long.
 constexpr int64_t kLut8TableMin = 256;
-
-inline __mmask16 tail_mask16(int64_t k) { return static_cast<__mmask16>((1u << k) - 1u); }
-inline __mmask16 mask_upto16(int64_t k) { return k >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask16(k); }
-
-// 16 elements from element i as float, exactly as load_elem (cvtph is exact for every half; a
-// signalling NaN comes out quiet, which no code depends on: NaN compares false either way).
-template <DType D>
-inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
-  if constexpr (D == DType::f32) {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
-    if constexpr (D == DType::f16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
 
 // ---- 4-bit ----------------------------------------------------------------------------------
 
@@ -62,17 +36,6 @@ void code_segment4(const void* x, int64_t i, int64_t len, float inv, const __m51
   }
 }
 
-// dst[j] = q[2j] << 4 | q[2j+1] for j < bytes (codes are < 16).
-void pack_high_first(const uint8_t* q, int64_t bytes, uint8_t* dst) {
-  for (int64_t j = 0; j < bytes; j += 32) {
-    const int64_t k = std::min<int64_t>(32, bytes - j);
-    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << k) - 1u);
-    const __m512i w = _mm512_maskz_loadu_epi16(m, q + 2 * j);
-    _mm512_mask_cvtepi16_storeu_epi8(dst + j, m,
-                                     _mm512_or_si512(_mm512_slli_epi16(w, 4), _mm512_srli_epi16(w, 8)));
-  }
-}
-
 template <DType D>
 void quantize_lut4_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const Lut4* lut, uint8_t* packed) {
@@ -81,25 +44,11 @@ void quantize_lut4_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
   const __m512i s2c =
       _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut->sorted_to_code)));
   alignas(64) uint8_t buf[kTile];
-  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-    const int64_t t1 = std::min(n, t0 + kTile);
-    for (int64_t i = t0; i < t1;) {
-      const int64_t b = (start + i) / bs, end = std::min(t1, (b + 1) * bs - start);
-      code_segment4<D>(x, i, end - i, inverse_absmax(absmax[b]), mid, s2c, buf + (i - t0));
-      i = end;
-    }
-    int64_t count = t1 - t0;
-    if (count % 2) buf[count++] = lut->zero_code;  // odd n: pad with the code of 0
-    pack_high_first(buf, count / 2, packed + t0 / 2);
-  }
-}
-
-// 16 float lanes of tbl[nibble] for the nibbles of 8 bytes, high nibble first. vpermps reads
-// only the low 4 bits of each index, so nothing needs masking.
-inline __m512 expand8_high_first(__m128i bytes8, __m512 tbl) {
-  __m128i w = _mm_cvtepu8_epi16(bytes8);
-  w = _mm_or_si128(_mm_srli_epi16(w, 4), _mm_slli_epi16(w, 8));  // byte 2j: b >> 4, byte 2j+1: b
-  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(w), tbl);
+  // An odd n is padded with the code of 0.
+  code_and_pack<NibbleOrder::high_first>(
+      start, n, bs, lut->zero_code, buf, packed, [&](int64_t b, int64_t i, int64_t len, uint8_t* q) {
+        code_segment4<D>(x, i, len, inverse_absmax(absmax[b]), mid, s2c, q);
+      });
 }
 
 // ---- 8-bit ----------------------------------------------------------------------------------
@@ -173,81 +122,46 @@ template <DType D>
 void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const Lut8* lut, uint8_t* q) {
   const Search8 search(lut->mid);
-  // One segment [i, end) per block; a division only for the first one.
-  for (int64_t b = start / bs, i = 0, end = std::min(n, (b + 1) * bs - start); i < n;
-       i = end, ++b, end = std::min(n, end + bs)) {
+  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
     code_segment8<D>(x, i, end - i, inverse_absmax(absmax[b]), search, lut, q + i);
-  }
+  });
 }
 
 }  // namespace
 
 void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut4* lut, uint8_t* packed) {
-  switch (dt) {
-    case DType::f32:
-      return quantize_lut4_t<DType::f32>(x, start, n, bs, absmax, lut, packed);
-    case DType::f16:
-      return quantize_lut4_t<DType::f16>(x, start, n, bs, absmax, lut, packed);
-    case DType::bf16:
-      return quantize_lut4_t<DType::bf16>(x, start, n, bs, absmax, lut, packed);
-  }
+  dispatch_dtype(dt,
+                 [&](auto d) { quantize_lut4_t<decltype(d)::value>(x, start, n, bs, absmax, lut, packed); });
 }
 
 void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const float* code16, float* out) {
   const __m512 code = _mm512_loadu_ps(code16);
-  // One segment [i, end) per block; a division only for the first one.
-  for (int64_t b = start / bs, i = 0, end = std::min(n, (b + 1) * bs - start); i < n;
-       i = end, ++b, end = std::min(n, end + bs)) {
+  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
     // code[q] * absmax for all 16 q at once: the same products the reference computes.
     const __m512 tbl = _mm512_mul_ps(code, _mm512_set1_ps(absmax[b]));
     if (i % 2) {  // odd start (odd block size): the low nibble of a shared byte
       out[i] = code16[packed[i / 2] & 0xf] * absmax[b];
       ++i;
     }
-    for (; i + 64 <= end; i += 64) {
-      __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + i / 2)));
-      w = _mm512_or_si512(_mm512_srli_epi16(w, 4), _mm512_slli_epi16(w, 8));  // nibbles in element order
-      _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(w)), tbl));
-      _mm512_storeu_ps(out + i + 16,
-                       _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 1)), tbl));
-      _mm512_storeu_ps(out + i + 32,
-                       _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 2)), tbl));
-      _mm512_storeu_ps(out + i + 48,
-                       _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(w, 3)), tbl));
-    }
-    for (; i < end; i += 16) {
-      const int64_t k = std::min<int64_t>(16, end - i);
-      const __mmask16 bytes = static_cast<__mmask16>((1u << ((k + 1) / 2)) - 1u);
-      _mm512_mask_storeu_ps(out + i, mask_upto16(k),
-                            expand8_high_first(_mm_maskz_loadu_epi8(bytes, packed + i / 2), tbl));
-    }
-  }
+    lookup_nibbles<NibbleOrder::high_first>(packed, i, end, tbl, out);
+  });
 }
 
 void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut8* lut, uint8_t* q) {
-  switch (dt) {
-    case DType::f32:
-      return quantize_lut8_t<DType::f32>(x, start, n, bs, absmax, lut, q);
-    case DType::f16:
-      return quantize_lut8_t<DType::f16>(x, start, n, bs, absmax, lut, q);
-    case DType::bf16:
-      return quantize_lut8_t<DType::bf16>(x, start, n, bs, absmax, lut, q);
-  }
+  dispatch_dtype(dt, [&](auto d) { quantize_lut8_t<decltype(d)::value>(x, start, n, bs, absmax, lut, q); });
 }
 
 void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const float* code256, float* out) {
-  // One segment [i, end) per block; a division only for the first one.
-  for (int64_t b = start / bs, i = 0, end = std::min(n, (b + 1) * bs - start); i < n;
-       i = end, ++b, end = std::min(n, end + bs)) {
+  alignas(64) float t[256];  // the product table of a long block
+  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
     const __m512 a = _mm512_set1_ps(absmax[b]);
     if (end - i >= kLut8TableMin) {
       // Long block: a table of the 256 products code[q] * absmax (the reference's products), then
       // one scalar load + store per element, which beats vpgatherdps by ~1.4x.
-      alignas(64) float t[256];
       for (int k = 0; k < 256; k += 16)
         _mm512_store_ps(t + k, _mm512_mul_ps(_mm512_loadu_ps(code256 + k), a));
       for (; i + 8 <= end; i += 8) {
@@ -256,7 +170,7 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
         for (int k = 0; k < 8; ++k) out[i + k] = t[(w >> (8 * k)) & 0xff];
       }
       for (; i < end; ++i) out[i] = t[q[i]];
-      continue;
+      return;
     }
     for (; i + 64 <= end; i += 64) {
       const __m512i v = _mm512_loadu_si512(q + i);
@@ -274,7 +188,7 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
       const __m512i idx = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, q + i));
       _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_i32gather_ps(idx, code256, 4), a));
     }
-  }
+  });
 }
 
 }  // namespace msbnb::kernels::avx512

@@ -6,19 +6,15 @@
 // bf16 -> float are strictly increasing in both the magnitude bits and the order key, so the max
 // commutes with the conversion (and a signalling-NaN half keeps its payload, which cvtph would
 // quieten).
-// GCC 12 flags the intrinsics' own _mm512_undefined_*() as maybe-uninitialized once inlined
-// (GCC bug 105593); the warning points into the header, so silence it there only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
 #include <climits>
+#include <cstdint>
+#include <limits>
+#include <utility>
 
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
+#include "kernels/x86/avx512/simd.h"
 
 namespace msbnb::kernels::avx512 {
 
@@ -27,125 +23,122 @@ namespace {
 // Blocks shorter than a vector are cheaper in scalar code (same helpers as the reference).
 constexpr int64_t kMinVectorBlock = 16;
 
-inline __mmask16 tail_mask16(int64_t k) { return static_cast<__mmask16>((1u << k) - 1u); }
-inline __mmask32 tail_mask32(int64_t k) { return static_cast<__mmask32>((uint64_t{1} << k) - 1u); }
-
-inline int16_t hmax_epi16(__m512i v) {
-  __m256i a = _mm256_max_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i b = _mm_max_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-  b = _mm_max_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
-  b = _mm_max_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
-  b = _mm_max_epi16(b, _mm_srli_epi32(b, 16));
-  return static_cast<int16_t>(_mm_cvtsi128_si32(b));
-}
-inline int16_t hmin_epi16(__m512i v) {
-  __m256i a = _mm256_min_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
-  __m128i b = _mm_min_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-  b = _mm_min_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
-  b = _mm_min_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
-  b = _mm_min_epi16(b, _mm_srli_epi32(b, 16));
-  return static_cast<int16_t>(_mm_cvtsi128_si32(b));
-}
-
 // 16-bit pattern -> float, exactly as load_elem does.
 inline float widen16(uint16_t h, DType dt) { return dt == DType::f16 ? half_to_float(h) : bf16_to_float(h); }
 
-// Signed order key of a 16-bit sign-magnitude pattern, and back (its own inverse).
-inline __m512i key16(__m512i h) {
-  return _mm512_xor_si512(h, _mm512_and_si512(_mm512_srai_epi16(h, 15), _mm512_set1_epi16(0x7fff)));
-}
+// Signed order key of a 16-bit sign-magnitude pattern back to the pattern (the map is its own
+// inverse).
 inline uint16_t unkey16(int16_t k) {
   return static_cast<uint16_t>(k ^ (static_cast<int16_t>(k >> 15) & 0x7fff));
 }
-inline __m512i key32(__m512i k) {
-  return _mm512_xor_si512(k, _mm512_and_si512(_mm512_srai_epi32(k, 31), _mm512_set1_epi32(0x7fffffff)));
-}
 
-uint32_t absmax_f32(const float* p, int64_t len) {
-  const __m512i mag = _mm512_set1_epi32(0x7fffffff);
+// The two element widths the reductions run on: f32 patterns (16 lanes) and 16-bit float patterns
+// (32 lanes). Mag is a pattern with its sign cleared, Key its signed order key
+// k ^ ((k >> sign) & magnitude mask); the largest Key is the magnitude mask.
+struct Bits32 {
+  using Elem = float;
+  using Mag = uint32_t;
+  using Key = int32_t;
+  using Mask = __mmask16;
+  static constexpr int64_t kLanes = 16;
+  static Mask tail(int64_t k) { return tail_mask16(k); }
+  static __m512i maskz_load(Mask m, const Elem* p) { return _mm512_maskz_loadu_epi32(m, p); }
+  static __m512i set1(Key k) { return _mm512_set1_epi32(k); }
+  static __m512i mag_max(__m512i a, __m512i b) { return _mm512_max_epu32(a, b); }
+  static Mag reduce_mag_max(__m512i v) { return _mm512_reduce_max_epu32(v); }
+  static __m512i min(__m512i a, __m512i b) { return _mm512_min_epi32(a, b); }
+  static __m512i max(__m512i a, __m512i b) { return _mm512_max_epi32(a, b); }
+  static __m512i mask_min(__m512i a, Mask m, __m512i k) { return _mm512_mask_min_epi32(a, m, a, k); }
+  static __m512i mask_max(__m512i a, Mask m, __m512i k) { return _mm512_mask_max_epi32(a, m, a, k); }
+  static Key reduce_min(__m512i v) { return _mm512_reduce_min_epi32(v); }
+  static Key reduce_max(__m512i v) { return _mm512_reduce_max_epi32(v); }
+  static __m512i key(__m512i k) {
+    return _mm512_xor_si512(k, _mm512_and_si512(_mm512_srai_epi32(k, 31), _mm512_set1_epi32(0x7fffffff)));
+  }
+};
+
+struct Bits16 {
+  using Elem = uint16_t;
+  using Mag = uint16_t;
+  using Key = int16_t;
+  using Mask = __mmask32;
+  static constexpr int64_t kLanes = 32;
+  static Mask tail(int64_t k) { return tail_mask32(k); }
+  static __m512i maskz_load(Mask m, const Elem* p) { return _mm512_maskz_loadu_epi16(m, p); }
+  static __m512i set1(Key k) { return _mm512_set1_epi16(k); }
+  static __m512i mag_max(__m512i a, __m512i b) { return _mm512_max_epi16(a, b); }
+  static Mag reduce_mag_max(__m512i v) { return static_cast<uint16_t>(reduce_max(v)); }
+  static __m512i min(__m512i a, __m512i b) { return _mm512_min_epi16(a, b); }
+  static __m512i max(__m512i a, __m512i b) { return _mm512_max_epi16(a, b); }
+  static __m512i mask_min(__m512i a, Mask m, __m512i k) { return _mm512_mask_min_epi16(a, m, a, k); }
+  static __m512i mask_max(__m512i a, Mask m, __m512i k) { return _mm512_mask_max_epi16(a, m, a, k); }
+  static Key reduce_min(__m512i v) {
+    __m256i a = _mm256_min_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    __m128i b = _mm_min_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    b = _mm_min_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
+    b = _mm_min_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
+    b = _mm_min_epi16(b, _mm_srli_epi32(b, 16));
+    return static_cast<Key>(_mm_cvtsi128_si32(b));
+  }
+  static Key reduce_max(__m512i v) {
+    __m256i a = _mm256_max_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    __m128i b = _mm_max_epi16(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    b = _mm_max_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(1, 0, 3, 2)));
+    b = _mm_max_epi16(b, _mm_shuffle_epi32(b, _MM_SHUFFLE(2, 3, 0, 1)));
+    b = _mm_max_epi16(b, _mm_srli_epi32(b, 16));
+    return static_cast<Key>(_mm_cvtsi128_si32(b));
+  }
+  static __m512i key(__m512i h) {
+    return _mm512_xor_si512(h, _mm512_and_si512(_mm512_srai_epi16(h, 15), _mm512_set1_epi16(0x7fff)));
+  }
+};
+
+// Largest magnitude bit pattern (sign cleared) of p[0, len).
+template <class L>
+typename L::Mag absmax_bits(const typename L::Elem* p, int64_t len) {
+  constexpr int64_t V = L::kLanes;
+  const __m512i mag = L::set1(std::numeric_limits<typename L::Key>::max());
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
-  for (; i + 64 <= len; i += 64) {
-    a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_loadu_si512(p + i), mag));
-    a1 = _mm512_max_epu32(a1, _mm512_and_si512(_mm512_loadu_si512(p + i + 16), mag));
-    a2 = _mm512_max_epu32(a2, _mm512_and_si512(_mm512_loadu_si512(p + i + 32), mag));
-    a3 = _mm512_max_epu32(a3, _mm512_and_si512(_mm512_loadu_si512(p + i + 48), mag));
+  for (; i + 4 * V <= len; i += 4 * V) {
+    a0 = L::mag_max(a0, _mm512_and_si512(_mm512_loadu_si512(p + i), mag));
+    a1 = L::mag_max(a1, _mm512_and_si512(_mm512_loadu_si512(p + i + V), mag));
+    a2 = L::mag_max(a2, _mm512_and_si512(_mm512_loadu_si512(p + i + 2 * V), mag));
+    a3 = L::mag_max(a3, _mm512_and_si512(_mm512_loadu_si512(p + i + 3 * V), mag));
   }
-  for (; i + 16 <= len; i += 16) a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_loadu_si512(p + i), mag));
-  if (i < len)
-    a1 = _mm512_max_epu32(a1, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail_mask16(len - i), p + i), mag));
-  a0 = _mm512_max_epu32(_mm512_max_epu32(a0, a1), _mm512_max_epu32(a2, a3));
-  return _mm512_reduce_max_epu32(a0);
+  for (; i + V <= len; i += V) a0 = L::mag_max(a0, _mm512_and_si512(_mm512_loadu_si512(p + i), mag));
+  if (i < len) a1 = L::mag_max(a1, _mm512_and_si512(L::maskz_load(L::tail(len - i), p + i), mag));
+  a0 = L::mag_max(L::mag_max(a0, a1), L::mag_max(a2, a3));
+  return L::reduce_mag_max(a0);
 }
 
-// Max of the 15 magnitude bits of 16-bit patterns.
-uint16_t absmax_u16(const uint16_t* p, int64_t len) {
-  const __m512i mag = _mm512_set1_epi16(0x7fff);
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+// Smallest and largest order key of p[0, len) (len >= 1).
+template <class L>
+std::pair<typename L::Key, typename L::Key> minmax_keys(const typename L::Elem* p, int64_t len) {
+  using Key = typename L::Key;
+  constexpr int64_t V = L::kLanes;
+  __m512i lo0 = L::set1(std::numeric_limits<Key>::max()), lo1 = lo0;
+  __m512i hi0 = L::set1(std::numeric_limits<Key>::min()), hi1 = hi0;
   int64_t i = 0;
-  for (; i + 128 <= len; i += 128) {
-    a0 = _mm512_max_epi16(a0, _mm512_and_si512(_mm512_loadu_si512(p + i), mag));
-    a1 = _mm512_max_epi16(a1, _mm512_and_si512(_mm512_loadu_si512(p + i + 32), mag));
-    a2 = _mm512_max_epi16(a2, _mm512_and_si512(_mm512_loadu_si512(p + i + 64), mag));
-    a3 = _mm512_max_epi16(a3, _mm512_and_si512(_mm512_loadu_si512(p + i + 96), mag));
+  for (; i + 2 * V <= len; i += 2 * V) {
+    const __m512i k0 = L::key(_mm512_loadu_si512(p + i)), k1 = L::key(_mm512_loadu_si512(p + i + V));
+    lo0 = L::min(lo0, k0);
+    hi0 = L::max(hi0, k0);
+    lo1 = L::min(lo1, k1);
+    hi1 = L::max(hi1, k1);
   }
-  for (; i + 32 <= len; i += 32) a0 = _mm512_max_epi16(a0, _mm512_and_si512(_mm512_loadu_si512(p + i), mag));
-  if (i < len)
-    a1 = _mm512_max_epi16(a1, _mm512_and_si512(_mm512_maskz_loadu_epi16(tail_mask32(len - i), p + i), mag));
-  a0 = _mm512_max_epi16(_mm512_max_epi16(a0, a1), _mm512_max_epi16(a2, a3));
-  return static_cast<uint16_t>(hmax_epi16(a0));
-}
-
-void minmax_f32(const float* p, int64_t len, float* mn, float* mx) {
-  __m512i lo0 = _mm512_set1_epi32(INT32_MAX), lo1 = lo0;
-  __m512i hi0 = _mm512_set1_epi32(INT32_MIN), hi1 = hi0;
-  int64_t i = 0;
-  for (; i + 32 <= len; i += 32) {
-    const __m512i k0 = key32(_mm512_loadu_si512(p + i)), k1 = key32(_mm512_loadu_si512(p + i + 16));
-    lo0 = _mm512_min_epi32(lo0, k0);
-    hi0 = _mm512_max_epi32(hi0, k0);
-    lo1 = _mm512_min_epi32(lo1, k1);
-    hi1 = _mm512_max_epi32(hi1, k1);
-  }
-  for (; i + 16 <= len; i += 16) {
-    const __m512i k = key32(_mm512_loadu_si512(p + i));
-    lo0 = _mm512_min_epi32(lo0, k);
-    hi0 = _mm512_max_epi32(hi0, k);
+  for (; i + V <= len; i += V) {
+    const __m512i k = L::key(_mm512_loadu_si512(p + i));
+    lo0 = L::min(lo0, k);
+    hi0 = L::max(hi0, k);
   }
   if (i < len) {
-    const __mmask16 m = tail_mask16(len - i);
-    const __m512i k = key32(_mm512_maskz_loadu_epi32(m, p + i));
-    lo1 = _mm512_mask_min_epi32(lo1, m, lo1, k);
-    hi1 = _mm512_mask_max_epi32(hi1, m, hi1, k);
+    const typename L::Mask m = L::tail(len - i);
+    const __m512i k = L::key(L::maskz_load(m, p + i));
+    lo1 = L::mask_min(lo1, m, k);
+    hi1 = L::mask_max(hi1, m, k);
   }
-  *mn = key_float(_mm512_reduce_min_epi32(_mm512_min_epi32(lo0, lo1)));
-  *mx = key_float(_mm512_reduce_max_epi32(_mm512_max_epi32(hi0, hi1)));
-}
-
-void minmax_u16(const uint16_t* p, int64_t len, DType dt, float* mn, float* mx) {
-  __m512i lo0 = _mm512_set1_epi16(INT16_MAX), lo1 = lo0;
-  __m512i hi0 = _mm512_set1_epi16(INT16_MIN), hi1 = hi0;
-  int64_t i = 0;
-  for (; i + 64 <= len; i += 64) {
-    const __m512i k0 = key16(_mm512_loadu_si512(p + i)), k1 = key16(_mm512_loadu_si512(p + i + 32));
-    lo0 = _mm512_min_epi16(lo0, k0);
-    hi0 = _mm512_max_epi16(hi0, k0);
-    lo1 = _mm512_min_epi16(lo1, k1);
-    hi1 = _mm512_max_epi16(hi1, k1);
-  }
-  for (; i + 32 <= len; i += 32) {
-    const __m512i k = key16(_mm512_loadu_si512(p + i));
-    lo0 = _mm512_min_epi16(lo0, k);
-    hi0 = _mm512_max_epi16(hi0, k);
-  }
-  if (i < len) {
-    const __mmask32 m = tail_mask32(len - i);
-    const __m512i k = key16(_mm512_maskz_loadu_epi16(m, p + i));
-    lo1 = _mm512_mask_min_epi16(lo1, m, lo1, k);
-    hi1 = _mm512_mask_max_epi16(hi1, m, hi1, k);
-  }
-  *mn = widen16(unkey16(hmin_epi16(_mm512_min_epi16(lo0, lo1))), dt);
-  *mx = widen16(unkey16(hmax_epi16(_mm512_max_epi16(hi0, hi1))), dt);
+  return {L::reduce_min(L::min(lo0, lo1)), L::reduce_max(L::max(hi0, hi1))};
 }
 
 }  // namespace
@@ -159,9 +152,9 @@ void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out) {
         m = std::max(m, float_bits(load_elem(x, dt, i)) & 0x7fffffffu);
       out[b] = bits_float(m);
     } else if (dt == DType::f32) {
-      out[b] = bits_float(absmax_f32(static_cast<const float*>(x) + first, len));
+      out[b] = bits_float(absmax_bits<Bits32>(static_cast<const float*>(x) + first, len));
     } else {
-      out[b] = widen16(absmax_u16(static_cast<const uint16_t*>(x) + first, len), dt);
+      out[b] = widen16(absmax_bits<Bits16>(static_cast<const uint16_t*>(x) + first, len), dt);
     }
   }
 }
@@ -179,9 +172,13 @@ void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, 
       mins[b] = key_float(lo);
       maxs[b] = key_float(hi);
     } else if (dt == DType::f32) {
-      minmax_f32(static_cast<const float*>(x) + first, len, mins + b, maxs + b);
+      const auto [lo, hi] = minmax_keys<Bits32>(static_cast<const float*>(x) + first, len);
+      mins[b] = key_float(lo);
+      maxs[b] = key_float(hi);
     } else {
-      minmax_u16(static_cast<const uint16_t*>(x) + first, len, dt, mins + b, maxs + b);
+      const auto [lo, hi] = minmax_keys<Bits16>(static_cast<const uint16_t*>(x) + first, len);
+      mins[b] = widen16(unkey16(lo), dt);
+      maxs[b] = widen16(unkey16(hi), dt);
     }
   }
 }
