@@ -1,0 +1,159 @@
+// Helpers for the benchmarks: large aligned buffers first touched by the threads, fast
+// deterministic fills, and the memory read / write bandwidth passes. No torch, no benchmark.h.
+#pragma once
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+namespace msbnb::bench {
+
+/// splitmix64: a counter-based hash, so fills are deterministic for any thread count.
+inline uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+/// A heap buffer of n trivially copyable T, 2 MiB aligned (transparent huge pages requested so
+/// that TLB misses do not blur the bandwidth), zero filled in parallel so that every page is
+/// touched before any timing.
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t n) : n_(n) {
+    if (n == 0) return;
+    const size_t align = size_t{2} << 20;
+    const size_t bytes = (n * sizeof(T) + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, bytes);
+    if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    ptr_.reset(static_cast<T*>(p));
+    char* c = static_cast<char*>(p);
+    const int64_t pages = static_cast<int64_t>(bytes / 4096);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < pages; ++i) std::memset(c + i * 4096, 0, 4096);
+  }
+  T* data() { return ptr_.get(); }
+  const T* data() const { return ptr_.get(); }
+  size_t size() const { return n_; }
+  size_t bytes() const { return n_ * sizeof(T); }
+  explicit operator bool() const { return ptr_ != nullptr; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr_;
+  size_t n_ = 0;
+};
+
+/// Weight-like values: mean 0, standard deviation `sigma` (sum of four uniforms, close to a
+/// normal), deterministic in (seed, index).
+inline void fill_weights(float* x, int64_t n, uint64_t seed, float sigma) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t h = mix64(seed * 0x100000001b3ull + static_cast<uint64_t>(i));
+    const float s =
+        static_cast<float>((h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48));
+    // Sum of 4 uniforms on [0, 65536): mean 131070, variance 4 * 65536^2 / 12.
+    x[i] = (s - 131070.0f) * (sigma * 1.7320508f / 65536.0f);
+  }
+}
+
+/// Uniformly random bytes.
+inline void fill_bytes(uint8_t* p, int64_t n, uint64_t seed) {
+  const int64_t words = n / 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < words; ++i) {
+    const uint64_t h = mix64(seed ^ static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull);
+    std::memcpy(p + i * 8, &h, 8);
+  }
+  for (int64_t i = words * 8; i < n; ++i) p[i] = static_cast<uint8_t>(mix64(seed + static_cast<uint64_t>(i)));
+}
+
+// Sums of a float range with 8 independent accumulators, so the adds never limit the loads.
+__attribute__((target("avx2"))) inline float sum_avx2(const float* p, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
+    a4 = _mm256_add_ps(a4, _mm256_loadu_ps(p + i + 32));
+    a5 = _mm256_add_ps(a5, _mm256_loadu_ps(p + i + 40));
+    a6 = _mm256_add_ps(a6, _mm256_loadu_ps(p + i + 48));
+    a7 = _mm256_add_ps(a7, _mm256_loadu_ps(p + i + 56));
+  }
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                                 _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  float total = 0;
+  for (float v : lanes) total += v;
+  for (; i < n; ++i) total += p[i];
+  return total;
+}
+
+inline float sum_sse2(const float* p, int64_t n) {
+  __m128 a0 = _mm_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm_add_ps(a0, _mm_loadu_ps(p + i));
+    a1 = _mm_add_ps(a1, _mm_loadu_ps(p + i + 4));
+    a2 = _mm_add_ps(a2, _mm_loadu_ps(p + i + 8));
+    a3 = _mm_add_ps(a3, _mm_loadu_ps(p + i + 12));
+    a4 = _mm_add_ps(a4, _mm_loadu_ps(p + i + 16));
+    a5 = _mm_add_ps(a5, _mm_loadu_ps(p + i + 20));
+    a6 = _mm_add_ps(a6, _mm_loadu_ps(p + i + 24));
+    a7 = _mm_add_ps(a7, _mm_loadu_ps(p + i + 28));
+  }
+  const __m128 s = _mm_add_ps(_mm_add_ps(_mm_add_ps(a0, a1), _mm_add_ps(a2, a3)),
+                              _mm_add_ps(_mm_add_ps(a4, a5), _mm_add_ps(a6, a7)));
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, s);
+  float total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; i < n; ++i) total += p[i];
+  return total;
+}
+
+/// One read pass: `threads` OpenMP threads each sum a contiguous share of x[0, n). Returns the
+/// sum (to be kept alive by the caller).
+inline float read_pass(const float* x, int64_t n, int threads, bool avx2) {
+  float total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = n * t / nt / 64 * 64, hi = t + 1 == nt ? n : n * (t + 1) / nt / 64 * 64;
+    total += avx2 ? sum_avx2(x + lo, hi - lo) : sum_sse2(x + lo, hi - lo);
+  }
+  return total;
+}
+
+/// One write pass: each thread memsets a contiguous share of p[0, bytes) to `value`.
+inline void write_pass(void* p, size_t bytes, int threads, int value) {
+  char* c = static_cast<char*>(p);
+  const int64_t total = static_cast<int64_t>(bytes);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = total * t / nt / 64 * 64, hi = t + 1 == nt ? total : total * (t + 1) / nt / 64 * 64;
+    std::memset(c + lo, value, static_cast<size_t>(hi - lo));
+  }
+}
+
+}  // namespace msbnb::bench
