@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -25,6 +26,23 @@ inline void check_defined(const torch::Tensor& t, const char* arg) {
 inline void check_cpu(const torch::Tensor& t, const char* arg) {
   check_defined(t, arg);
   TORCH_CHECK(t.device().is_cpu(), arg, ": expected a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.layout() == torch::kStrided, arg, ": expected a dense (strided) tensor, got layout ",
+              t.layout());
+}
+
+/// The tensor's values in contiguous memory: lazy negation / conjugation views (whose memory
+/// holds the un-negated values) are materialised, non-contiguous tensors copied.
+inline torch::Tensor dense(const torch::Tensor& t) { return t.resolve_conj().resolve_neg().contiguous(); }
+
+/// An output dtype: float32, float16 or bfloat16.
+inline void check_float_dtype(torch::ScalarType dt, const char* arg) {
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kFloat16 || dt == torch::kBFloat16, arg,
+              ": expected float32, float16 or bfloat16, got ", dt);
+}
+
+/// Values that must all be finite (statistics and code tables read from a state).
+inline void check_all_finite(const torch::Tensor& t, const char* arg) {
+  TORCH_CHECK(torch::isfinite(t).all().item<bool>(), arg, ": expected finite values, got NaN or Inf");
 }
 
 inline void check_dtype(const torch::Tensor& t, torch::ScalarType expected, const char* arg) {
@@ -56,15 +74,15 @@ inline kernels::DType float_input(torch::Tensor& x, const char* arg) {
       TORCH_CHECK(false, arg, ": expected dtype float32, float16 or bfloat16, got ", x.scalar_type());
   }
   TORCH_CHECK(x.numel() > 0, arg, ": expected a non-empty tensor, got shape ", shape_str(x.sizes()));
-  x = x.contiguous();
+  x = dense(x);
   return dt;
 }
 
-/// Block statistics come out non-finite iff the block holds NaN or Inf.
-inline void check_finite_blocks(const float* stats, int64_t count, int64_t bs, const char* arg) {
+/// Block statistics come out non-finite iff the block holds NaN or Inf (n elements in all).
+inline void check_finite_blocks(const float* stats, int64_t count, int64_t bs, int64_t n, const char* arg) {
   for (int64_t b = 0; b < count; ++b)
     TORCH_CHECK(std::isfinite(stats[b]), arg, ": expected finite values, got NaN or Inf in elements [",
-                b * bs, ", ", (b + 1) * bs, ")");
+                b * bs, ", ", std::min(n, b * bs + bs), ")");
 }
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }

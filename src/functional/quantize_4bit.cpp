@@ -55,10 +55,17 @@ torch::Tensor resolved_absmax(const QuantState& s, int64_t expected) {
     TORCH_CHECK(s.state2->quant_type == "dynamic8", "state.state2.quant_type: expected \"dynamic8\", got \"",
                 s.state2->quant_type, "\"");
     detail::check_numel(s.absmax, s.state2->numel(), "state.absmax");
+    TORCH_CHECK(!s.state2->nested(), "state.state2: expected a state without a state2 of its own");
+    TORCH_CHECK(s.state2->dtype == torch::kFloat32, "state.state2.dtype: expected Float, got ",
+                s.state2->dtype);
+    detail::check_all_finite(s.offset, "state.offset");
     a = dequantize_blockwise(s.absmax, *s.state2).reshape({-1}) + s.offset.item<float>();
   } else {
     detail::check_dtype(s.absmax, torch::kFloat32, "state.absmax");
-    a = s.absmax.reshape({-1}).contiguous();
+    TORCH_CHECK(!s.offset.defined(), "state.offset: expected an undefined tensor without state2, got shape ",
+                detail::shape_str(s.offset.sizes()));
+    a = detail::dense(s.absmax).reshape({-1});
+    detail::check_all_finite(a, "state.absmax");
   }
   detail::check_numel(a, expected, "state.absmax");
   return a;
@@ -68,7 +75,8 @@ int64_t shape_numel(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
     TORCH_CHECK(d >= 0, "state.shape: expected non-negative sizes, got ", d);
-    n *= d;
+    TORCH_CHECK(!__builtin_mul_overflow(n, d, &n), "state.shape: expected at most 2^63 elements, got ",
+                detail::shape_str(shape));
   }
   return n;
 }
@@ -93,7 +101,7 @@ Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Qua
   const int64_t gs = o.blocksize;
   TORCH_CHECK(gs >= 2 && gs % 2 == 0, "blocksize: expected an even int4 group size >= 2, got ", gs);
   const RowsCols rc = rows_cols(x.sizes().vec());
-  const int64_t groups = (rc.cols + gs - 1) / gs, count = rc.rows * groups;
+  const int64_t groups = kernels::ceil_div(rc.cols, gs), count = rc.rows * groups;
   const int64_t row_bytes = (rc.cols + 1) / 2, esize = static_cast<int64_t>(kernels::dtype_size(dt));
   const char* px = static_cast<const char*>(x.data_ptr());
   Quantized4bit out;
@@ -137,21 +145,21 @@ torch::Tensor dequantize_int4(const torch::Tensor& data, const QuantState& s) {
   const int64_t gs = s.blocksize;
   TORCH_CHECK(gs >= 2 && gs % 2 == 0, "state.blocksize: expected an even int4 group size >= 2, got ", gs);
   const RowsCols rc = rows_cols(s.shape);
-  const int64_t groups = (rc.cols + gs - 1) / gs, row_bytes = (rc.cols + 1) / 2;
+  const int64_t groups = kernels::ceil_div(rc.cols, gs), row_bytes = (rc.cols + 1) / 2;
   detail::check_numel(data, rc.rows * row_bytes, "data");
   const torch::Tensor scale = resolved_absmax(s, rc.rows * groups);
   std::vector<int32_t> zp;
   if (s.zero_point.defined()) {
     detail::check_dtype(s.zero_point, torch::kUInt8, "state.zero_point");
     detail::check_numel(s.zero_point, rc.rows * groups, "state.zero_point");
-    const torch::Tensor z = s.zero_point.contiguous();
+    const torch::Tensor z = detail::dense(s.zero_point);
     for (int64_t i = 0; i < z.numel(); ++i) {
       TORCH_CHECK(z.data_ptr<uint8_t>()[i] <= 15, "state.zero_point: expected values in [0, 15], got ",
                   int{z.data_ptr<uint8_t>()[i]}, " at index ", i);
       zp.push_back(z.data_ptr<uint8_t>()[i]);
     }
   }
-  const torch::Tensor packed = data.contiguous();
+  const torch::Tensor packed = detail::dense(data);
   torch::Tensor out = torch::empty(s.shape, kF32);
   kernels::dequantize_int4(packed.data_ptr<uint8_t>(), rc.rows, rc.cols, gs, scale.data_ptr<float>(),
                            zp.empty() ? nullptr : zp.data(), out.data_ptr<float>());
@@ -172,7 +180,7 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
   static const kernels::Lut4 luts[] = {kernels::make_lut4(kernels::kCodeNF4),
                                        kernels::make_lut4(kernels::kCodeFP4)};
   const kernels::Lut4& lut = luts[fmt == kernels::Format::nf4 ? 0 : 1];
-  const int64_t n = x.numel(), bs = o.blocksize, nb = (n + bs - 1) / bs;
+  const int64_t n = x.numel(), bs = o.blocksize, nb = kernels::ceil_div(n, bs);
   Quantized4bit out;
   QuantState& s = out.state;
   s.quant_type = info.name;
@@ -182,7 +190,7 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
   s.code = float_tensor(info.codebook, 16);
   s.absmax = torch::empty({nb}, kF32);
   kernels::absmax_blocks(x.data_ptr(), dt, n, bs, s.absmax.data_ptr<float>());
-  detail::check_finite_blocks(s.absmax.data_ptr<float>(), nb, bs, "x");
+  detail::check_finite_blocks(s.absmax.data_ptr<float>(), nb, bs, n, "x");
   out.data = torch::empty({(n + 1) / 2, 1}, kU8);
   kernels::quantize_lut4(x.data_ptr(), dt, n, bs, s.absmax.data_ptr<float>(), lut,
                          out.data.data_ptr<uint8_t>());
@@ -193,6 +201,7 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
 torch::Tensor dequantize_4bit(const torch::Tensor& data, const QuantState& s) {
   detail::check_dtype(data, torch::kUInt8, "data");
   const kernels::Format fmt = format_of(s.quant_type, "state.quant_type");
+  detail::check_float_dtype(s.dtype, "state.dtype");
   const int64_t n = s.numel();
   TORCH_CHECK(n > 0, "state.shape: expected a non-empty shape, got ", detail::shape_str(s.shape));
   torch::Tensor out;
@@ -203,9 +212,10 @@ torch::Tensor dequantize_4bit(const torch::Tensor& data, const QuantState& s) {
     detail::check_numel(data, (n + 1) / 2, "data");
     detail::check_dtype(s.code, torch::kFloat32, "state.code");
     detail::check_numel(s.code, 16, "state.code");
-    const int64_t nb = (n + s.blocksize - 1) / s.blocksize;
-    const torch::Tensor absmax = resolved_absmax(s, nb), packed = data.contiguous(),
-                        code = s.code.contiguous();
+    detail::check_all_finite(s.code, "state.code");
+    const int64_t nb = kernels::ceil_div(n, s.blocksize);
+    const torch::Tensor absmax = resolved_absmax(s, nb), packed = detail::dense(data),
+                        code = detail::dense(s.code);
     out = torch::empty(s.shape, kF32);
     kernels::dequantize_lut4(packed.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(),
                              code.data_ptr<float>(), out.data_ptr<float>());
@@ -221,10 +231,10 @@ QuantizedBlockwise quantize_blockwise(const torch::Tensor& input, int64_t blocks
   torch::Tensor code = code_in.defined() ? code_in : create_dynamic_map();
   detail::check_dtype(code, torch::kFloat32, "code");
   detail::check_numel(code, 256, "code");
-  code = code.contiguous();
+  code = detail::dense(code);
   TORCH_CHECK(torch::isfinite(code).all().item<bool>(), "code: expected finite values, got NaN or Inf");
   const kernels::Lut8 lut = kernels::make_lut8(code.data_ptr<float>());
-  const int64_t n = x.numel(), nb = (n + blocksize - 1) / blocksize;
+  const int64_t n = x.numel(), nb = kernels::ceil_div(n, blocksize);
   QuantizedBlockwise out;
   QuantState& s = out.state;
   s.quant_type = "dynamic8";
@@ -234,7 +244,7 @@ QuantizedBlockwise quantize_blockwise(const torch::Tensor& input, int64_t blocks
   s.code = code.clone();
   s.absmax = torch::empty({nb}, kF32);
   kernels::absmax_blocks(x.data_ptr(), dt, n, blocksize, s.absmax.data_ptr<float>());
-  detail::check_finite_blocks(s.absmax.data_ptr<float>(), nb, blocksize, "x");
+  detail::check_finite_blocks(s.absmax.data_ptr<float>(), nb, blocksize, n, "x");
   out.data = torch::empty(x.sizes(), kU8);
   kernels::quantize_lut8(x.data_ptr(), dt, n, blocksize, s.absmax.data_ptr<float>(), lut,
                          out.data.data_ptr<uint8_t>());
@@ -247,13 +257,15 @@ torch::Tensor dequantize_blockwise(const torch::Tensor& data, const QuantState& 
   TORCH_CHECK(s.quant_type == "dynamic8", "state.quant_type: expected \"dynamic8\", got \"", s.quant_type,
               "\"");
   check_block_pow2(s.blocksize, "state.blocksize");
+  detail::check_float_dtype(s.dtype, "state.dtype");
   const int64_t n = s.numel();
   TORCH_CHECK(n > 0, "state.shape: expected a non-empty shape, got ", detail::shape_str(s.shape));
   detail::check_numel(data, n, "data");
   detail::check_dtype(s.code, torch::kFloat32, "state.code");
   detail::check_numel(s.code, 256, "state.code");
-  const int64_t nb = (n + s.blocksize - 1) / s.blocksize;
-  const torch::Tensor absmax = resolved_absmax(s, nb), q = data.contiguous(), code = s.code.contiguous();
+  detail::check_all_finite(s.code, "state.code");
+  const int64_t nb = kernels::ceil_div(n, s.blocksize);
+  const torch::Tensor absmax = resolved_absmax(s, nb), q = detail::dense(data), code = detail::dense(s.code);
   torch::Tensor out = torch::empty(s.shape, kF32);
   kernels::dequantize_lut8(q.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(),
                            code.data_ptr<float>(), out.data_ptr<float>());

@@ -26,7 +26,7 @@ int64_t int8_block(const torch::Tensor& x, const Int8Options& o) {
 Int8Quantized quantize_8bit(const torch::Tensor& input, const Int8Options& options) {
   torch::Tensor x = input;
   const kernels::DType dt = detail::float_input(x, "x");
-  const int64_t n = x.numel(), bs = int8_block(x, options), nb = (n + bs - 1) / bs;
+  const int64_t n = x.numel(), bs = int8_block(x, options), nb = kernels::ceil_div(n, bs);
   auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
   Int8Quantized q;
   q.options = options;
@@ -36,7 +36,7 @@ Int8Quantized quantize_8bit(const torch::Tensor& input, const Int8Options& optio
   float* scale = q.scale.data_ptr<float>();
   if (options.symmetric) {
     kernels::absmax_blocks(x.data_ptr(), dt, n, bs, scale);
-    detail::check_finite_blocks(scale, nb, bs, "x");
+    detail::check_finite_blocks(scale, nb, bs, n, "x");
     kernels::symmetric_scales(scale, nb, 127.0f, scale);
     kernels::quantize_int8(x.data_ptr(), dt, n, bs, scale, nullptr, -127, 127,
                            q.weight_int8.data_ptr<int8_t>());
@@ -44,8 +44,8 @@ Int8Quantized quantize_8bit(const torch::Tensor& input, const Int8Options& optio
   }
   std::vector<float> lo(static_cast<size_t>(nb)), hi(static_cast<size_t>(nb));
   kernels::minmax_blocks(x.data_ptr(), dt, n, bs, lo.data(), hi.data());
-  detail::check_finite_blocks(lo.data(), nb, bs, "x");
-  detail::check_finite_blocks(hi.data(), nb, bs, "x");
+  detail::check_finite_blocks(lo.data(), nb, bs, n, "x");
+  detail::check_finite_blocks(hi.data(), nb, bs, n, "x");
   std::vector<int32_t> zp(static_cast<size_t>(nb));
   kernels::asymmetric_scales(lo.data(), hi.data(), nb, -128, 127, scale, zp.data());
   kernels::quantize_int8(x.data_ptr(), dt, n, bs, scale, zp.data(), -128, 127,
@@ -63,14 +63,16 @@ torch::Tensor dequantize_8bit(const torch::Tensor& weight_int8, const torch::Ten
   TORCH_CHECK(weight_int8.numel() > 0, "weight_int8: expected a non-empty tensor, got shape ",
               detail::shape_str(weight_int8.sizes()));
   detail::check_dtype(scale_in, torch::kFloat32, "scale");
-  const torch::Tensor q = weight_int8.contiguous(), scale = scale_in.contiguous();
-  const int64_t n = q.numel(), bs = int8_block(q, options), nb = (n + bs - 1) / bs;
+  detail::check_float_dtype(dtype, "dtype");
+  const torch::Tensor q = detail::dense(weight_int8), scale = detail::dense(scale_in);
+  const int64_t n = q.numel(), bs = int8_block(q, options), nb = kernels::ceil_div(n, bs);
   detail::check_numel(scale, nb, "scale");
+  detail::check_all_finite(scale, "scale");
   std::vector<int32_t> zp;
   if (!options.symmetric) {
     detail::check_dtype(offset_in, torch::kFloat32, "offset");
     detail::check_numel(offset_in, nb, "offset");
-    const torch::Tensor off = offset_in.contiguous();
+    const torch::Tensor off = detail::dense(offset_in);
     zp.resize(static_cast<size_t>(nb));
     for (int64_t b = 0; b < nb; ++b) {
       const float o = off.data_ptr<float>()[b];

@@ -27,8 +27,8 @@ Stats row_stats(const torch::Tensor& x, kernels::DType dt, bool per_channel, boo
     kernels::absmax_blocks(x.data_ptr(), dt, x.numel(), s.cols, s.hi.data());
   else
     kernels::minmax_blocks(x.data_ptr(), dt, x.numel(), s.cols, s.lo.data(), s.hi.data());
-  if (!symmetric) detail::check_finite_blocks(s.lo.data(), s.rows, s.cols, "x");
-  detail::check_finite_blocks(s.hi.data(), s.rows, s.cols, "x");
+  if (!symmetric) detail::check_finite_blocks(s.lo.data(), s.rows, s.cols, x.numel(), "x");
+  detail::check_finite_blocks(s.hi.data(), s.rows, s.cols, x.numel(), "x");
   return s;
 }
 
@@ -153,6 +153,8 @@ torch::Tensor dequantize_tensor(const QuantizedTensor& q) {
         Int8Options()
             .set_symmetric(q.symmetric)
             .set_granularity(q.per_channel ? Granularity::per_channel : Granularity::per_tensor);
+    TORCH_CHECK(q.data.sizes().vec() == q.shape, "q.data: expected shape ", detail::shape_str(q.shape),
+                ", got ", detail::shape_str(q.data.sizes()));
     return dequantize_8bit(q.data, q.scale, q.offset, o, q.dtype).reshape(q.shape);
   }
   QuantState s;
@@ -167,7 +169,12 @@ torch::Tensor dequantize_tensor(const QuantizedTensor& q) {
   s.absmax = q.scale;
   if (!q.symmetric) {
     detail::check_dtype(q.offset, torch::kFloat32, "q.offset");
-    s.zero_point = (-q.offset).round().clamp(0, 15).to(torch::kUInt8);
+    const torch::Tensor z = -q.offset;
+    TORCH_CHECK(
+        (z == z.round()).all().item<bool>() && (z >= 0).all().item<bool>() && (z <= 15).all().item<bool>(),
+        "q.offset: expected integral values in [-15, 0], got range [", q.offset.min().item<float>(), ", ",
+        q.offset.max().item<float>(), "]");
+    s.zero_point = z.to(torch::kUInt8);
   }
   return dequantize_4bit(q.data, s).reshape(q.shape);
 }
@@ -180,7 +187,7 @@ torch::Tensor pack_int4_to_qint4x2(const torch::Tensor& values) {
   TORCH_CHECK(values.min().item<int8_t>() >= -8 && values.max().item<int8_t>() <= 7,
               "values: expected int4 values in [-8, 7], got range [", int{values.min().item<int8_t>()}, ", ",
               int{values.max().item<int8_t>()}, "]");
-  const torch::Tensor v = values.contiguous();
+  const torch::Tensor v = detail::dense(values);
   const int64_t cols = v.size(-1), rows = v.numel() / cols;
   std::vector<int64_t> shape = v.sizes().vec();
   shape.back() = (cols + 1) / 2;
@@ -198,7 +205,7 @@ torch::Tensor unpack_qint4x2_to_int8(const torch::Tensor& packed, int64_t cols) 
   if (cols < 0) cols = 2 * row_bytes;
   TORCH_CHECK((cols + 1) / 2 == row_bytes, "cols: expected ", 2 * row_bytes - 1, " or ", 2 * row_bytes,
               " for a last dimension of ", row_bytes, " bytes, got ", cols);
-  const torch::Tensor p = packed.contiguous();
+  const torch::Tensor p = detail::dense(packed);
   std::vector<int64_t> shape = p.sizes().vec();
   shape.back() = cols;
   torch::Tensor out = torch::empty(shape, torch::TensorOptions().dtype(torch::kInt8));

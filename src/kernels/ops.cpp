@@ -32,7 +32,7 @@ const char* byte_ptr(const void* x, DType dt, int64_t i) {
 // Runs fn(start, count) over [0, n) in chunks of `chunk` elements.
 template <typename Fn>
 void parallel_chunks(int64_t n, int64_t chunk, Fn fn) {
-  const int64_t tasks = (n + chunk - 1) / chunk;
+  const int64_t tasks = ceil_div(n, chunk);
 #pragma omp parallel for schedule(static) num_threads(threads_for(tasks))
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t start = t * chunk;
@@ -44,7 +44,7 @@ void parallel_chunks(int64_t n, int64_t chunk, Fn fn) {
 // blocks, or on pieces of long blocks followed by combine(block, pieces).
 template <typename BlockFn, typename CombineFn>
 void reduce_blocks(int64_t n, int64_t bs, BlockFn block_fn, CombineFn combine) {
-  const int64_t nblocks = (n + bs - 1) / bs;
+  const int64_t nblocks = ceil_div(n, bs);
   if (bs <= kPiece) {
     const int64_t per_task = std::max<int64_t>(1, kChunk / bs);
     parallel_chunks(nblocks, per_task, [&](int64_t b0, int64_t nb) {
@@ -54,7 +54,7 @@ void reduce_blocks(int64_t n, int64_t bs, BlockFn block_fn, CombineFn combine) {
   }
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t first = b * bs, len = std::min(n, first + bs) - first;
-    const int64_t pieces = (len + kPiece - 1) / kPiece;
+    const int64_t pieces = ceil_div(len, kPiece);
     combine(b, pieces, [&](float* partial_a, float* partial_b) {
       parallel_chunks(pieces, 1, [&](int64_t p, int64_t) {
         const int64_t s = first + p * kPiece, l = std::min(kPiece, len - p * kPiece);
@@ -120,7 +120,7 @@ void dequantize_int8(const int8_t* q, int64_t n, int64_t bs, const float* scale,
 
 void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                    const int32_t* zero_point, uint8_t* packed, const KernelTable& k) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const int64_t rows_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cols));
   parallel_chunks(rows, rows_per_task, [&](int64_t r, int64_t nr) {
     k.quantize_int4(byte_ptr(x, dt, r * cols), dt, nr, cols, gs, scale + r * groups,
@@ -130,7 +130,7 @@ void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t 
 
 void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                      const int32_t* zero_point, float* out, const KernelTable& k) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const int64_t rows_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, cols));
   parallel_chunks(rows, rows_per_task, [&](int64_t r, int64_t nr) {
     k.dequantize_int4(packed + r * row_bytes, nr, cols, gs, scale + r * groups,

@@ -160,4 +160,66 @@ TEST(BadInput, MisplacedArguments) {
   expect_error([&] { msbnb::quantize_tensor(torch::randn({4}), 3); }, {"bits:", "8 or 4", "3"});
 }
 
+TEST(BadInput, HugeBlockSizesAreOneBlock) {
+  const torch::Tensor x = torch::randn({4, 8});
+  const int64_t huge = std::numeric_limits<int64_t>::max();
+  auto per_block = msbnb::quantize_8bit(
+      x, Int8Options().set_granularity(msbnb::Granularity::per_block).set_blocksize(huge));
+  auto per_tensor = msbnb::quantize_8bit(x, Int8Options().set_granularity(msbnb::Granularity::per_tensor));
+  EXPECT_TRUE(torch::equal(per_block.weight_int8, per_tensor.weight_int8));
+  EXPECT_TRUE(torch::equal(msbnb::dequantize_8bit(per_block), msbnb::dequantize_8bit(per_tensor)));
+  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(huge - 1));
+  EXPECT_EQ(q.state.absmax.sizes(), (std::vector<int64_t>{4, 1}));
+  msbnb::QuantState s = q.state;
+  s.absmax = torch::empty({4, 0});
+  expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.absmax:", "expected 4 elements", "got 0"});
+}
+
+TEST(BadInput, HostileStates) {
+  const torch::Tensor x = torch::randn({16, 64});
+  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
+  msbnb::QuantState s = q.state;
+  s.dtype = torch::kInt8;
+  expect_error([&] { msbnb::dequantize_4bit(q.data, s); },
+               {"state.dtype:", "float32, float16 or bfloat16", "Char"});
+  s = q.state;
+  s.state2 = std::make_shared<msbnb::QuantState>(*q.state.state2);
+  s.state2->dtype = torch::kFloat16;
+  expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.state2.dtype:", "Float", "Half"});
+  s = q.state;
+  s.state2 = std::make_shared<msbnb::QuantState>(*q.state.state2);
+  s.state2->state2 = s.state2;  // a cycle
+  expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.state2:", "without a state2"});
+  s.state2->state2 = nullptr;
+  s = q.state;
+  s.shape = {int64_t{1} << 62, 64};
+  expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.shape:", "2^63"});
+  auto plain = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4"));
+  s = plain.state;
+  s.absmax = plain.state.absmax.clone();
+  s.absmax[3] = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { msbnb::dequantize_4bit(plain.data, s); }, {"state.absmax:", "finite"});
+  s = plain.state;
+  s.code = plain.state.code.clone();
+  s.code[2] = std::numeric_limits<float>::infinity();
+  expect_error([&] { msbnb::dequantize_4bit(plain.data, s); }, {"state.code:", "finite"});
+  s = plain.state;
+  s.offset = torch::zeros({});
+  expect_error([&] { msbnb::dequantize_4bit(plain.data, s); }, {"state.offset:", "undefined"});
+  auto q8 = msbnb::quantize_8bit(x);
+  expect_error([&] { msbnb::dequantize_8bit(q8, torch::kInt8); },
+               {"dtype:", "float32, float16 or bfloat16", "Char"});
+  auto qt = msbnb::quantize_tensor(x, 4, false);
+  qt.offset = qt.offset - 100.5;
+  expect_error([&] { msbnb::dequantize_tensor(qt); }, {"q.offset:", "integral values in [-15, 0]"});
+  expect_error([&] { msbnb::quantize_4bit(x.to_sparse(), kNF4); }, {"x:", "dense", "Sparse"});
+}
+
+TEST(BadInput, NegatedViewsAreReadAsTheirValues) {
+  const torch::Tensor x = torch::randn({8, 64});
+  const torch::Tensor neg = torch::_neg_view(x);  // memory holds x, the view reads -x
+  EXPECT_TRUE(torch::equal(msbnb::quantize_8bit(neg).weight_int8, msbnb::quantize_8bit(-x).weight_int8));
+  EXPECT_TRUE(torch::equal(msbnb::quantize_4bit(neg, kNF4).data, msbnb::quantize_4bit(-x, kNF4).data));
+}
+
 }  // namespace

@@ -8,6 +8,9 @@ namespace msbnb::kernels {
 /// Element type of a floating-point input buffer.
 enum class DType : uint8_t { f32, f16, bf16 };
 
+/// ceil(n / d) for n >= 0, d > 0, without the overflow of (n + d - 1) / d for huge d.
+inline constexpr int64_t ceil_div(int64_t n, int64_t d) { return n / d + (n % d != 0); }
+
 inline constexpr size_t dtype_size(DType dt) { return dt == DType::f32 ? 4 : 2; }
 const char* dtype_name(DType dt);
 

@@ -6,7 +6,7 @@ namespace msbnb::kernels::scalar {
 
 void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                    const int32_t* zero_point, uint8_t* packed) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const float lo = zero_point ? 0.0f : -7.0f, hi = zero_point ? 15.0f : 7.0f;
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* dst = packed + r * row_bytes;
@@ -28,7 +28,7 @@ void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t 
 
 void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                      const int32_t* zero_point, float* out) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       const uint8_t byte = packed[r * row_bytes + c / 2];

@@ -19,7 +19,7 @@ inline __m128i pack_low_first(__m256i a, __m256i b) {
 template <DType DT>
 void quantize_int4_t(const void* x, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                      const int32_t* zero_point, uint8_t* packed) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const float lo = zero_point ? 0.0f : -7.0f, hi = zero_point ? 15.0f : 7.0f;
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   for (int64_t r = 0; r < rows; ++r) {
@@ -68,7 +68,7 @@ void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t 
 
 void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                      const int32_t* zero_point, float* out) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const __m128i nib = _mm_set1_epi8(0x0f);
   // Symmetric codes are two's-complement nibbles: (q ^ 8) - 8 sign-extends them.
   const __m128i sx = _mm_set1_epi8(zero_point ? 0 : 8);

@@ -27,7 +27,7 @@ void quantize_segment(const void* x, int64_t i, int64_t len, float s, float zp, 
 template <DType D>
 void quantize_int4_t(const void* x, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                      const int32_t* zero_point, uint8_t* packed) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const float lo = zero_point ? 0.0f : -7.0f, hi = zero_point ? 15.0f : 7.0f;
   alignas(64) uint8_t buf[kTile];
   for (int64_t r = 0; r < rows; ++r) {
@@ -62,7 +62,7 @@ void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t 
 
 void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                      const int32_t* zero_point, float* out) {
-  const int64_t groups = (cols + gs - 1) / gs, row_bytes = (cols + 1) / 2;
+  const int64_t groups = ceil_div(cols, gs), row_bytes = (cols + 1) / 2;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   // Nibble value per code: two's complement (q ^ 8) - 8 when symmetric.
   const __m512i q =
