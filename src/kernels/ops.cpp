@@ -40,27 +40,32 @@ void parallel_chunks(int64_t n, int64_t chunk, Fn fn) {
   }
 }
 
-// Reduces blocks of bs over n elements: fn(first_elem, count, block_size, out_index) on whole
-// blocks, or on pieces of long blocks followed by combine(block, pieces).
-template <typename BlockFn, typename CombineFn>
-void reduce_blocks(int64_t n, int64_t bs, BlockFn block_fn, CombineFn combine) {
+// Per-block statistics of x into out_a[b] (and out_b[b] unless null) with reduce(data, dtype,
+// count, block_size, a, b), a kernel entry. Whole blocks run in parallel; a block longer than
+// kPiece is reduced in pieces in parallel and the pieces' results reduced again by the same
+// kernel, which is exact for maxima and minima (and for absmax of magnitudes).
+template <typename ReduceFn>
+void reduce_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out_a, float* out_b,
+                   ReduceFn reduce) {
   const int64_t nblocks = ceil_div(n, bs);
   if (bs <= kPiece) {
     const int64_t per_task = std::max<int64_t>(1, kChunk / bs);
     parallel_chunks(nblocks, per_task, [&](int64_t b0, int64_t nb) {
-      block_fn(b0 * bs, std::min(n, (b0 + nb) * bs) - b0 * bs, bs, b0);
+      reduce(byte_ptr(x, dt, b0 * bs), dt, std::min(n, (b0 + nb) * bs) - b0 * bs, bs, out_a + b0,
+             out_b ? out_b + b0 : nullptr);
     });
     return;
   }
   for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t first = b * bs, len = std::min(n, first + bs) - first;
-    const int64_t pieces = ceil_div(len, kPiece);
-    combine(b, pieces, [&](float* partial_a, float* partial_b) {
-      parallel_chunks(pieces, 1, [&](int64_t p, int64_t) {
-        const int64_t s = first + p * kPiece, l = std::min(kPiece, len - p * kPiece);
-        block_fn(s, l, l, -1 - p, partial_a + p, partial_b ? partial_b + p : nullptr);
-      });
+    const int64_t first = b * bs, len = std::min(n, first + bs) - first, pieces = ceil_div(len, kPiece);
+    std::vector<float> pa(static_cast<size_t>(pieces)), pb(out_b ? static_cast<size_t>(pieces) : 0);
+    parallel_chunks(pieces, 1, [&](int64_t p, int64_t) {
+      const int64_t l = std::min(kPiece, len - p * kPiece);
+      reduce(byte_ptr(x, dt, first + p * kPiece), dt, l, l, pa.data() + p, out_b ? pb.data() + p : nullptr);
     });
+    float unused;
+    reduce(pa.data(), DType::f32, pieces, pieces, out_a + b, out_b ? &unused : nullptr);
+    if (out_b) reduce(pb.data(), DType::f32, pieces, pieces, &unused, out_b + b);
   }
 }
 
@@ -74,34 +79,16 @@ void set_num_threads(int n) { g_threads.store(std::max(0, n)); }
 
 void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out, const KernelTable& k) {
   if (n <= 0) return;
-  reduce_blocks(
-      n, bs,
-      [&](int64_t first, int64_t len, int64_t block, int64_t b0, float* pa = nullptr, float* = nullptr) {
-        k.absmax_blocks(byte_ptr(x, dt, first), dt, len, block, pa ? pa : out + b0);
-      },
-      [&](int64_t b, int64_t pieces, auto run) {
-        std::vector<float> partial(static_cast<size_t>(pieces));
-        run(partial.data(), nullptr);
-        // The partials are magnitudes (or NaN): their absmax is the block's, exactly.
-        k.absmax_blocks(partial.data(), DType::f32, pieces, pieces, out + b);
-      });
+  reduce_blocks(x, dt, n, bs, out, nullptr,
+                [&](const void* p, DType d, int64_t len, int64_t block, float* a, float*) {
+                  k.absmax_blocks(p, d, len, block, a);
+                });
 }
 
 void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs,
                    const KernelTable& k) {
   if (n <= 0) return;
-  reduce_blocks(
-      n, bs,
-      [&](int64_t first, int64_t len, int64_t block, int64_t b0, float* pa = nullptr, float* pb = nullptr) {
-        k.minmax_blocks(byte_ptr(x, dt, first), dt, len, block, pa ? pa : mins + b0, pb ? pb : maxs + b0);
-      },
-      [&](int64_t b, int64_t pieces, auto run) {
-        std::vector<float> pmin(static_cast<size_t>(pieces)), pmax(static_cast<size_t>(pieces));
-        run(pmin.data(), pmax.data());
-        float unused;
-        k.minmax_blocks(pmin.data(), DType::f32, pieces, pieces, mins + b, &unused);
-        k.minmax_blocks(pmax.data(), DType::f32, pieces, pieces, &unused, maxs + b);
-      });
+  reduce_blocks(x, dt, n, bs, mins, maxs, k.minmax_blocks);
 }
 
 void quantize_int8(const void* x, DType dt, int64_t n, int64_t bs, const float* scale,
