@@ -62,6 +62,12 @@ KernelTable complete(const KernelTable& t) {
   MSBNB_FILL(dequantize_lut4)
   MSBNB_FILL(quantize_lut8)
   MSBNB_FILL(dequantize_lut8)
+  MSBNB_FILL(matmul.lut4_f32)
+  MSBNB_FILL(matmul.int8_f32)
+  MSBNB_FILL(matmul.lut4_bf16)
+  MSBNB_FILL(matmul.int8_i8)
+  MSBNB_FILL(matmul.lut4_t_f32)
+  MSBNB_FILL(matmul.int8_t_f32)
 #undef MSBNB_FILL
   return out;
 }

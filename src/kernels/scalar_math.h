@@ -41,6 +41,13 @@ inline float half_to_float(uint16_t h) {
 
 inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
+// bf16 of a finite float, rounded to nearest even (what vcvtneps2bf16 does for finite inputs).
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 inline float load_elem(const void* x, DType dt, int64_t i) {
   switch (dt) {
     case DType::f32:

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "msbnb/kernels/formats.h"
+#include "msbnb/kernels/matmul.h"
 #include "msbnb/kernels/types.h"
 
 namespace msbnb::kernels {
@@ -61,6 +62,9 @@ struct KernelTable {
   /// out = code[q] * absmax.
   void (*dequantize_lut8)(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,
                           const float* code256, float* out);
+
+  /// Fused dequantize-matmul kernels (matmul.h); null entries fall back to scalar.
+  MatmulKernels matmul;
 };
 
 /// True if this CPU can run `isa` (cpuid, and the OS saves the registers).

@@ -1,0 +1,168 @@
+// Fused dequantize-matmul on the CPU: y = x · dequant(W)ᵀ (+ bias) and the transposed product
+// grad_x = grad_y · dequant(W), without materialising dequant(W). No torch here.
+//
+// Weights are repacked once into a private layout (docs/matmul.md) and unpacked back to the
+// interchange layout of DESIGN.md bit for bit:
+//   Lut4Matrix  every 4-bit format (int4 sym / asym, nf4, fp4): value(r, j) =
+//               (lut[idx] - zp[s]) * scale[s], s = (r * row_stride + j) / group. nf4 / fp4 blocks of
+//               the flattened tensor (row_stride = cols) and int4 groups per row (row_stride =
+//               groups * group) are both this. Codes of a row come in chunks of 128 elements
+//               (64 bytes): byte 4t + s (t < 16, s < 4) holds element 32s + t in its low nibble
+//               and element 32s + 16 + t in its high nibble, so shifting an int32 lane by 4h + 8s
+//               bits puts element 16(2s + h) + t in its low 4 bits: one vpermps decodes 16
+//               consecutive elements. Rows are padded to a multiple of 128 with index 0.
+//   Int8Matrix  int8 per output channel: value(r, j) = (q + offset[r]) * scale[r]; rows padded
+//               to a multiple of 64 with 0; row_sum[r] = sum of q[r][:] for the int8 product.
+//
+// Paths (MatmulPath):
+//   exact  fp32 activations; each weight is decoded to exactly the float dequantize() gives and
+//          multiplied in fp32. Differs from "dequantize, then matmul" by summation order only.
+//   fast   int8 weights: activations quantized per row to int8 (q = rne(x * 127 / absmax)),
+//          int32 dot products, exact across ISAs and thread counts (LLM.int8()'s numerics);
+//          error ≈ absmax(x) / (127 √12 rms(x)) relative, about 0.9 % for Gaussian rows of 4096.
+//          4-bit weights: weights and activations rounded to bf16, products summed in fp32;
+//          error ≈ 2^-9 relative per factor, about 0.2 % on the output.
+//   auto   exact for n <= kGemvMaxRows (memory-bound, exact costs nothing), fast above.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "msbnb/kernels/types.h"
+
+namespace msbnb::kernels {
+
+struct KernelTable;
+const KernelTable& active_kernels();
+
+inline constexpr int64_t kLut4Chunk = 128;  // elements per 64-byte chunk of a Lut4Matrix row
+inline constexpr int64_t kInt8Chunk = 64;   // row padding of an Int8Matrix
+inline constexpr int64_t kGemvMaxRows = 8;  // batches up to this size take the GEMV path
+
+/// A 4-bit weight [rows, cols] in the private layout (see above). Views; PackedLut4 owns them.
+struct Lut4Matrix {
+  int64_t rows = 0, cols = 0, kpad = 0;    // kpad = cols rounded up to kLut4Chunk
+  int64_t group = 0, row_stride = 0;       // scale index of (r, j) = (r * row_stride + j) / group
+  float lut[16] = {};                      // value of each 4-bit index before zp and scale
+  const uint8_t* codes = nullptr;          // rows * kpad / 2 bytes, rows 64-byte aligned
+  const float* scale = nullptr;            // per group / block
+  const float* zero_point = nullptr;       // per group / block (integral values), or null
+  /// True if every group lies inside one row and is a multiple of 16 elements: the SIMD paths
+  /// need it; other layouts run the scalar kernels.
+  bool simd_friendly() const { return group % 16 == 0 && row_stride % group == 0; }
+};
+
+/// An int8 weight [rows, cols], one scale (and offset) per row. Views; PackedInt8 owns them.
+struct Int8Matrix {
+  int64_t rows = 0, cols = 0, kpad = 0;  // kpad = cols rounded up to kInt8Chunk
+  const int8_t* codes = nullptr;         // rows * kpad, rows 64-byte aligned
+  const float* scale = nullptr;          // [rows]
+  const float* offset = nullptr;         // [rows] or null (symmetric)
+  const int32_t* row_sum = nullptr;      // [rows]
+};
+
+/// The 4-bit index of element j of a Lut4Matrix row (see the chunk layout above).
+inline int lut4_index(const uint8_t* row, int64_t j) {
+  const int64_t e = j % kLut4Chunk, q = e / 16, t = e % 16;
+  const uint8_t byte = row[(j - e) / 2 + 4 * t + q / 2];
+  return (q % 2 ? byte >> 4 : byte) & 0xf;
+}
+
+/// Owning storage of a repacked weight; `view` stays valid while this object lives.
+struct PackedLut4 {
+  Lut4Matrix view;
+  std::shared_ptr<uint8_t> codes;
+  std::vector<float> scale, zero_point;
+  int64_t bytes() const;  // codes + statistics, as read by one matmul
+};
+struct PackedInt8 {
+  Int8Matrix view;
+  std::shared_ptr<int8_t> codes;
+  std::vector<float> scale, offset;
+  std::vector<int32_t> row_sum;
+  int64_t bytes() const;
+};
+
+/// Repacks bitsandbytes nf4 / fp4 codes (flattened row-major [rows, cols], blocks of `blocksize`,
+/// HIGH nibble first) with their float32 absmax per block and the 16-value codebook.
+PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                         const float* absmax, const float* code16);
+/// Repacks MindSpore qint4x2 int4 (LOW nibble first, (cols + 1) / 2 bytes a row), groups of
+/// `group` along a row, scale [rows, groups] and, for asymmetric uint4, zero_point [rows, groups]
+/// (value = (q - zp) * scale); symmetric when zero_point is null.
+PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
+                     const int32_t* zero_point);
+/// The inverse of pack_lut4_bnb / pack_int4 for the codes: writes the interchange bytes exactly
+/// (the statistics are the caller's, unchanged). `high_first` selects the bnb layout.
+void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed);
+/// Repacks int8 codes [rows, cols] with per-row scale and optional offset (w = (q + offset) * scale).
+PackedInt8 pack_int8(const int8_t* q, int64_t rows, int64_t cols, const float* scale, const float* offset);
+/// The inverse of pack_int8 for the codes.
+void unpack_int8_codes(const Int8Matrix& w, int8_t* q);
+
+enum class MatmulPath : uint8_t { automatic, exact, fast };
+/// The path `path` resolves to for a batch of n rows.
+MatmulPath resolve_path(MatmulPath path, int64_t n);
+
+/// Activations and outputs: row-major, row i of x at x + i * ldx elements (ldx >= cols), row i of
+/// y at y + i * ldy (ldy >= rows); dtype f32 or bf16.
+struct MatmulIO {
+  const void* x = nullptr;
+  DType x_dtype = DType::f32;
+  int64_t n = 0, ldx = 0;
+  void* y = nullptr;
+  DType y_dtype = DType::f32;
+  int64_t ldy = 0;
+  const float* bias = nullptr;  // [rows] or null
+};
+
+/// y = x · dequant(W)ᵀ + bias, threads splitting the rows of W.
+void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path = MatmulPath::automatic,
+            const KernelTable& k = active_kernels());
+void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path = MatmulPath::automatic,
+            const KernelTable& k = active_kernels());
+
+/// LLM.int8(): x rows quantized per row to int8 after taking out every input column holding an
+/// |x| >= threshold (threshold <= 0: none); int32 products scaled by row_absmax * SCB / 127²
+/// (w.scale = SCB / 127, symmetric); the outlier columns multiplied in fp32 with the
+/// dequantized weight columns and added. `outlier_cols` (optional) receives those columns.
+void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
+                     std::vector<int64_t>* outlier_cols = nullptr, const KernelTable& k = active_kernels());
+
+/// The transposed product for backward: gx = gy · dequant(W) (+= if accumulate), exact fp32 path;
+/// gy is [n, rows] (io.x, io.ldx >= rows), gx [n, cols] (io.y, io.ldy >= cols); io.bias unused.
+/// Threads split the columns of W.
+void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k = active_kernels());
+void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k = active_kernels());
+
+/// Per-row int8 quantization of activations as bitsandbytes' int8_vectorwise_quant does it:
+/// absmax[i] = max |x[i][j]| over the elements below `threshold` (all when threshold <= 0),
+/// q = rne(x * (127 / absmax)); the columns in `zero_cols`, elements at or above the threshold
+/// and an all-zero row give 0. q rows are `ldq` bytes (tail zero-filled).
+void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
+                        const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax);
+
+/// The single-threaded kernel entries (KernelTable::matmul), for a range of output rows [r0, r1)
+/// (or columns [c0, c1) of W for the transposed product, multiples of kLut4Chunk / kInt8Chunk
+/// except at cols). Activations are already padded to kpad with zeros.
+struct MatmulKernels {
+  /// y[i * ldy + r] = sum_j x[i * ldx + j] * value(r, j) (exact path, no bias).
+  void (*lut4_f32)(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+                   float* y, int64_t ldy);
+  void (*int8_f32)(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+                   float* y, int64_t ldy);
+  /// Fast 4-bit path: x in bf16 [n][ldx]; y = sum_j x * bf16(value(r, j)) in fp32.
+  void (*lut4_bf16)(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+                    float* y, int64_t ldy);
+  /// acc[i * ldy + r] = sum_j (xu[i][j] - 128) * q[r][j], exactly (int32); xu holds int8
+  /// activations biased by +128 (the unsigned operand VNNI multiplies).
+  void (*int8_i8)(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+                  int32_t* acc, int64_t ldy);
+  /// gx[i * ldx + j] (+)= sum_r gy[i * ldy + r] * value(r, j) for j in [c0, c1).
+  void (*lut4_t_f32)(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
+                     float* gx, int64_t ldx, bool accumulate);
+  void (*int8_t_f32)(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
+                     float* gx, int64_t ldx, bool accumulate);
+};
+
+}  // namespace msbnb::kernels

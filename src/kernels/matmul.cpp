@@ -1,0 +1,388 @@
+// Repacking and the threaded drivers of the fused dequantize-matmul (kernels/matmul.h).
+#include "msbnb/kernels/matmul.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/scalar_math.h"
+#include "msbnb/kernels/kernel_table.h"
+#include "msbnb/kernels/ops.h"
+
+namespace msbnb::kernels {
+
+namespace {
+
+int64_t round_up(int64_t n, int64_t m) { return ceil_div(n, m) * m; }
+
+template <class T>
+std::shared_ptr<T> aligned_buffer(int64_t count) {
+  const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * int64_t(sizeof(T)), 64));
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return std::shared_ptr<T>(static_cast<T*>(p), [](T* q) { std::free(q); });
+}
+
+// Statistics padded so that a SIMD kernel may look up the scale of every padded column.
+std::vector<float> padded_stats(const float* v, int64_t count, const Lut4Matrix& w) {
+  const int64_t need = w.rows == 0 ? 0 : ((w.rows - 1) * w.row_stride + w.kpad - 1) / w.group + 1;
+  std::vector<float> out(static_cast<size_t>(std::max(count, need)), 0.0f);
+  std::copy(v, v + count, out.begin());
+  return out;
+}
+
+void check_dims(const char* what, int64_t rows, int64_t cols) {
+  if (rows < 0 || cols <= 0)
+    throw std::invalid_argument(std::string(what) + ": expected rows >= 0 and cols > 0, got " +
+                                std::to_string(rows) + " x " + std::to_string(cols));
+}
+
+// Sets the nibble of element j in a packed Lut4Matrix row.
+void put_lut4(uint8_t* row, int64_t j, int idx) {
+  const int64_t e = j % kLut4Chunk, q = e / 16, t = e % 16;
+  uint8_t& byte = row[(j - e) / 2 + 4 * t + q / 2];
+  byte = static_cast<uint8_t>(q % 2 ? (byte & 0x0f) | (idx << 4) : (byte & 0xf0) | idx);
+}
+
+// [begin, end) of part t of `parts` over [0, n) in multiples of `unit` (the last part takes the rest).
+std::pair<int64_t, int64_t> split(int64_t n, int64_t unit, int t, int parts) {
+  const int64_t units = ceil_div(n, unit);
+  const int64_t b = units * t / parts * unit, e = units * (t + 1) / parts * unit;
+  return {std::min(b, n), std::min(e, n)};
+}
+
+// Runs fn(begin, end) on each thread's share of [0, n), in multiples of `unit`.
+template <class Fn>
+void parallel_split(int64_t n, int64_t unit, Fn fn) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), ceil_div(n, unit))));
+  if (threads == 1) return fn(int64_t{0}, n);
+#pragma omp parallel num_threads(threads)
+  {
+    const auto [b, e] = split(n, unit, omp_get_thread_num(), omp_get_num_threads());
+    if (b < e) fn(b, e);
+  }
+}
+
+// Activations as float32 rows of kpad (zero tail).
+std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
+  std::vector<float> x(static_cast<size_t>(io.n * kpad), 0.0f);
+  for (int64_t i = 0; i < io.n; ++i)
+    for (int64_t j = 0; j < cols; ++j) x[i * kpad + j] = load_elem(io.x, io.x_dtype, i * io.ldx + j);
+  return x;
+}
+
+void check_io(const char* what, const MatmulIO& io, int64_t in_cols, int64_t out_cols) {
+  auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": " + m); };
+  if (io.n < 0) fail("n: expected >= 0, got " + std::to_string(io.n));
+  if (io.n > 0 && (!io.x || !io.y)) fail("x and y: expected buffers, got null");
+  if (io.x_dtype == DType::f16 || io.y_dtype == DType::f16)
+    fail("dtype: expected float32 or bfloat16 activations and outputs, got float16");
+  if (io.ldx < in_cols)
+    fail("ldx: expected >= " + std::to_string(in_cols) + " (input columns), got " + std::to_string(io.ldx));
+  if (io.ldy < out_cols)
+    fail("ldy: expected >= " + std::to_string(out_cols) + " (output columns), got " + std::to_string(io.ldy));
+}
+
+// Writes acc (float32 [n][ld_acc]) plus bias to io.y in its dtype.
+void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& io, bool accumulate = false) {
+  for (int64_t i = 0; i < io.n; ++i)
+    for (int64_t r = 0; r < cols; ++r) {
+      float v = acc[i * ld_acc + r] + (io.bias ? io.bias[r] : 0.0f);
+      if (io.y_dtype == DType::f32) {
+        float* y = static_cast<float*>(io.y) + i * io.ldy + r;
+        *y = accumulate ? *y + v : v;
+      } else {
+        uint16_t* y = static_cast<uint16_t*>(io.y) + i * io.ldy + r;
+        if (accumulate) v += bf16_to_float(*y);
+        *y = float_to_bf16(v);
+      }
+    }
+}
+
+template <class W, class Kernel>
+void forward_exact(const W& w, const MatmulIO& io, Kernel kernel) {
+  const std::vector<float> x = padded_f32(io, w.cols, w.kpad);
+  std::vector<float> y(static_cast<size_t>(io.n * w.rows));
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    kernel(w, x.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
+  });
+  store_rows(y.data(), w.rows, w.rows, io);
+}
+
+// Per-row int8 of the activations, biased to uint8 for the int8 kernels.
+void quantize_rows_biased(const MatmulIO& io, int64_t cols, int64_t kpad, float threshold,
+                          const std::vector<int64_t>& skip, std::vector<uint8_t>& xu, std::vector<float>& absmax) {
+  std::vector<int8_t> q(static_cast<size_t>(io.n * kpad));
+  absmax.assign(static_cast<size_t>(io.n), 0.0f);
+  quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip, q.data(), kpad, absmax.data());
+  xu.resize(q.size());
+  for (size_t i = 0; i < q.size(); ++i) xu[i] = static_cast<uint8_t>(q[i] + 128);
+}
+
+// y[i][r] = acc * (absmax_i * scale_r / 127) (+ offset_r * scale_r * sum_j x[i][j]).
+void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k, float threshold,
+                       const std::vector<int64_t>& skip, std::vector<float>& y) {
+  std::vector<uint8_t> xu;
+  std::vector<float> absmax;
+  quantize_rows_biased(io, w.cols, w.kpad, threshold, skip, xu, absmax);
+  std::vector<int32_t> acc(static_cast<size_t>(io.n * w.rows));
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    k.matmul.int8_i8(w, xu.data(), io.n, w.kpad, r0, r1, acc.data(), w.rows);
+  });
+  y.assign(acc.size(), 0.0f);
+  for (int64_t i = 0; i < io.n; ++i) {
+    const float sx = absmax[i] * (1.0f / 127.0f);
+    float xsum = 0.0f;
+    if (w.offset)
+      for (int64_t j = 0; j < w.cols; ++j) xsum += load_elem(io.x, io.x_dtype, i * io.ldx + j);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      float v = static_cast<float>(acc[i * w.rows + r]) * (sx * w.scale[r]);
+      if (w.offset) v += w.offset[r] * w.scale[r] * xsum;
+      y[i * w.rows + r] = v;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t PackedLut4::bytes() const {
+  return view.rows * view.kpad / 2 + int64_t(scale.size() + zero_point.size()) * 4;
+}
+int64_t PackedInt8::bytes() const {
+  return view.rows * view.kpad + int64_t(scale.size() + offset.size()) * 4 + int64_t(row_sum.size()) * 4;
+}
+
+PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize, const float* absmax,
+                         const float* code16) {
+  check_dims("pack_lut4_bnb", rows, cols);
+  if (blocksize <= 0) throw std::invalid_argument("pack_lut4_bnb: blocksize: expected > 0, got " +
+                                                  std::to_string(blocksize));
+  PackedLut4 p;
+  Lut4Matrix& w = p.view;
+  w.rows = rows;
+  w.cols = cols;
+  w.kpad = round_up(cols, kLut4Chunk);
+  w.group = blocksize;
+  w.row_stride = cols;
+  std::copy(code16, code16 + 16, w.lut);
+  p.codes = aligned_buffer<uint8_t>(rows * w.kpad / 2);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* dst = p.codes.get() + r * (w.kpad / 2);
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t f = r * cols + j;
+      const uint8_t byte = packed[f / 2];
+      put_lut4(dst, j, f % 2 == 0 ? byte >> 4 : byte & 0xf);
+    }
+  }
+  p.scale = padded_stats(absmax, ceil_div(rows * cols, blocksize), w);
+  w.codes = p.codes.get();
+  w.scale = p.scale.data();
+  return p;
+}
+
+PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
+                     const int32_t* zero_point) {
+  check_dims("pack_int4", rows, cols);
+  if (group <= 0)
+    throw std::invalid_argument("pack_int4: group: expected > 0, got " + std::to_string(group));
+  PackedLut4 p;
+  Lut4Matrix& w = p.view;
+  const int64_t groups = ceil_div(cols, group), row_bytes = (cols + 1) / 2;
+  w.rows = rows;
+  w.cols = cols;
+  w.kpad = round_up(cols, kLut4Chunk);
+  w.group = group;
+  w.row_stride = groups * group;
+  // Symmetric nibbles are two's complement q in [-8, 7]: index q + 8 = nibble ^ 8.
+  for (int i = 0; i < 16; ++i) w.lut[i] = static_cast<float>(zero_point ? i : i - 8);
+  const int flip = zero_point ? 0 : 8;
+  p.codes = aligned_buffer<uint8_t>(rows * w.kpad / 2);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* dst = p.codes.get() + r * (w.kpad / 2);
+    for (int64_t j = 0; j < cols; ++j) {
+      const uint8_t byte = packed[r * row_bytes + j / 2];
+      put_lut4(dst, j, ((j % 2 == 0 ? byte : byte >> 4) & 0xf) ^ flip);
+    }
+  }
+  p.scale = padded_stats(scale, rows * groups, w);
+  if (zero_point) {
+    std::vector<float> zp(static_cast<size_t>(rows * groups));
+    for (size_t i = 0; i < zp.size(); ++i) zp[i] = static_cast<float>(zero_point[i]);
+    p.zero_point = padded_stats(zp.data(), rows * groups, w);
+  }
+  w.codes = p.codes.get();
+  w.scale = p.scale.data();
+  w.zero_point = zero_point ? p.zero_point.data() : nullptr;
+  return p;
+}
+
+void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed) {
+  const bool int4_sym = !high_first && !w.zero_point;
+  if (high_first) {
+    std::memset(packed, 0, static_cast<size_t>((w.rows * w.cols + 1) / 2));
+    for (int64_t r = 0; r < w.rows; ++r)
+      for (int64_t j = 0; j < w.cols; ++j) {
+        const int64_t f = r * w.cols + j;
+        const int idx = lut4_index(w.codes + r * (w.kpad / 2), j);
+        packed[f / 2] = static_cast<uint8_t>(f % 2 == 0 ? (packed[f / 2] & 0x0f) | (idx << 4)
+                                                        : (packed[f / 2] & 0xf0) | idx);
+      }
+    // bitsandbytes pads an odd count with the code of 0; it is not in the repacked codes.
+    if ((w.rows * w.cols) % 2) {
+      int zero = 0;
+      for (int i = 0; i < 16; ++i)
+        if (w.lut[i] == 0.0f && !std::signbit(w.lut[i])) zero = i;
+      uint8_t& last = packed[(w.rows * w.cols) / 2];
+      last = static_cast<uint8_t>((last & 0xf0) | zero);
+    }
+    return;
+  }
+  const int64_t row_bytes = (w.cols + 1) / 2;
+  std::memset(packed, 0, static_cast<size_t>(w.rows * row_bytes));
+  for (int64_t r = 0; r < w.rows; ++r)
+    for (int64_t j = 0; j < w.cols; ++j) {
+      const int idx = lut4_index(w.codes + r * (w.kpad / 2), j) ^ (int4_sym ? 8 : 0);
+      packed[r * row_bytes + j / 2] |= static_cast<uint8_t>(j % 2 == 0 ? idx : idx << 4);
+    }
+}
+
+PackedInt8 pack_int8(const int8_t* q, int64_t rows, int64_t cols, const float* scale, const float* offset) {
+  check_dims("pack_int8", rows, cols);
+  PackedInt8 p;
+  Int8Matrix& w = p.view;
+  w.rows = rows;
+  w.cols = cols;
+  w.kpad = round_up(cols, kInt8Chunk);
+  p.codes = aligned_buffer<int8_t>(rows * w.kpad);
+  p.row_sum.assign(static_cast<size_t>(rows), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(p.codes.get() + r * w.kpad, q + r * cols, static_cast<size_t>(cols));
+    int32_t s = 0;
+    for (int64_t j = 0; j < cols; ++j) s += q[r * cols + j];
+    p.row_sum[r] = s;
+  }
+  p.scale.assign(scale, scale + rows);
+  if (offset) p.offset.assign(offset, offset + rows);
+  w.codes = p.codes.get();
+  w.scale = p.scale.data();
+  w.offset = offset ? p.offset.data() : nullptr;
+  w.row_sum = p.row_sum.data();
+  return p;
+}
+
+void unpack_int8_codes(const Int8Matrix& w, int8_t* q) {
+  for (int64_t r = 0; r < w.rows; ++r)
+    std::memcpy(q + r * w.cols, w.codes + r * w.kpad, static_cast<size_t>(w.cols));
+}
+
+MatmulPath resolve_path(MatmulPath path, int64_t n) {
+  if (path != MatmulPath::automatic) return path;
+  return n <= kGemvMaxRows ? MatmulPath::exact : MatmulPath::fast;
+}
+
+void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
+                        const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax) {
+  std::vector<char> zeroed(static_cast<size_t>(cols), 0);
+  for (int64_t c : zero_cols) zeroed[c] = 1;
+  const bool masked = threshold > 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float a = 0.0f;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = std::fabs(load_elem(x, dt, i * ldx + j));
+      if (!masked || v < threshold) a = std::fmax(a, v);
+    }
+    absmax[i] = a;
+    const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+    int8_t* row = q + i * ldq;
+    std::memset(row, 0, static_cast<size_t>(ldq));
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = load_elem(x, dt, i * ldx + j);
+      if (!zeroed[j] && (!masked || std::fabs(v) < threshold)) row[j] = static_cast<int8_t>(std::nearbyint(v * inv));
+    }
+  }
+}
+
+void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {
+  check_io("matmul", io, w.cols, w.rows);
+  if (io.n == 0 || w.rows == 0) return;
+  if (resolve_path(path, io.n) == MatmulPath::exact) return forward_exact(w, io, k.matmul.lut4_f32);
+  std::vector<uint16_t> xb(static_cast<size_t>(io.n * w.kpad), 0);
+  for (int64_t i = 0; i < io.n; ++i)
+    for (int64_t j = 0; j < w.cols; ++j)
+      xb[i * w.kpad + j] = io.x_dtype == DType::bf16
+                               ? static_cast<const uint16_t*>(io.x)[i * io.ldx + j]
+                               : float_to_bf16(static_cast<const float*>(io.x)[i * io.ldx + j]);
+  std::vector<float> y(static_cast<size_t>(io.n * w.rows));
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    k.matmul.lut4_bf16(w, xb.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
+  });
+  store_rows(y.data(), w.rows, w.rows, io);
+}
+
+void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {
+  check_io("matmul", io, w.cols, w.rows);
+  if (io.n == 0 || w.rows == 0) return;
+  if (resolve_path(path, io.n) == MatmulPath::exact) return forward_exact(w, io, k.matmul.int8_f32);
+  std::vector<float> y;
+  int8_forward_fast(w, io, k, 0.0f, {}, y);
+  store_rows(y.data(), w.rows, w.rows, io);
+}
+
+void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold, std::vector<int64_t>* outlier_cols,
+                     const KernelTable& k) {
+  check_io("matmul_llm_int8", io, w.cols, w.rows);
+  if (w.offset) throw std::invalid_argument("matmul_llm_int8: weight: expected symmetric int8 (no offset)");
+  std::vector<int64_t> cols;
+  if (threshold > 0.0f)
+    for (int64_t j = 0; j < w.cols; ++j)
+      for (int64_t i = 0; i < io.n; ++i)
+        if (std::fabs(load_elem(io.x, io.x_dtype, i * io.ldx + j)) >= threshold) {
+          cols.push_back(j);
+          break;
+        }
+  if (outlier_cols) *outlier_cols = cols;
+  if (io.n == 0 || w.rows == 0) return;
+  std::vector<float> y;
+  int8_forward_fast(w, io, k, threshold, cols, y);
+  // Outlier columns in fp32 against the dequantized weight columns.
+  for (int64_t i = 0; i < io.n; ++i)
+    for (int64_t r = 0; r < w.rows; ++r) {
+      float extra = 0.0f;
+      for (int64_t c : cols)
+        extra += load_elem(io.x, io.x_dtype, i * io.ldx + c) * (static_cast<float>(w.codes[r * w.kpad + c]) * w.scale[r]);
+      y[i * w.rows + r] += extra;
+    }
+  store_rows(y.data(), w.rows, w.rows, io);
+}
+
+namespace {
+template <class W, class Kernel>
+void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel) {
+  check_io("matmul_transposed", io, w.rows, w.cols);
+  if (io.bias) throw std::invalid_argument("matmul_transposed: bias: expected null (no bias in grad_x)");
+  if (io.n == 0) return;
+  std::vector<float> gy(static_cast<size_t>(io.n * w.rows));
+  for (int64_t i = 0; i < io.n; ++i)
+    for (int64_t r = 0; r < w.rows; ++r) gy[i * w.rows + r] = load_elem(io.x, io.x_dtype, i * io.ldx + r);
+  std::vector<float> gx(static_cast<size_t>(io.n * w.kpad));
+  parallel_split(w.kpad, unit, [&](int64_t c0, int64_t c1) {
+    kernel(w, gy.data(), io.n, w.rows, c0, c1, gx.data(), w.kpad, false);
+  });
+  store_rows(gx.data(), w.kpad, w.cols, io);
+}
+}  // namespace
+
+void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k) {
+  transposed(w, io, kLut4Chunk, k.matmul.lut4_t_f32);
+}
+void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k) {
+  transposed(w, io, kInt8Chunk, k.matmul.int8_t_f32);
+}
+
+}  // namespace msbnb::kernels
