@@ -60,7 +60,8 @@ std::pair<int64_t, int64_t> split(int64_t n, int64_t unit, int t, int parts) {
 // Runs fn(begin, end) on each thread's share of [0, n), in multiples of `unit`.
 template <class Fn>
 void parallel_split(int64_t n, int64_t unit, Fn fn) {
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), ceil_div(n, unit))));
+  const int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), ceil_div(n, unit))));
   if (threads == 1) return fn(int64_t{0}, n);
 #pragma omp parallel num_threads(threads)
   {
@@ -117,7 +118,8 @@ void forward_exact(const W& w, const MatmulIO& io, Kernel kernel) {
 
 // Per-row int8 of the activations, biased to uint8 for the int8 kernels.
 void quantize_rows_biased(const MatmulIO& io, int64_t cols, int64_t kpad, float threshold,
-                          const std::vector<int64_t>& skip, std::vector<uint8_t>& xu, std::vector<float>& absmax) {
+                          const std::vector<int64_t>& skip, std::vector<uint8_t>& xu,
+                          std::vector<float>& absmax) {
   std::vector<int8_t> q(static_cast<size_t>(io.n * kpad));
   absmax.assign(static_cast<size_t>(io.n), 0.0f);
   quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip, q.data(), kpad, absmax.data());
@@ -158,11 +160,11 @@ int64_t PackedInt8::bytes() const {
   return view.rows * view.kpad + int64_t(scale.size() + offset.size()) * 4 + int64_t(row_sum.size()) * 4;
 }
 
-PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize, const float* absmax,
-                         const float* code16) {
+PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                         const float* absmax, const float* code16) {
   check_dims("pack_lut4_bnb", rows, cols);
-  if (blocksize <= 0) throw std::invalid_argument("pack_lut4_bnb: blocksize: expected > 0, got " +
-                                                  std::to_string(blocksize));
+  if (blocksize <= 0)
+    throw std::invalid_argument("pack_lut4_bnb: blocksize: expected > 0, got " + std::to_string(blocksize));
   PackedLut4 p;
   Lut4Matrix& w = p.view;
   w.rows = rows;
@@ -189,8 +191,7 @@ PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int6
 PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
                      const int32_t* zero_point) {
   check_dims("pack_int4", rows, cols);
-  if (group <= 0)
-    throw std::invalid_argument("pack_int4: group: expected > 0, got " + std::to_string(group));
+  if (group <= 0) throw std::invalid_argument("pack_int4: group: expected > 0, got " + std::to_string(group));
   PackedLut4 p;
   Lut4Matrix& w = p.view;
   const int64_t groups = ceil_div(cols, group), row_bytes = (cols + 1) / 2;
@@ -303,7 +304,8 @@ void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_
     std::memset(row, 0, static_cast<size_t>(ldq));
     for (int64_t j = 0; j < cols; ++j) {
       const float v = load_elem(x, dt, i * ldx + j);
-      if (!zeroed[j] && (!masked || std::fabs(v) < threshold)) row[j] = static_cast<int8_t>(std::nearbyint(v * inv));
+      if (!zeroed[j] && (!masked || std::fabs(v) < threshold))
+        row[j] = static_cast<int8_t>(std::nearbyint(v * inv));
     }
   }
 }
@@ -334,8 +336,8 @@ void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   store_rows(y.data(), w.rows, w.rows, io);
 }
 
-void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold, std::vector<int64_t>* outlier_cols,
-                     const KernelTable& k) {
+void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
+                     std::vector<int64_t>* outlier_cols, const KernelTable& k) {
   check_io("matmul_llm_int8", io, w.cols, w.rows);
   if (w.offset) throw std::invalid_argument("matmul_llm_int8: weight: expected symmetric int8 (no offset)");
   std::vector<int64_t> cols;
@@ -355,7 +357,8 @@ void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold, s
     for (int64_t r = 0; r < w.rows; ++r) {
       float extra = 0.0f;
       for (int64_t c : cols)
-        extra += load_elem(io.x, io.x_dtype, i * io.ldx + c) * (static_cast<float>(w.codes[r * w.kpad + c]) * w.scale[r]);
+        extra += load_elem(io.x, io.x_dtype, i * io.ldx + c) *
+                 (static_cast<float>(w.codes[r * w.kpad + c]) * w.scale[r]);
       y[i * w.rows + r] += extra;
     }
   store_rows(y.data(), w.rows, w.rows, io);

@@ -41,12 +41,12 @@ inline constexpr int64_t kGemvMaxRows = 8;  // batches up to this size take the 
 
 /// A 4-bit weight [rows, cols] in the private layout (see above). Views; PackedLut4 owns them.
 struct Lut4Matrix {
-  int64_t rows = 0, cols = 0, kpad = 0;    // kpad = cols rounded up to kLut4Chunk
-  int64_t group = 0, row_stride = 0;       // scale index of (r, j) = (r * row_stride + j) / group
-  float lut[16] = {};                      // value of each 4-bit index before zp and scale
-  const uint8_t* codes = nullptr;          // rows * kpad / 2 bytes, rows 64-byte aligned
-  const float* scale = nullptr;            // per group / block
-  const float* zero_point = nullptr;       // per group / block (integral values), or null
+  int64_t rows = 0, cols = 0, kpad = 0;  // kpad = cols rounded up to kLut4Chunk
+  int64_t group = 0, row_stride = 0;     // scale index of (r, j) = (r * row_stride + j) / group
+  float lut[16] = {};                    // value of each 4-bit index before zp and scale
+  const uint8_t* codes = nullptr;        // rows * kpad / 2 bytes, rows 64-byte aligned
+  const float* scale = nullptr;          // per group / block
+  const float* zero_point = nullptr;     // per group / block (integral values), or null
   /// True if every group lies inside one row and is a multiple of 16 elements: the SIMD paths
   /// need it; other layouts run the scalar kernels.
   bool simd_friendly() const { return group % 16 == 0 && row_stride % group == 0; }

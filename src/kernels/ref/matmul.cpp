@@ -96,16 +96,16 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
   }
 }
 
-void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1, float* gx,
-                int64_t ldx, bool accumulate) {
-  transposed_f32([&](int64_t r, float* out) { decode_lut4_row(w, r, out); }, w.rows, w.kpad, gy, n, ldy, c0, c1,
-                 gx, ldx, accumulate);
+void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
+                float* gx, int64_t ldx, bool accumulate) {
+  transposed_f32([&](int64_t r, float* out) { decode_lut4_row(w, r, out); }, w.rows, w.kpad, gy, n, ldy, c0,
+                 c1, gx, ldx, accumulate);
 }
 
-void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1, float* gx,
-                int64_t ldx, bool accumulate) {
-  transposed_f32([&](int64_t r, float* out) { decode_int8_row(w, r, out); }, w.rows, w.kpad, gy, n, ldy, c0, c1,
-                 gx, ldx, accumulate);
+void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
+                float* gx, int64_t ldx, bool accumulate) {
+  transposed_f32([&](int64_t r, float* out) { decode_int8_row(w, r, out); }, w.rows, w.kpad, gy, n, ldy, c0,
+                 c1, gx, ldx, accumulate);
 }
 
 }  // namespace msbnb::kernels::scalar

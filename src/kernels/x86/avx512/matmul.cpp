@@ -1,0 +1,434 @@
+// AVX-512 fused dequantize-matmul (kernels/matmul.h).
+//
+// GEMV (n <= kGemvMaxRows, exact path): weights are decoded in registers and never stored. A
+// 64-byte chunk of a Lut4Matrix row holds 128 codes; shifting its int32 lanes right by 4v bits
+// leaves the code of element 16v + t in the low 4 bits of lane t, and vpermps looks 16 of them
+// up at once in the segment's table (lut - zp) * scale, which is exactly what dequantize gives.
+//
+// GEMM (larger n, and the fast paths): a thread decodes a block of weight rows once into a
+// cache-resident buffer (f32 for the exact path, bf16 for the fast 4-bit path; int8 codes are
+// used as stored), then tiles of up to 4 activation rows x 4 weight rows accumulate dot
+// products over the whole row (vfmadd / vdpbf16ps / vpdpbusd), reduced once per tile.
+#include <algorithm>
+#include <vector>
+
+#include "kernels/isa_kernels.h"
+#include "kernels/x86/avx512/simd.h"
+
+namespace msbnb::kernels::avx512 {
+
+namespace {
+
+// ---- decoding ----------------------------------------------------------------------------------
+
+// Walks the segments (groups / blocks) of one row: table() is the row's current decode table.
+struct Lut4Row {
+  const Lut4Matrix& w;
+  const __m512 lut;
+  int64_t seg, next;  // current segment, and the column where the next one starts
+  __m512 table_;
+
+  Lut4Row(const Lut4Matrix& m, int64_t r, __m512 base)
+      : w(m), lut(base), seg(r * m.row_stride / m.group), next(m.group) {
+    build();
+  }
+  void build() {
+    __m512 t = lut;
+    if (w.zero_point) t = _mm512_sub_ps(t, _mm512_set1_ps(w.zero_point[seg]));
+    table_ = _mm512_mul_ps(t, _mm512_set1_ps(w.scale[seg]));
+  }
+  // Table for the 16 columns starting at j (called with increasing j, a multiple of 16).
+  __m512 at(int64_t j) {
+    if (j == next) {
+      ++seg;
+      next += w.group;
+      build();
+    }
+    return table_;
+  }
+};
+
+// Element 16v + t of a chunk of codes q, decoded with table tab.
+template <int V>
+inline __m512 decode16(__m512i q, __m512 tab) {
+  if constexpr (V == 0) return _mm512_permutexvar_ps(q, tab);
+  return _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4 * V), tab);
+}
+
+template <int V, class F>
+inline void for_each_v(F&& f) {
+  if constexpr (V < 8) {
+    f(std::integral_constant<int, V>{});
+    for_each_v<V + 1>(f);
+  }
+}
+
+// Row r of w decoded to floats (kpad of them) into out.
+inline void decode_lut4_row_f32(const Lut4Matrix& w, int64_t r, float* out) {
+  Lut4Row row(w, r, _mm512_loadu_ps(w.lut));
+  const uint8_t* codes = w.codes + r * (w.kpad / 2);
+  for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+    const __m512i q = _mm512_load_si512(codes + c / 2);
+    for_each_v<0>([&](auto v) {
+      constexpr int V = decltype(v)::value;
+      _mm512_storeu_ps(out + c + 16 * V, decode16<V>(q, row.at(c + 16 * V)));
+    });
+  }
+}
+
+inline void decode_lut4_row_bf16(const Lut4Matrix& w, int64_t r, uint16_t* out) {
+  Lut4Row row(w, r, _mm512_loadu_ps(w.lut));
+  const uint8_t* codes = w.codes + r * (w.kpad / 2);
+  for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+    const __m512i q = _mm512_load_si512(codes + c / 2);
+    for_each_v<0>([&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if constexpr (V % 2 == 0) {
+        const __m512 lo = decode16<V>(q, row.at(c + 16 * V));
+        const __m512 hi = decode16<V + 1>(q, row.at(c + 16 * V + 16));
+        _mm512_storeu_si512(out + c + 16 * V, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    });
+  }
+}
+
+inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
+  const int8_t* q = w.codes + r * w.kpad;
+  const __m512 off = _mm512_set1_ps(w.offset ? w.offset[r] : 0.0f), s = _mm512_set1_ps(w.scale[r]);
+  for (int64_t j = 0; j < w.kpad; j += 16) {
+    const __m512 v =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j))));
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_add_ps(v, off), s));
+  }
+}
+
+// ---- GEMV: decode in registers -------------------------------------------------------------------
+
+// Accumulators for N activation rows; with few rows, several per row hide the FMA latency.
+template <int N>
+constexpr int kAccPerRow = N >= 4 ? 1 : 4 / N;
+
+template <int N>
+void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  constexpr int A = kAccPerRow<N>;
+  const __m512 base = _mm512_loadu_ps(w.lut);
+  for (int64_t r = r0; r < r1; ++r) {
+    Lut4Row row(w, r, base);
+    const uint8_t* codes = w.codes + r * (w.kpad / 2);
+    __m512 acc[N][A];
+    for (auto& a : acc)
+      for (auto& b : a) b = _mm512_setzero_ps();
+    for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+      const __m512i q = _mm512_load_si512(codes + c / 2);
+      for_each_v<0>([&](auto v) {
+        constexpr int V = decltype(v)::value;
+        const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
+        for (int i = 0; i < N; ++i)
+          acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
+      });
+    }
+    for (int i = 0; i < N; ++i) {
+      __m512 s = acc[i][0];
+      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
+      y[i * ldy + r] = _mm512_reduce_add_ps(s);
+    }
+  }
+}
+
+// y = scale * sum_j (q + offset) * x: the same products as the dequantized weight times x, with
+// the scale applied once per row.
+template <int N>
+void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  constexpr int A = kAccPerRow<N>;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* q = w.codes + r * w.kpad;
+    const __m512 off = _mm512_set1_ps(w.offset ? w.offset[r] : 0.0f);
+    __m512 acc[N][A];
+    for (auto& a : acc)
+      for (auto& b : a) b = _mm512_setzero_ps();
+    for (int64_t j = 0; j < w.kpad; j += 64) {
+      for (int v = 0; v < 4; ++v) {
+        const __m512 wv = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(
+                                            reinterpret_cast<const __m128i*>(q + j + 16 * v)))),
+                                        off);
+        for (int i = 0; i < N; ++i)
+          acc[i][v % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + j + 16 * v), acc[i][v % A]);
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      __m512 s = acc[i][0];
+      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
+      y[i * ldy + r] = _mm512_reduce_add_ps(s) * w.scale[r];
+    }
+  }
+}
+
+template <template <int> class K, class W, class... Args>
+void gemv_n(int64_t n, const W& w, const float* x, int64_t ldx, Args... args) {
+  switch (n) {
+    case 1:
+      return K<1>::run(w, x, ldx, args...);
+    case 2:
+      return K<2>::run(w, x, ldx, args...);
+    case 3:
+      return K<3>::run(w, x, ldx, args...);
+    case 4:
+      return K<4>::run(w, x, ldx, args...);
+    case 5:
+      return K<5>::run(w, x, ldx, args...);
+    case 6:
+      return K<6>::run(w, x, ldx, args...);
+    case 7:
+      return K<7>::run(w, x, ldx, args...);
+    default:
+      return K<8>::run(w, x, ldx, args...);
+  }
+}
+template <int N>
+struct Lut4Gemv {
+  static void run(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                  int64_t ldy) {
+    lut4_gemv<N>(w, x, ldx, r0, r1, y, ldy);
+  }
+};
+template <int N>
+struct Int8Gemv {
+  static void run(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                  int64_t ldy) {
+    int8_gemv<N>(w, x, ldx, r0, r1, y, ldy);
+  }
+};
+
+// ---- GEMM tiles: dot products over whole rows ---------------------------------------------------
+
+struct F32Dot {
+  using X = float;
+  using W = float;
+  using Acc = __m512;
+  using Out = float;
+  static constexpr int kStep = 16;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
+  static Acc step(Acc a, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), a);
+  }
+  static Out reduce(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+struct Bf16Dot {
+  using X = uint16_t;
+  using W = uint16_t;
+  using Acc = __m512;
+  using Out = float;
+  static constexpr int kStep = 32;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
+  static Acc step(Acc a, __m512i x, __m512i w) { return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w); }
+  static Out reduce(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+struct I8Dot {
+  using X = uint8_t;
+  using W = int8_t;
+  using Acc = __m512i;
+  using Out = int32_t;
+  static constexpr int kStep = 64;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
+  static Acc step(Acc a, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(a, x, w); }
+  static Out reduce(Acc a) { return _mm512_reduce_add_epi32(a); }
+};
+
+// y[i * ldy + m] = dot(x row i, w row m) over len elements (a multiple of Op::kStep).
+template <class Op, int NR, int MR>
+void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
+          typename Op::Out* y, int64_t ldy) {
+  typename Op::Acc acc[NR][MR];
+  for (auto& a : acc)
+    for (auto& b : a) b = Op::zero();
+  for (int64_t j = 0; j < len; j += Op::kStep) {
+    __m512i wv[MR];
+    for (int m = 0; m < MR; ++m) wv[m] = Op::load(w + m * ldw + j);
+    for (int i = 0; i < NR; ++i) {
+      const __m512i xv = Op::load(x + i * ldx + j);
+      for (int m = 0; m < MR; ++m) acc[i][m] = Op::step(acc[i][m], xv, wv[m]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MR; ++m) y[i * ldy + m] = Op::reduce(acc[i][m]);
+}
+
+template <class Op, int NR>
+void tile_m(int mr, const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
+            typename Op::Out* y, int64_t ldy) {
+  switch (mr) {
+    case 1:
+      return tile<Op, NR, 1>(x, ldx, w, ldw, len, y, ldy);
+    case 2:
+      return tile<Op, NR, 2>(x, ldx, w, ldw, len, y, ldy);
+    case 3:
+      return tile<Op, NR, 3>(x, ldx, w, ldw, len, y, ldy);
+    default:
+      return tile<Op, NR, 4>(x, ldx, w, ldw, len, y, ldy);
+  }
+}
+
+// Rows [0, mb) of a weight block (row m at w + m * ldw) against all n activation rows;
+// y points at the block's first output column.
+template <class Op>
+void block_gemm(const typename Op::X* x, int64_t n, int64_t ldx, const typename Op::W* w, int64_t mb,
+                int64_t ldw, int64_t len, typename Op::Out* y, int64_t ldy) {
+  for (int64_t i = 0; i < n; i += 4) {
+    const int nr = static_cast<int>(std::min<int64_t>(4, n - i));
+    for (int64_t m = 0; m < mb; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, mb - m));
+      const auto* xi = x + i * ldx;
+      const auto* wm = w + m * ldw;
+      auto* yi = y + i * ldy + m;
+      switch (nr) {
+        case 1:
+          tile_m<Op, 1>(mr, xi, ldx, wm, ldw, len, yi, ldy);
+          break;
+        case 2:
+          tile_m<Op, 2>(mr, xi, ldx, wm, ldw, len, yi, ldy);
+          break;
+        case 3:
+          tile_m<Op, 3>(mr, xi, ldx, wm, ldw, len, yi, ldy);
+          break;
+        default:
+          tile_m<Op, 4>(mr, xi, ldx, wm, ldw, len, yi, ldy);
+          break;
+      }
+    }
+  }
+}
+
+// Rows decoded per block: the block (rows * kpad elements) should stay in L2.
+inline int64_t block_rows(int64_t kpad, int64_t elem_bytes) {
+  return std::clamp<int64_t>((int64_t{512} << 10) / (kpad * elem_bytes) / 4 * 4, 4, 64);
+}
+
+template <class Op, class Decode>
+void decoded_gemm(int64_t kpad, const typename Op::X* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+                  typename Op::Out* y, int64_t ldy, Decode decode) {
+  const int64_t mb = block_rows(kpad, sizeof(typename Op::W));
+  std::vector<typename Op::W> buf(static_cast<size_t>(mb * kpad));
+  for (int64_t b = r0; b < r1; b += mb) {
+    const int64_t rows = std::min(mb, r1 - b);
+    for (int64_t m = 0; m < rows; ++m) decode(b + m, buf.data() + m * kpad);
+    block_gemm<Op>(x, n, ldx, buf.data(), rows, kpad, kpad, y + b, ldy);
+  }
+}
+
+// ---- transposed product ---------------------------------------------------------------------------
+
+// gx[i][c0, c1) += sum_r gy[i][r] * w[r][c0, c1), four weight rows at a time, decoded into a
+// small buffer (columns in blocks of kCols so the gx block stays in L2).
+template <class Decode>
+void transposed_f32(int64_t rows, int64_t kpad, const float* gy, int64_t n, int64_t ldy, int64_t c0,
+                    int64_t c1, float* gx, int64_t ldx, bool accumulate, Decode decode_cols) {
+  if (!accumulate)
+    for (int64_t i = 0; i < n; ++i) std::fill(gx + i * ldx + c0, gx + i * ldx + c1, 0.0f);
+  constexpr int64_t kCols = 512;
+  (void)kpad;
+  std::vector<float> wbuf(4 * kCols);
+  for (int64_t cb = c0; cb < c1; cb += kCols) {
+    const int64_t ce = std::min(c1, cb + kCols), width = ce - cb;
+    for (int64_t r = 0; r < rows; r += 4) {
+      const int rr = static_cast<int>(std::min<int64_t>(4, rows - r));
+      for (int m = 0; m < rr; ++m) decode_cols(r + m, cb, ce, wbuf.data() + m * kCols);
+      for (int m = rr; m < 4; ++m)
+        std::fill(wbuf.begin() + m * kCols, wbuf.begin() + m * kCols + width, 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* g = gy + i * ldy + r;
+        const __m512 g0 = _mm512_set1_ps(g[0]), g1 = _mm512_set1_ps(rr > 1 ? g[1] : 0.0f),
+                     g2 = _mm512_set1_ps(rr > 2 ? g[2] : 0.0f), g3 = _mm512_set1_ps(rr > 3 ? g[3] : 0.0f);
+        float* out = gx + i * ldx + cb;
+        for (int64_t j = 0; j < width; j += 16) {
+          __m512 a = _mm512_loadu_ps(out + j);
+          a = _mm512_fmadd_ps(g0, _mm512_loadu_ps(wbuf.data() + j), a);
+          a = _mm512_fmadd_ps(g1, _mm512_loadu_ps(wbuf.data() + kCols + j), a);
+          a = _mm512_fmadd_ps(g2, _mm512_loadu_ps(wbuf.data() + 2 * kCols + j), a);
+          a = _mm512_fmadd_ps(g3, _mm512_loadu_ps(wbuf.data() + 3 * kCols + j), a);
+          _mm512_storeu_ps(out + j, a);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
+              int64_t ldy) {
+  if (!w.simd_friendly()) return scalar::lut4_f32(w, x, n, ldx, r0, r1, y, ldy);
+  if (n <= kGemvMaxRows) return gemv_n<Lut4Gemv>(n, w, x, ldx, r0, r1, y, ldy);
+  decoded_gemm<F32Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
+                       [&](int64_t r, float* out) { decode_lut4_row_f32(w, r, out); });
+}
+
+void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
+              int64_t ldy) {
+  if (n <= kGemvMaxRows) return gemv_n<Int8Gemv>(n, w, x, ldx, r0, r1, y, ldy);
+  decoded_gemm<F32Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
+                       [&](int64_t r, float* out) { decode_int8_row_f32(w, r, out); });
+}
+
+void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+               float* y, int64_t ldy) {
+  if (!w.simd_friendly()) return scalar::lut4_bf16(w, x, n, ldx, r0, r1, y, ldy);
+  decoded_gemm<Bf16Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
+                        [&](int64_t r, uint16_t* out) { decode_lut4_row_bf16(w, r, out); });
+}
+
+void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+             int32_t* acc, int64_t ldy) {
+  // Codes are used as stored; blocks of rows keep the weights in L2 across activation tiles.
+  const int64_t mb = block_rows(w.kpad, 1);
+  for (int64_t b = r0; b < r1; b += mb) {
+    const int64_t rows = std::min(mb, r1 - b);
+    block_gemm<I8Dot>(xu, n, ldx, w.codes + b * w.kpad, rows, w.kpad, w.kpad, acc + b, ldy);
+    // sum (xu - 128) q = sum xu q - 128 sum q.
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t m = 0; m < rows; ++m) acc[i * ldy + b + m] -= 128 * w.row_sum[b + m];
+  }
+}
+
+void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
+                float* gx, int64_t ldx, bool accumulate) {
+  if (!w.simd_friendly()) return scalar::lut4_t_f32(w, gy, n, ldy, c0, c1, gx, ldx, accumulate);
+  const __m512 base = _mm512_loadu_ps(w.lut);
+  transposed_f32(w.rows, w.kpad, gy, n, ldy, c0, c1, gx, ldx, accumulate,
+                 [&](int64_t r, int64_t cb, int64_t ce, float* out) {
+                   Lut4Row row(w, r, base);
+                   // Segments are walked from the row start; jump to the block's first one.
+                   row.seg = (r * w.row_stride + cb) / w.group;
+                   row.next = (cb / w.group + 1) * w.group;
+                   row.build();
+                   const uint8_t* codes = w.codes + r * (w.kpad / 2);
+                   for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+                     const __m512i q = _mm512_load_si512(codes + c / 2);
+                     for_each_v<0>([&](auto v) {
+                       constexpr int V = decltype(v)::value;
+                       _mm512_storeu_ps(out + (c - cb) + 16 * V, decode16<V>(q, row.at(c + 16 * V)));
+                     });
+                   }
+                 });
+}
+
+void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
+                float* gx, int64_t ldx, bool accumulate) {
+  transposed_f32(w.rows, w.kpad, gy, n, ldy, c0, c1, gx, ldx, accumulate,
+                 [&](int64_t r, int64_t cb, int64_t ce, float* out) {
+                   const int8_t* q = w.codes + r * w.kpad;
+                   const __m512 off = _mm512_set1_ps(w.offset ? w.offset[r] : 0.0f),
+                                s = _mm512_set1_ps(w.scale[r]);
+                   for (int64_t j = cb; j < ce; j += 16) {
+                     const __m512 v = _mm512_cvtepi32_ps(
+                         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j))));
+                     _mm512_storeu_ps(out + (j - cb), _mm512_mul_ps(_mm512_add_ps(v, off), s));
+                   }
+                 });
+}
+
+}  // namespace msbnb::kernels::avx512
