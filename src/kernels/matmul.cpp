@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -70,11 +71,26 @@ void parallel_split(int64_t n, int64_t unit, Fn fn) {
   }
 }
 
+// Runs fn(i) for the n activation rows, in parallel when there are several.
+template <class Fn>
+void parallel_rows(int64_t n, Fn fn) {
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), n)));
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
 // Activations as float32 rows of kpad (zero tail).
 std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
   std::vector<float> x(static_cast<size_t>(io.n * kpad), 0.0f);
-  for (int64_t i = 0; i < io.n; ++i)
-    for (int64_t j = 0; j < cols; ++j) x[i * kpad + j] = load_elem(io.x, io.x_dtype, i * io.ldx + j);
+  parallel_rows(io.n, [&](int64_t i) {
+    float* dst = x.data() + i * kpad;
+    if (io.x_dtype == DType::f32) {
+      std::memcpy(dst, static_cast<const float*>(io.x) + i * io.ldx, static_cast<size_t>(cols) * 4);
+    } else {
+      const uint16_t* src = static_cast<const uint16_t*>(io.x) + i * io.ldx;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = bf16_to_float(src[j]);
+    }
+  });
   return x;
 }
 
@@ -91,19 +107,20 @@ void check_io(const char* what, const MatmulIO& io, int64_t in_cols, int64_t out
 }
 
 // Writes acc (float32 [n][ld_acc]) plus bias to io.y in its dtype.
-void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& io, bool accumulate = false) {
-  for (int64_t i = 0; i < io.n; ++i)
-    for (int64_t r = 0; r < cols; ++r) {
-      float v = acc[i * ld_acc + r] + (io.bias ? io.bias[r] : 0.0f);
-      if (io.y_dtype == DType::f32) {
-        float* y = static_cast<float*>(io.y) + i * io.ldy + r;
-        *y = accumulate ? *y + v : v;
-      } else {
-        uint16_t* y = static_cast<uint16_t*>(io.y) + i * io.ldy + r;
-        if (accumulate) v += bf16_to_float(*y);
-        *y = float_to_bf16(v);
-      }
+void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& io) {
+  parallel_rows(io.n, [&](int64_t i) {
+    const float* a = acc + i * ld_acc;
+    if (io.y_dtype == DType::f32) {
+      float* y = static_cast<float*>(io.y) + i * io.ldy;
+      if (io.bias)
+        for (int64_t r = 0; r < cols; ++r) y[r] = a[r] + io.bias[r];
+      else
+        std::memcpy(y, a, static_cast<size_t>(cols) * 4);
+    } else {
+      uint16_t* y = static_cast<uint16_t*>(io.y) + i * io.ldy;
+      for (int64_t r = 0; r < cols; ++r) y[r] = float_to_bf16(a[r] + (io.bias ? io.bias[r] : 0.0f));
     }
+  });
 }
 
 template <class W, class Kernel>
@@ -120,11 +137,14 @@ void forward_exact(const W& w, const MatmulIO& io, Kernel kernel) {
 void quantize_rows_biased(const MatmulIO& io, int64_t cols, int64_t kpad, float threshold,
                           const std::vector<int64_t>& skip, std::vector<uint8_t>& xu,
                           std::vector<float>& absmax) {
-  std::vector<int8_t> q(static_cast<size_t>(io.n * kpad));
+  xu.resize(static_cast<size_t>(io.n * kpad));
   absmax.assign(static_cast<size_t>(io.n), 0.0f);
-  quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip, q.data(), kpad, absmax.data());
-  xu.resize(q.size());
-  for (size_t i = 0; i < q.size(); ++i) xu[i] = static_cast<uint8_t>(q[i] + 128);
+  quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip, reinterpret_cast<int8_t*>(xu.data()),
+                     kpad, absmax.data());
+  // The unsigned operand of the int8 kernels: q + 128, i.e. the sign bit flipped.
+  parallel_rows(io.n, [&](int64_t i) {
+    for (int64_t j = 0; j < kpad; ++j) xu[i * kpad + j] ^= 0x80;
+  });
 }
 
 // y[i][r] = acc * (absmax_i * scale_r / 127) (+ offset_r * scale_r * sum_j x[i][j]).
@@ -291,23 +311,27 @@ void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_
                         const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax) {
   std::vector<char> zeroed(static_cast<size_t>(cols), 0);
   for (int64_t c : zero_cols) zeroed[c] = 1;
-  const bool masked = threshold > 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
+  // Elements at or above the threshold are masked out (+inf never passes v < limit).
+  const float limit = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
+  parallel_rows(n, [&](int64_t i) {
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t j = 0; j < cols; ++j) row[j] = load_elem(x, dt, i * ldx + j);
     float a = 0.0f;
     for (int64_t j = 0; j < cols; ++j) {
-      const float v = std::fabs(load_elem(x, dt, i * ldx + j));
-      if (!masked || v < threshold) a = std::fmax(a, v);
+      const float v = std::fabs(row[j]);
+      a = v < limit && v > a ? v : a;
     }
     absmax[i] = a;
     const float inv = a > 0.0f ? 127.0f / a : 0.0f;
-    int8_t* row = q + i * ldq;
-    std::memset(row, 0, static_cast<size_t>(ldq));
+    int8_t* out = q + i * ldq;
+    // rne(v * inv) by the 1.5 * 2^23 trick: |v * inv| <= 127, far inside its exact range.
+    constexpr float kRound = 12582912.0f;
     for (int64_t j = 0; j < cols; ++j) {
-      const float v = load_elem(x, dt, i * ldx + j);
-      if (!zeroed[j] && (!masked || std::fabs(v) < threshold))
-        row[j] = static_cast<int8_t>(std::nearbyint(v * inv));
+      const float v = std::fabs(row[j]) < limit && !zeroed[j] ? row[j] : 0.0f;
+      out[j] = static_cast<int8_t>(static_cast<int32_t>((v * inv + kRound) - kRound));
     }
-  }
+    std::memset(out + cols, 0, static_cast<size_t>(ldq - cols));
+  });
 }
 
 void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {
@@ -315,11 +339,15 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   if (io.n == 0 || w.rows == 0) return;
   if (resolve_path(path, io.n) == MatmulPath::exact) return forward_exact(w, io, k.matmul.lut4_f32);
   std::vector<uint16_t> xb(static_cast<size_t>(io.n * w.kpad), 0);
-  for (int64_t i = 0; i < io.n; ++i)
-    for (int64_t j = 0; j < w.cols; ++j)
-      xb[i * w.kpad + j] = io.x_dtype == DType::bf16
-                               ? static_cast<const uint16_t*>(io.x)[i * io.ldx + j]
-                               : float_to_bf16(static_cast<const float*>(io.x)[i * io.ldx + j]);
+  parallel_rows(io.n, [&](int64_t i) {
+    uint16_t* dst = xb.data() + i * w.kpad;
+    if (io.x_dtype == DType::bf16) {
+      std::memcpy(dst, static_cast<const uint16_t*>(io.x) + i * io.ldx, static_cast<size_t>(w.cols) * 2);
+    } else {
+      const float* src = static_cast<const float*>(io.x) + i * io.ldx;
+      for (int64_t j = 0; j < w.cols; ++j) dst[j] = float_to_bf16(src[j]);
+    }
+  });
   std::vector<float> y(static_cast<size_t>(io.n * w.rows));
   parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
     k.matmul.lut4_bf16(w, xb.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
