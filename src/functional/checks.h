@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "msbnb/functional/quantize.h"
 #include "msbnb/kernels/types.h"
 
 namespace msbnb::detail {
@@ -86,5 +87,9 @@ inline void check_finite_blocks(const float* stats, int64_t count, int64_t bs, i
 }
 
 inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+/// Float32 per-block statistics of a 4-bit / blockwise state (double quantization undone),
+/// checked to hold `expected` finite values. Defined in quantize_4bit.cpp.
+torch::Tensor resolved_absmax(const QuantState& s, int64_t expected);
 
 }  // namespace msbnb::detail

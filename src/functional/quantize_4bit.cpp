@@ -46,7 +46,7 @@ void nest_statistics(QuantState& s) {
 }
 
 // Float32 per-block statistics of a state, undoing double quantization.
-torch::Tensor resolved_absmax(const QuantState& s, int64_t expected) {
+torch::Tensor resolved_absmax_impl(const QuantState& s, int64_t expected) {
   torch::Tensor a;
   if (s.nested()) {
     detail::check_dtype(s.absmax, torch::kUInt8, "state.absmax");
@@ -147,7 +147,7 @@ torch::Tensor dequantize_int4(const torch::Tensor& data, const QuantState& s) {
   const RowsCols rc = rows_cols(s.shape);
   const int64_t groups = kernels::ceil_div(rc.cols, gs), row_bytes = (rc.cols + 1) / 2;
   detail::check_numel(data, rc.rows * row_bytes, "data");
-  const torch::Tensor scale = resolved_absmax(s, rc.rows * groups);
+  const torch::Tensor scale = resolved_absmax_impl(s, rc.rows * groups);
   std::vector<int32_t> zp;
   if (s.zero_point.defined()) {
     detail::check_dtype(s.zero_point, torch::kUInt8, "state.zero_point");
@@ -167,6 +167,12 @@ torch::Tensor dequantize_int4(const torch::Tensor& data, const QuantState& s) {
 }
 
 }  // namespace
+
+namespace detail {
+torch::Tensor resolved_absmax(const QuantState& s, int64_t expected) {
+  return resolved_absmax_impl(s, expected);
+}
+}  // namespace detail
 
 int64_t QuantState::numel() const { return shape_numel(shape); }
 
@@ -214,7 +220,7 @@ torch::Tensor dequantize_4bit(const torch::Tensor& data, const QuantState& s) {
     detail::check_numel(s.code, 16, "state.code");
     detail::check_all_finite(s.code, "state.code");
     const int64_t nb = kernels::ceil_div(n, s.blocksize);
-    const torch::Tensor absmax = resolved_absmax(s, nb), packed = detail::dense(data),
+    const torch::Tensor absmax = resolved_absmax_impl(s, nb), packed = detail::dense(data),
                         code = detail::dense(s.code);
     out = torch::empty(s.shape, kF32);
     kernels::dequantize_lut4(packed.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(),
@@ -265,7 +271,8 @@ torch::Tensor dequantize_blockwise(const torch::Tensor& data, const QuantState& 
   detail::check_numel(s.code, 256, "state.code");
   detail::check_all_finite(s.code, "state.code");
   const int64_t nb = kernels::ceil_div(n, s.blocksize);
-  const torch::Tensor absmax = resolved_absmax(s, nb), q = detail::dense(data), code = detail::dense(s.code);
+  const torch::Tensor absmax = resolved_absmax_impl(s, nb), q = detail::dense(data),
+                      code = detail::dense(s.code);
   torch::Tensor out = torch::empty(s.shape, kF32);
   kernels::dequantize_lut8(q.data_ptr<uint8_t>(), n, s.blocksize, absmax.data_ptr<float>(),
                            code.data_ptr<float>(), out.data_ptr<float>());

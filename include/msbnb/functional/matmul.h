@@ -1,0 +1,87 @@
+// Fused quantized matmul on torch::Tensor (CPU): y = x · dequant(W)ᵀ + bias without
+// materialising dequant(W), its transposed product for backward, and LLM.int8().
+// Kernels and numerics: msbnb/kernels/matmul.h, docs/matmul.md.
+#pragma once
+#include <torch/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "msbnb/functional/quantize.h"
+#include "msbnb/kernels/matmul.h"
+
+namespace msbnb {
+
+/// exact: fp32 activations, weights decoded exactly as dequantize gives them.
+/// fast:  4-bit weights multiply in bf16 (~0.2 % error), int8 weights with activations
+///        quantized per row to int8 (LLM.int8() numerics, ~0.9 % error on Gaussian rows).
+/// automatic: exact for up to 8 rows (memory-bound), fast above.
+using MatmulPath = kernels::MatmulPath;
+
+/// A 2-D quantized weight [out_features, in_features] repacked once into the kernels' private
+/// layout. Converting back (to_4bit / to_8bit) gives the interchange tensors bit for bit.
+/// Copies share the packed data (it is immutable).
+class PackedWeight {
+ public:
+  PackedWeight() = default;
+  /// nf4 / fp4 (with or without double quantization) or int4 (sym / asym) of a 2-D weight.
+  static PackedWeight from_4bit(const torch::Tensor& data, const QuantState& state);
+  /// int8 of a 2-D weight, per channel or per tensor, symmetric or asymmetric.
+  static PackedWeight from_8bit(const Int8Quantized& q);
+  /// bitsandbytes' LLM.int8() layout: CB int8 [out, in] and SCB float32 [out] (row absmax).
+  static PackedWeight from_int8_scb(const torch::Tensor& CB, const torch::Tensor& SCB);
+
+  bool defined() const { return impl_ != nullptr; }
+  int64_t out_features() const;
+  int64_t in_features() const;
+  /// "nf4", "fp4", "int4" or "int8".
+  const std::string& format() const;
+  /// Bytes one matmul reads: codes and float32 statistics.
+  int64_t bytes() const;
+
+  Quantized4bit to_4bit() const;
+  Int8Quantized to_8bit() const;
+
+  const kernels::Lut4Matrix* lut4() const;  // null unless 4-bit
+  const kernels::Int8Matrix* int8() const;  // null unless int8
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<const Impl> impl_;
+};
+
+/// y = x · dequant(W)ᵀ + bias. x: float32 or bfloat16 [..., in_features]; bias: [out_features]
+/// (any float dtype) or undefined. Returns [..., out_features] in x's dtype.
+torch::Tensor quantized_matmul(const torch::Tensor& x, const PackedWeight& w, const torch::Tensor& bias = {},
+                               MatmulPath path = MatmulPath::automatic);
+
+/// grad_x = grad_y · dequant(W): grad_y float32 or bfloat16 [..., out_features] -> [..., in_features].
+torch::Tensor quantized_matmul_transposed(const torch::Tensor& grad_y, const PackedWeight& w);
+
+/// bitsandbytes.matmul_4bit(A, B, quant_state, bias): packs (data, state) and multiplies. For
+/// repeated use, pack once with PackedWeight::from_4bit.
+torch::Tensor matmul_4bit(const torch::Tensor& x, const torch::Tensor& data, const QuantState& state,
+                          const torch::Tensor& bias = {});
+
+/// LLM.int8(): int8 weight (symmetric, per row) times x quantized per row; input columns with any
+/// |x| >= threshold are multiplied in fp32 against the dequantized weight columns instead
+/// (threshold 0: none). Returns [..., out_features] in x's dtype.
+struct Int8MatmulResult {
+  torch::Tensor out;
+  std::vector<int64_t> outlier_cols;
+};
+Int8MatmulResult int8_matmul(const torch::Tensor& x, const PackedWeight& w, double threshold = 0.0,
+                             const torch::Tensor& bias = {});
+
+/// bitsandbytes.functional.int8_vectorwise_quant: CB int8 (x's shape), SCB float32 [rows] (row
+/// absmax over the elements below threshold), the outlier columns (threshold > 0).
+struct Int8VectorwiseQuant {
+  torch::Tensor CB, SCB;
+  std::vector<int64_t> outlier_cols;
+};
+Int8VectorwiseQuant int8_vectorwise_quant(const torch::Tensor& x, double threshold = 0.0);
+
+}  // namespace msbnb

@@ -1,0 +1,306 @@
+// Fused quantized matmul on tensors: checks, packing, output allocation (msbnb/functional/matmul.h).
+#include "msbnb/functional/matmul.h"
+
+#include <cmath>
+
+#include "checks.h"
+#include "msbnb/kernels/kernel_table.h"
+
+namespace msbnb {
+
+struct PackedWeight::Impl {
+  std::string format;
+  kernels::PackedLut4 lut4;
+  kernels::PackedInt8 int8;
+  bool is_4bit = false;
+  QuantState state;  // 4-bit: the interchange statistics, kept as given
+  Int8Quantized q8;  // int8: scale / offset / options as given (weight_int8 undefined)
+};
+
+namespace {
+
+const auto kF32 = torch::TensorOptions().dtype(torch::kFloat32);
+
+const PackedWeight::Impl& impl_of(const std::shared_ptr<const PackedWeight::Impl>& p) {
+  TORCH_CHECK(p, "w: expected a packed weight, got an empty PackedWeight");
+  return *p;
+}
+
+int64_t checked_dim(int64_t d, const char* what) {
+  TORCH_CHECK(d > 0, what, ": expected > 0, got ", d);
+  return d;
+}
+
+kernels::DType io_dtype(const torch::Tensor& t, const char* arg) {
+  detail::check_cpu(t, arg);
+  if (t.scalar_type() == torch::kFloat32) return kernels::DType::f32;
+  if (t.scalar_type() == torch::kBFloat16) return kernels::DType::bf16;
+  TORCH_CHECK(false, arg, ": expected dtype float32 or bfloat16, got ", t.scalar_type());
+}
+
+// x [..., cols] as a contiguous [rows, cols] matrix.
+torch::Tensor as_matrix(const torch::Tensor& x, int64_t cols, const char* arg, const char* what) {
+  TORCH_CHECK(x.dim() >= 1, arg, ": expected at least 1 dimension, got a scalar");
+  TORCH_CHECK(x.size(-1) == cols, arg, ": expected last dimension ", cols, " (", what, "), got shape ",
+              detail::shape_str(x.sizes()));
+  return detail::dense(x).reshape({-1, cols});
+}
+
+std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t last) {
+  std::vector<int64_t> s = x.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+torch::Tensor bias_f32(const torch::Tensor& bias, int64_t out) {
+  if (!bias.defined()) return bias;
+  detail::check_cpu(bias, "bias");
+  TORCH_CHECK(bias.is_floating_point(), "bias: expected a floating-point tensor, got ", bias.scalar_type());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out, "bias: expected shape [", out, "], got ",
+              detail::shape_str(bias.sizes()));
+  return detail::dense(bias).to(torch::kFloat32);
+}
+
+template <class W>
+torch::Tensor run_forward(const torch::Tensor& x, const W& w, const torch::Tensor& bias, MatmulPath path) {
+  const kernels::DType dt = io_dtype(x, "x");
+  const torch::Tensor x2 = as_matrix(x, w.cols, "x", "in_features");
+  const torch::Tensor b = bias_f32(bias, w.rows);
+  torch::Tensor y = torch::empty({x2.size(0), w.rows}, x.options());
+  kernels::MatmulIO io;
+  io.x = x2.data_ptr();
+  io.x_dtype = dt;
+  io.n = x2.size(0);
+  io.ldx = w.cols;
+  io.y = y.data_ptr();
+  io.y_dtype = dt;
+  io.ldy = w.rows;
+  io.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  kernels::matmul(w, io, path);
+  return y.reshape(out_shape(x, w.rows));
+}
+
+template <class W>
+torch::Tensor run_transposed(const torch::Tensor& gy, const W& w) {
+  const kernels::DType dt = io_dtype(gy, "grad_y");
+  const torch::Tensor g2 = as_matrix(gy, w.rows, "grad_y", "out_features");
+  torch::Tensor gx = torch::empty({g2.size(0), w.cols}, gy.options());
+  kernels::MatmulIO io;
+  io.x = g2.data_ptr();
+  io.x_dtype = dt;
+  io.n = g2.size(0);
+  io.ldx = w.rows;
+  io.y = gx.data_ptr();
+  io.y_dtype = dt;
+  io.ldy = w.cols;
+  kernels::matmul_transposed(w, io);
+  return gx.reshape(out_shape(gy, w.cols));
+}
+
+}  // namespace
+
+PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState& s) {
+  detail::check_dtype(data, torch::kUInt8, "data");
+  TORCH_CHECK(s.shape.size() == 2, "state.shape: expected a 2-D weight [out_features, in_features], got ",
+              detail::shape_str(s.shape));
+  const int64_t rows = checked_dim(s.shape[0], "state.shape[0] (out_features)");
+  const int64_t cols = checked_dim(s.shape[1], "state.shape[1] (in_features)");
+  auto impl = std::make_shared<Impl>();
+  impl->is_4bit = true;
+  impl->format = s.quant_type;
+  impl->state = s;
+  const torch::Tensor packed = detail::dense(data);
+  if (s.quant_type == "int4") {
+    const int64_t gs = s.blocksize;
+    TORCH_CHECK(gs >= 2 && gs % 2 == 0, "state.blocksize: expected an even int4 group size >= 2, got ", gs);
+    const int64_t groups = kernels::ceil_div(cols, gs);
+    detail::check_numel(data, rows * ((cols + 1) / 2), "data");
+    const torch::Tensor scale = detail::resolved_absmax(s, rows * groups);
+    std::vector<int32_t> zp;
+    if (s.zero_point.defined()) {
+      detail::check_dtype(s.zero_point, torch::kUInt8, "state.zero_point");
+      detail::check_numel(s.zero_point, rows * groups, "state.zero_point");
+      const torch::Tensor z = detail::dense(s.zero_point);
+      for (int64_t i = 0; i < z.numel(); ++i) {
+        const int v = z.data_ptr<uint8_t>()[i];
+        TORCH_CHECK(v <= 15, "state.zero_point: expected values in [0, 15], got ", v, " at index ", i);
+        zp.push_back(v);
+      }
+    }
+    impl->lut4 = kernels::pack_int4(packed.data_ptr<uint8_t>(), rows, cols, gs, scale.data_ptr<float>(),
+                                    zp.empty() ? nullptr : zp.data());
+  } else {
+    TORCH_CHECK(s.quant_type == "nf4" || s.quant_type == "fp4",
+                "state.quant_type: expected \"nf4\", \"fp4\" or \"int4\", got \"", s.quant_type, "\"");
+    TORCH_CHECK(detail::is_pow2(s.blocksize) && s.blocksize >= 32 && s.blocksize <= 4096,
+                "state.blocksize: expected a power of two in [32, 4096], got ", s.blocksize);
+    detail::check_numel(data, (rows * cols + 1) / 2, "data");
+    detail::check_dtype(s.code, torch::kFloat32, "state.code");
+    detail::check_numel(s.code, 16, "state.code");
+    detail::check_all_finite(s.code, "state.code");
+    const torch::Tensor code = detail::dense(s.code);
+    const torch::Tensor absmax = detail::resolved_absmax(s, kernels::ceil_div(rows * cols, s.blocksize));
+    impl->lut4 = kernels::pack_lut4_bnb(packed.data_ptr<uint8_t>(), rows, cols, s.blocksize,
+                                        absmax.data_ptr<float>(), code.data_ptr<float>());
+  }
+  PackedWeight w;
+  w.impl_ = std::move(impl);
+  return w;
+}
+
+PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
+  detail::check_dtype(q.weight_int8, torch::kInt8, "q.weight_int8");
+  TORCH_CHECK(q.weight_int8.dim() == 2,
+              "q.weight_int8: expected a 2-D weight [out_features, in_features], got ",
+              detail::shape_str(q.weight_int8.sizes()));
+  const int64_t rows = checked_dim(q.weight_int8.size(0), "q.weight_int8.size(0) (out_features)");
+  const int64_t cols = checked_dim(q.weight_int8.size(1), "q.weight_int8.size(1) (in_features)");
+  TORCH_CHECK(q.options.granularity != Granularity::per_block,
+              "q.options.granularity: expected per_channel or per_tensor for a matmul weight, got per_block");
+  const int64_t nscale = q.options.granularity == Granularity::per_channel ? rows : 1;
+  detail::check_dtype(q.scale, torch::kFloat32, "q.scale");
+  detail::check_numel(q.scale, nscale, "q.scale");
+  detail::check_all_finite(q.scale, "q.scale");
+  torch::Tensor scale = detail::dense(q.scale).reshape({-1}).expand({rows}).contiguous(), offset;
+  if (!q.options.symmetric) {
+    detail::check_dtype(q.offset, torch::kFloat32, "q.offset");
+    detail::check_numel(q.offset, nscale, "q.offset");
+    detail::check_all_finite(q.offset, "q.offset");
+    offset = detail::dense(q.offset).reshape({-1}).expand({rows}).contiguous();
+  }
+  const torch::Tensor codes = detail::dense(q.weight_int8);
+  auto impl = std::make_shared<Impl>();
+  impl->format = "int8";
+  impl->q8 = q;
+  impl->q8.weight_int8 = torch::Tensor();
+  impl->int8 = kernels::pack_int8(codes.data_ptr<int8_t>(), rows, cols, scale.data_ptr<float>(),
+                                  offset.defined() ? offset.data_ptr<float>() : nullptr);
+  PackedWeight w;
+  w.impl_ = std::move(impl);
+  return w;
+}
+
+PackedWeight PackedWeight::from_int8_scb(const torch::Tensor& CB, const torch::Tensor& SCB) {
+  detail::check_dtype(SCB, torch::kFloat32, "SCB");
+  TORCH_CHECK(CB.dim() == 2, "CB: expected a 2-D weight [out_features, in_features], got ",
+              detail::shape_str(CB.sizes()));
+  detail::check_numel(SCB, CB.size(0), "SCB");
+  detail::check_all_finite(SCB, "SCB");
+  Int8Quantized q;
+  q.weight_int8 = CB;
+  q.scale = detail::dense(SCB).reshape({-1}) / 127.0f;
+  q.options = Int8Options().set_symmetric(true).set_granularity(Granularity::per_channel);
+  return from_8bit(q);
+}
+
+int64_t PackedWeight::out_features() const {
+  const Impl& p = impl_of(impl_);
+  return p.is_4bit ? p.lut4.view.rows : p.int8.view.rows;
+}
+int64_t PackedWeight::in_features() const {
+  const Impl& p = impl_of(impl_);
+  return p.is_4bit ? p.lut4.view.cols : p.int8.view.cols;
+}
+const std::string& PackedWeight::format() const { return impl_of(impl_).format; }
+int64_t PackedWeight::bytes() const {
+  const Impl& p = impl_of(impl_);
+  return p.is_4bit ? p.lut4.bytes() : p.int8.bytes();
+}
+const kernels::Lut4Matrix* PackedWeight::lut4() const {
+  return impl_of(impl_).is_4bit ? &impl_->lut4.view : nullptr;
+}
+const kernels::Int8Matrix* PackedWeight::int8() const {
+  return impl_of(impl_).is_4bit ? nullptr : &impl_->int8.view;
+}
+
+Quantized4bit PackedWeight::to_4bit() const {
+  const Impl& p = impl_of(impl_);
+  TORCH_CHECK(p.is_4bit, "to_4bit: expected a 4-bit packed weight, got format ", p.format);
+  const kernels::Lut4Matrix& w = p.lut4.view;
+  Quantized4bit out;
+  out.state = p.state;
+  const bool bnb = p.format != "int4";
+  out.data = bnb ? torch::empty({(w.rows * w.cols + 1) / 2, 1}, torch::kUInt8)
+                 : torch::empty({w.rows, (w.cols + 1) / 2}, torch::kUInt8);
+  kernels::unpack_lut4_codes(w, bnb, out.data.data_ptr<uint8_t>());
+  return out;
+}
+
+Int8Quantized PackedWeight::to_8bit() const {
+  const Impl& p = impl_of(impl_);
+  TORCH_CHECK(!p.is_4bit, "to_8bit: expected an int8 packed weight, got format ", p.format);
+  Int8Quantized out = p.q8;
+  out.weight_int8 = torch::empty({p.int8.view.rows, p.int8.view.cols}, torch::kInt8);
+  kernels::unpack_int8_codes(p.int8.view, out.weight_int8.data_ptr<int8_t>());
+  return out;
+}
+
+torch::Tensor quantized_matmul(const torch::Tensor& x, const PackedWeight& w, const torch::Tensor& bias,
+                               MatmulPath path) {
+  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+  if (const auto* m = w.lut4()) return run_forward(x, *m, bias, path);
+  return run_forward(x, *w.int8(), bias, path);
+}
+
+torch::Tensor quantized_matmul_transposed(const torch::Tensor& grad_y, const PackedWeight& w) {
+  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+  if (const auto* m = w.lut4()) return run_transposed(grad_y, *m);
+  return run_transposed(grad_y, *w.int8());
+}
+
+torch::Tensor matmul_4bit(const torch::Tensor& x, const torch::Tensor& data, const QuantState& state,
+                          const torch::Tensor& bias) {
+  return quantized_matmul(x, PackedWeight::from_4bit(data, state), bias);
+}
+
+Int8MatmulResult int8_matmul(const torch::Tensor& x, const PackedWeight& w, double threshold,
+                             const torch::Tensor& bias) {
+  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+  const kernels::Int8Matrix* m = w.int8();
+  TORCH_CHECK(m, "w: expected an int8 weight for LLM.int8(), got format ", w.format());
+  TORCH_CHECK(!m->offset, "w: expected a symmetric int8 weight for LLM.int8(), got an asymmetric one");
+  TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold: expected a finite value >= 0, got ",
+              threshold);
+  const kernels::DType dt = io_dtype(x, "x");
+  const torch::Tensor x2 = as_matrix(x, m->cols, "x", "in_features");
+  const torch::Tensor b = bias_f32(bias, m->rows);
+  Int8MatmulResult r;
+  torch::Tensor y = torch::empty({x2.size(0), m->rows}, x.options());
+  kernels::MatmulIO io;
+  io.x = x2.data_ptr();
+  io.x_dtype = dt;
+  io.n = x2.size(0);
+  io.ldx = m->cols;
+  io.y = y.data_ptr();
+  io.y_dtype = dt;
+  io.ldy = m->rows;
+  io.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  kernels::matmul_llm_int8(*m, io, static_cast<float>(threshold), &r.outlier_cols);
+  r.out = y.reshape(out_shape(x, m->rows));
+  return r;
+}
+
+Int8VectorwiseQuant int8_vectorwise_quant(const torch::Tensor& input, double threshold) {
+  torch::Tensor x = input;
+  const kernels::DType dt = detail::float_input(x, "x");
+  TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold: expected a finite value >= 0, got ",
+              threshold);
+  const int64_t cols = x.dim() == 0 ? 1 : x.size(-1), rows = x.numel() / cols;
+  Int8VectorwiseQuant r;
+  const float t = static_cast<float>(threshold);
+  if (t > 0.0f) {
+    const torch::Tensor mask = (x.reshape({rows, cols}).abs() >= t).any(0);
+    for (int64_t j = 0; j < cols; ++j)
+      if (mask[j].item<bool>()) r.outlier_cols.push_back(j);
+  }
+  r.CB = torch::empty(x.sizes(), torch::kInt8);
+  r.SCB = torch::empty({rows}, kF32);
+  // bitsandbytes zeroes the outlier columns only for more than one row (one row: the masked
+  // elements are those columns anyway).
+  kernels::quantize_rows_int8(x.data_ptr(), dt, rows, cols, cols, t,
+                              rows > 1 ? r.outlier_cols : std::vector<int64_t>{}, r.CB.data_ptr<int8_t>(),
+                              cols, r.SCB.data_ptr<float>());
+  return r;
+}
+
+}  // namespace msbnb

@@ -1,0 +1,295 @@
+// Fused quantized matmul through the functional API, on the ISA this process runs (the suite runs
+// once per ISA, MSBNB_ISA): against "dequantize, then matmul" in double, round trips of the
+// packed layout, LLM.int8() against bitsandbytes' fixtures, and bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "msbnb/msbnb.h"
+
+namespace {
+
+using msbnb::MatmulPath;
+using msbnb::PackedWeight;
+
+constexpr double kEps32 = 1.0 / (1 << 24);   // unit roundoff of float32
+constexpr double kEpsBf16 = 1.0 / (1 << 8);  // unit roundoff of bfloat16 (8 significant bits)
+
+struct Case {
+  std::string name;
+  PackedWeight w;
+  torch::Tensor dequant;  // float32 [out, in]
+};
+
+Case make_case(const std::string& fmt, int64_t out, int64_t in, int64_t block, bool nested, bool sym) {
+  torch::manual_seed(out * 131 + in);
+  const torch::Tensor w = torch::randn({out, in});
+  Case c;
+  c.name = fmt + " " + std::to_string(out) + "x" + std::to_string(in) + " b" + std::to_string(block) +
+           (nested ? " dq" : "") + (sym ? "" : " asym");
+  if (fmt == "int8") {
+    const auto q = msbnb::quantize_8bit(w, msbnb::Int8Options().set_symmetric(sym));
+    c.w = PackedWeight::from_8bit(q);
+    c.dequant = msbnb::dequantize_8bit(q);
+  } else {
+    const auto q = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions()
+                                               .set_quant_type(fmt)
+                                               .set_blocksize(block)
+                                               .set_compress_statistics(nested)
+                                               .set_symmetric(sym));
+    c.w = PackedWeight::from_4bit(q.data, q.state);
+    c.dequant = msbnb::dequantize_4bit(q.data, q.state);
+  }
+  return c;
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  for (const char* f : {"nf4", "fp4"}) {
+    v.push_back(make_case(f, 67, 257, 64, false, true));   // blocks straddle rows: scalar layout
+    v.push_back(make_case(f, 33, 640, 64, true, true));    // double quantization
+    v.push_back(make_case(f, 17, 384, 128, false, true));  // SIMD layout
+  }
+  v.push_back(make_case("int4", 67, 300, 128, false, true));  // short last group
+  v.push_back(make_case("int4", 33, 257, 32, true, false));   // asymmetric, odd columns
+  v.push_back(make_case("int4", 17, 200, 50, false, true));   // group not a multiple of 16
+  v.push_back(make_case("int8", 67, 257, 0, false, true));
+  v.push_back(make_case("int8", 33, 640, 0, false, false));
+  return v;
+}
+
+// |y - ref| <= bound elementwise, bound = rel * sum_j |x_j w_j| + abs (all in double).
+void expect_close(const torch::Tensor& y, const torch::Tensor& ref, const torch::Tensor& absprod, double rel,
+                  double abs, const std::string& what) {
+  const torch::Tensor err = (y.to(torch::kFloat64) - ref).abs();
+  const torch::Tensor bound = absprod * rel + abs;
+  const auto worst = (err - bound).max().item<double>();
+  EXPECT_LE(worst, 0.0) << what << ": error exceeds the bound by " << worst;
+}
+
+TEST(Matmul, MatchesDequantizeThenMatmul) {
+  for (const Case& c : cases()) {
+    const int64_t in = c.dequant.size(1);
+    const torch::Tensor wd = c.dequant.to(torch::kFloat64);
+    for (int64_t n : {1, 3, 8, 9, 33}) {
+      for (bool with_bias : {false, true}) {
+        for (auto dt : {torch::kFloat32, torch::kBFloat16}) {
+          torch::manual_seed(n);
+          const torch::Tensor x = torch::randn({n, in}).to(dt);
+          const torch::Tensor bias = with_bias ? torch::randn({c.dequant.size(0)}) : torch::Tensor();
+          const torch::Tensor xd = x.to(torch::kFloat64);
+          torch::Tensor ref = xd.matmul(wd.t());
+          if (with_bias) ref += bias.to(torch::kFloat64);
+          const torch::Tensor absprod = xd.abs().matmul(wd.abs().t());
+          // Output rounding: float32 (or bf16) of |ref|, plus the bias ulp.
+          const double out_eps = dt == torch::kBFloat16 ? kEpsBf16 : kEps32;
+          const torch::Tensor out_round = ref.abs() * out_eps + (with_bias ? 1e-6 : 0.0);
+          for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+            const std::string what = c.name + " n=" + std::to_string(n) + (with_bias ? " bias" : "") +
+                                     (dt == torch::kBFloat16 ? " bf16" : " f32") +
+                                     (path == MatmulPath::exact ? " exact" : " fast");
+            const torch::Tensor y = msbnb::quantized_matmul(x, c.w, bias, path);
+            ASSERT_EQ(y.scalar_type(), dt) << what;
+            ASSERT_EQ(y.sizes(), ref.sizes()) << what;
+            if (path == MatmulPath::exact) {
+              // Summation order only: (in + 4) roundings of at most eps of the running |sum|.
+              expect_close(y, ref, absprod * ((in + 4) * kEps32) + out_round, 1.0, 0.0, what);
+            } else if (c.w.lut4()) {
+              // bf16 weights and activations: each factor within 2^-9 relative, so each product
+              // within 2 * 2^-9 + 2^-18 <= 2^-8 relative; then float32 sums.
+              expect_close(y, ref, absprod * (kEpsBf16 + (in + 4) * kEps32) + out_round, 1.0, 0.0, what);
+            } else {
+              // int8 activations, per row: each x_j moves by at most half a step absmax / 127.
+              const torch::Tensor step = xd.abs().amax(1, true) / 127.0;
+              const torch::Tensor qerr = step.mul(0.5).matmul(wd.abs().sum(1, true).t());
+              expect_close(y, ref, qerr * (1 + 1e-6) + absprod * ((in + 8) * kEps32) + out_round, 1.0, 0.0,
+                           what);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Matmul, BatchDimensionsAndTransposedProduct) {
+  for (const Case& c : cases()) {
+    const int64_t out = c.dequant.size(0), in = c.dequant.size(1);
+    const torch::Tensor wd = c.dequant.to(torch::kFloat64);
+    torch::manual_seed(7);
+    const torch::Tensor x = torch::randn({2, 5, in});
+    const torch::Tensor y = msbnb::quantized_matmul(x, c.w, {}, MatmulPath::exact);
+    ASSERT_EQ(y.sizes(), (std::vector<int64_t>{2, 5, out})) << c.name;
+    const torch::Tensor absprod = x.to(torch::kFloat64).abs().matmul(wd.abs().t());
+    expect_close(y, x.to(torch::kFloat64).matmul(wd.t()), absprod, (in + 4) * kEps32 + kEps32, 0.0, c.name);
+    for (auto dt : {torch::kFloat32, torch::kBFloat16}) {
+      const torch::Tensor gy = torch::randn({2, 3, out}).to(dt);
+      const torch::Tensor gx = msbnb::quantized_matmul_transposed(gy, c.w);
+      ASSERT_EQ(gx.sizes(), (std::vector<int64_t>{2, 3, in})) << c.name;
+      ASSERT_EQ(gx.scalar_type(), dt) << c.name;
+      const torch::Tensor gyd = gy.to(torch::kFloat64);
+      const torch::Tensor ref = gyd.matmul(wd), absp = gyd.abs().matmul(wd.abs());
+      const double out_eps = dt == torch::kBFloat16 ? kEpsBf16 : kEps32;
+      expect_close(gx, ref, absp * ((out + 4) * kEps32) + ref.abs() * out_eps, 1.0, 0.0,
+                   c.name + " transposed");
+    }
+  }
+}
+
+TEST(Matmul, FastPathErrorOnGaussianData) {
+  torch::manual_seed(3);
+  const torch::Tensor w = torch::randn({256, 1024}), x = torch::randn({64, 1024});
+  for (const char* fmt : {"nf4", "int8"}) {
+    const Case c = make_case(fmt, 256, 1024, 64, false, true);
+    const torch::Tensor ref = x.to(torch::kFloat64).matmul(c.dequant.to(torch::kFloat64).t());
+    const torch::Tensor y = msbnb::quantized_matmul(x, c.w, {}, MatmulPath::fast).to(torch::kFloat64);
+    const double rel = ((y - ref).norm() / ref.norm()).item<double>();
+    // bf16: about 2^-9 / sqrt(3) per factor, ~0.2 %; int8 per row: absmax / (127 sqrt(12)) / rms ~ 0.8 %.
+    EXPECT_LT(rel, 0.01) << fmt;
+    EXPECT_GT(rel, 0.0) << fmt << ": the fast path should not be exact";
+    std::cout << "[ INFO     ] fast path relative error " << fmt << ": " << 100 * rel << " %\n";
+  }
+}
+
+TEST(Matmul, RoundTripToInterchangeIsExact) {
+  torch::manual_seed(5);
+  for (auto [fmt, out, in, block, sym] :
+       {std::tuple{"nf4", 7, 33, 64, true}, std::tuple{"fp4", 33, 640, 128, true},
+        std::tuple{"int4", 9, 257, 32, false}, std::tuple{"int4", 9, 130, 64, true}}) {
+    const auto q = msbnb::quantize_4bit(
+        torch::randn({out, in}),
+        msbnb::Quantize4bitOptions().set_quant_type(fmt).set_blocksize(block).set_symmetric(sym));
+    const PackedWeight w = PackedWeight::from_4bit(q.data, q.state);
+    const auto back = w.to_4bit();
+    EXPECT_TRUE(torch::equal(back.data, q.data)) << fmt;
+    EXPECT_TRUE(torch::equal(back.state.absmax, q.state.absmax)) << fmt;
+    EXPECT_TRUE(
+        torch::equal(msbnb::dequantize_4bit(back.data, back.state), msbnb::dequantize_4bit(q.data, q.state)));
+    EXPECT_EQ(w.out_features(), out);
+    EXPECT_EQ(w.in_features(), in);
+    EXPECT_EQ(w.format(), fmt);
+  }
+  for (bool sym : {true, false}) {
+    const auto q = msbnb::quantize_8bit(torch::randn({13, 77}), msbnb::Int8Options().set_symmetric(sym));
+    const auto back = PackedWeight::from_8bit(q).to_8bit();
+    EXPECT_TRUE(torch::equal(back.weight_int8, q.weight_int8));
+    EXPECT_TRUE(torch::equal(msbnb::dequantize_8bit(back), msbnb::dequantize_8bit(q)));
+  }
+}
+
+TEST(Matmul, Int8VectorwiseQuantMatchesBitsandbytes) {
+  std::ifstream f(std::string(MSBNB_FIXTURES_DIR) + "/bnb/int8_vectorwise.json");
+  ASSERT_TRUE(f) << "missing fixture int8_vectorwise.json";
+  const nlohmann::json file = nlohmann::json::parse(f);
+  for (const auto& c : file["cases"]) {
+    const auto& in = file["inputs"][c["input"].get<std::string>()];
+    std::vector<float> vals = in["values"].get<std::vector<float>>();
+    torch::Tensor x = torch::tensor(vals).reshape(in["shape"].get<std::vector<int64_t>>());
+    if (in["dtype"] == "float16") x = x.to(torch::kFloat16);
+    const auto r = msbnb::int8_vectorwise_quant(x, c["params"]["threshold"].get<double>());
+    const auto& o = c["outputs"];
+    const std::string name = c["name"];
+    EXPECT_TRUE(torch::equal(
+        r.CB, torch::tensor(o["CB"].get<std::vector<int64_t>>()).to(torch::kInt8).reshape(x.sizes())))
+        << name;
+    EXPECT_TRUE(torch::equal(r.SCB, torch::tensor(o["SCB"].get<std::vector<float>>()))) << name;
+    const std::vector<int64_t> cols =
+        o["outlier_cols"].is_null() ? std::vector<int64_t>{} : o["outlier_cols"].get<std::vector<int64_t>>();
+    EXPECT_EQ(r.outlier_cols, cols) << name;
+  }
+}
+
+TEST(Matmul, LlmInt8WithOutliers) {
+  torch::manual_seed(11);
+  const int64_t out = 37, in = 200, n = 9;
+  const torch::Tensor w = torch::randn({out, in});
+  // bitsandbytes' weight side: CB = rne(w * 127 / row absmax), SCB = row absmax.
+  const auto wq = msbnb::int8_vectorwise_quant(w);
+  const PackedWeight pw = PackedWeight::from_int8_scb(wq.CB, wq.SCB);
+  torch::Tensor x = torch::randn({n, in});
+  x.index_put_({2, 5}, 9.0f);
+  x.index_put_({7, 150}, -12.0f);
+  for (double threshold : {0.0, 6.0}) {
+    const auto r = msbnb::int8_matmul(x, pw, threshold);
+    const auto xq = msbnb::int8_vectorwise_quant(x, threshold);
+    EXPECT_EQ(r.outlier_cols, xq.outlier_cols);
+    if (threshold > 0) {
+      EXPECT_EQ(r.outlier_cols, (std::vector<int64_t>{5, 150}));
+    }
+    // Reference: exact integer products, the same scaling, outlier columns in double.
+    const torch::Tensor acc = xq.CB.to(torch::kFloat64).matmul(wq.CB.to(torch::kFloat64).t());
+    const torch::Tensor scale =
+        (xq.SCB.to(torch::kFloat64) / 127.0).unsqueeze(1) * (wq.SCB.to(torch::kFloat64) / 127.0).unsqueeze(0);
+    torch::Tensor ref = acc * scale;
+    const torch::Tensor wd = wq.CB.to(torch::kFloat64) * (wq.SCB.to(torch::kFloat64) / 127.0).unsqueeze(1);
+    torch::Tensor outlier_abs = torch::zeros_like(ref);
+    for (int64_t col : xq.outlier_cols) {
+      const torch::Tensor p =
+          x.select(1, col).to(torch::kFloat64).unsqueeze(1) * wd.select(1, col).unsqueeze(0);
+      ref += p;
+      outlier_abs += p.abs();
+    }
+    // float32 scaling of an exact int32 (a few roundings) and the fp32 outlier sums.
+    const torch::Tensor bound =
+        (acc.abs() * scale) * (8 * kEps32) + outlier_abs * (in * kEps32) + ref.abs() * kEps32;
+    const torch::Tensor err = (r.out.to(torch::kFloat64) - ref).abs();
+    EXPECT_LE((err - bound).max().item<double>(), 0.0) << "threshold " << threshold;
+  }
+}
+
+void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an exception";
+  } catch (const std::exception& e) {
+    const std::string msg = e.what();
+    for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  }
+}
+
+TEST(Matmul, BadInput) {
+  const Case c = make_case("nf4", 8, 64, 64, false, true);
+  const Case c8 = make_case("int8", 8, 64, 0, false, true);
+  const Case c8a = make_case("int8", 8, 64, 0, false, false);
+  expect_error(
+      [&] {
+        msbnb::quantized_matmul(torch::randn({2, 64}).to(torch::kFloat16), c.w);
+      },
+      {"x:", "float32 or bfloat16", "Half"});
+  expect_error([&] { msbnb::quantized_matmul(torch::ones({2, 64}, torch::kInt32), c.w); }, {"x:", "Int"});
+  expect_error([&] { msbnb::quantized_matmul(torch::randn({2, 63}), c.w); }, {"x:", "64", "[2, 63]"});
+  expect_error(
+      [&] {
+        msbnb::quantized_matmul(torch::randn({2, 64}), c.w, torch::randn({7}));
+      },
+      {"bias:", "[8]", "[7]"});
+  expect_error([&] { msbnb::quantized_matmul(torch::randn({2, 64}), PackedWeight()); }, {"w:", "empty"});
+  expect_error([&] { msbnb::quantized_matmul_transposed(torch::randn({2, 9}), c.w); }, {"grad_y:", "8"});
+  expect_error([&] { msbnb::int8_matmul(torch::randn({2, 64}), c.w); }, {"w:", "int8", "nf4"});
+  expect_error([&] { msbnb::int8_matmul(torch::randn({2, 64}), c8a.w); }, {"w:", "symmetric"});
+  expect_error([&] { msbnb::int8_matmul(torch::randn({2, 64}), c8.w, -1.0); }, {"threshold:", "-1"});
+  expect_error([&] { c.w.to_8bit(); }, {"to_8bit", "nf4"});
+  const auto q = msbnb::quantize_4bit(torch::randn({64}), msbnb::Quantize4bitOptions().set_quant_type("nf4"));
+  expect_error([&] { PackedWeight::from_4bit(q.data, q.state); }, {"state.shape:", "2-D", "[64]"});
+  const auto q8 = msbnb::quantize_8bit(torch::randn({4, 64}),
+                                       msbnb::Int8Options().set_granularity(msbnb::Granularity::per_block));
+  expect_error([&] { PackedWeight::from_8bit(q8); }, {"granularity", "per_block"});
+  expect_error(
+      [&] {
+        PackedWeight::from_int8_scb(torch::zeros({4, 8}, torch::kInt8), torch::ones({3}));
+      },
+      {"SCB:", "4", "3"});
+  expect_error(
+      [&] {
+        PackedWeight::from_int8_scb(torch::zeros({4, 8}, torch::kInt8), torch::full({4}, NAN));
+      },
+      {"SCB:", "finite"});
+  // Empty batches are fine: no rows in, no rows out.
+  EXPECT_EQ(msbnb::quantized_matmul(torch::randn({0, 64}), c.w).sizes(), (std::vector<int64_t>{0, 8}));
+}
+
+}  // namespace
