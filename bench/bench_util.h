@@ -156,4 +156,58 @@ inline void write_pass(void* p, size_t bytes, int threads, int value) {
   }
 }
 
+/// An uninitialised buffer of n T behind a shared_ptr (freed with std::free): 2 MiB aligned with
+/// transparent huge pages requested when `huge` (as Buffer), else 64-byte aligned (as the
+/// library's own packed weights).
+template <typename T>
+std::shared_ptr<T> shared_alloc(size_t n, bool huge) {
+  const size_t align = huge ? size_t{2} << 20 : 64;
+  const size_t bytes = std::max<size_t>((n * sizeof(T) + align - 1) / align * align, align);
+  void* p = std::aligned_alloc(align, bytes);
+  if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  return std::shared_ptr<T>(static_cast<T*>(p), [](T* q) { std::free(q); });
+}
+
+/// memcpy of `bytes` split across the OpenMP threads (each first-touches its share of dst).
+inline void parallel_copy(void* dst, const void* src, size_t bytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const int64_t total = static_cast<int64_t>(bytes);
+#pragma omp parallel
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = total * t / nt / 64 * 64, hi = t + 1 == nt ? total : total * (t + 1) / nt / 64 * 64;
+    if (hi > lo) std::memcpy(d + lo, s + lo, static_cast<size_t>(hi - lo));
+  }
+}
+
+/// Median of a sample (mean of the two middle values for an even count); NaN when empty.
+inline double median(std::vector<double> v) {
+  if (v.empty()) return std::nan("");
+  const size_t h = v.size() / 2;
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(h), v.end());
+  if (v.size() % 2) return v[h];
+  const double hi = v[h];
+  return (*std::max_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(h)) + hi) / 2;
+}
+
+/// Read bandwidth in GB/s (1e9 bytes): the best of `passes` read_pass over x[0, n) after
+/// `warmup` untimed passes.
+inline double read_bandwidth(const float* x, int64_t n, int threads, bool avx2, int passes, int warmup = 0) {
+  volatile float keep = 0;
+  for (int i = 0; i < warmup; ++i) keep = keep + read_pass(x, n, threads, avx2);
+  double best = 0;
+  for (int i = 0; i < passes; ++i) {
+    const double t0 = omp_get_wtime();
+    const float s = read_pass(x, n, threads, avx2);
+    const double sec = omp_get_wtime() - t0;
+    keep = keep + s;
+    best = std::max(best, static_cast<double>(n) * sizeof(float) / sec / 1e9);
+  }
+  return best;
+}
+
 }  // namespace msbnb::bench

@@ -137,22 +137,22 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
 }
 
 // y = scale * sum_j (q + offset) * x: the same products as the dequantized weight times x, with
-// the scale applied once per row.
-template <int N>
-void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
+// the scale applied once per row (symmetric weights skip the offset).
+template <int N, bool Offset>
+void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                    int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* q = w.codes + r * w.kpad;
-    const __m512 off = _mm512_set1_ps(w.offset ? w.offset[r] : 0.0f);
+    const __m512 off = _mm512_set1_ps(Offset ? w.offset[r] : 0.0f);
     __m512 acc[N][A];
     for (auto& a : acc)
       for (auto& b : a) b = _mm512_setzero_ps();
     for (int64_t j = 0; j < w.kpad; j += 64) {
       for (int v = 0; v < 4; ++v) {
-        const __m512 wv = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(
-                                            reinterpret_cast<const __m128i*>(q + j + 16 * v)))),
-                                        off);
+        __m512 wv = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j + 16 * v))));
+        if constexpr (Offset) wv = _mm512_add_ps(wv, off);
         for (int i = 0; i < N; ++i)
           acc[i][v % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + j + 16 * v), acc[i][v % A]);
       }
@@ -163,6 +163,11 @@ void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int
       y[i * ldy + r] = _mm512_reduce_add_ps(s) * w.scale[r];
     }
   }
+}
+template <int N>
+void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  if (w.offset) return int8_gemv_rows<N, true>(w, x, ldx, r0, r1, y, ldy);
+  int8_gemv_rows<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
 
 template <template <int> class K, class W, class... Args>
