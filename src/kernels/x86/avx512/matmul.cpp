@@ -136,15 +136,15 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
   }
 }
 
-// y = scale * sum_j (q + offset) * x: the same products as the dequantized weight times x, with
-// the scale applied once per row (symmetric weights skip the offset).
+// y = sum_j ((q + offset) * scale) * x: each weight is exactly the dequantized one (symmetric
+// weights skip the offset add).
 template <int N, bool Offset>
 void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* q = w.codes + r * w.kpad;
-    const __m512 off = _mm512_set1_ps(Offset ? w.offset[r] : 0.0f);
+    const __m512 off = _mm512_set1_ps(Offset ? w.offset[r] : 0.0f), scale = _mm512_set1_ps(w.scale[r]);
     __m512 acc[N][A];
     for (auto& a : acc)
       for (auto& b : a) b = _mm512_setzero_ps();
@@ -153,6 +153,7 @@ void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0
         __m512 wv = _mm512_cvtepi32_ps(
             _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j + 16 * v))));
         if constexpr (Offset) wv = _mm512_add_ps(wv, off);
+        wv = _mm512_mul_ps(wv, scale);
         for (int i = 0; i < N; ++i)
           acc[i][v % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + j + 16 * v), acc[i][v % A]);
       }
@@ -160,12 +161,13 @@ void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0
     for (int i = 0; i < N; ++i) {
       __m512 s = acc[i][0];
       for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
-      y[i * ldy + r] = _mm512_reduce_add_ps(s) * w.scale[r];
+      y[i * ldy + r] = _mm512_reduce_add_ps(s);
     }
   }
 }
 template <int N>
-void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
   if (w.offset) return int8_gemv_rows<N, true>(w, x, ldx, r0, r1, y, ldy);
   int8_gemv_rows<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
@@ -350,12 +352,13 @@ void transposed_f32(int64_t rows, int64_t kpad, const float* gy, int64_t n, int6
                      g2 = _mm512_set1_ps(rr > 2 ? g[2] : 0.0f), g3 = _mm512_set1_ps(rr > 3 ? g[3] : 0.0f);
         float* out = gx + i * ldx + cb;
         for (int64_t j = 0; j < width; j += 16) {
-          __m512 a = _mm512_loadu_ps(out + j);
+          const __mmask16 m = mask_upto16(width - j);  // nothing past c1 is touched
+          __m512 a = _mm512_maskz_loadu_ps(m, out + j);
           a = _mm512_fmadd_ps(g0, _mm512_loadu_ps(wbuf.data() + j), a);
           a = _mm512_fmadd_ps(g1, _mm512_loadu_ps(wbuf.data() + kCols + j), a);
           a = _mm512_fmadd_ps(g2, _mm512_loadu_ps(wbuf.data() + 2 * kCols + j), a);
           a = _mm512_fmadd_ps(g3, _mm512_loadu_ps(wbuf.data() + 3 * kCols + j), a);
-          _mm512_storeu_ps(out + j, a);
+          _mm512_mask_storeu_ps(out + j, m, a);
         }
       }
     }
