@@ -8,3 +8,5 @@ bash scripts/build.sh
 ./build/release/examples/basic_usage
 echo
 ./build/release/examples/functional_api
+echo
+./build/release/examples/quantized_matmul
