@@ -139,8 +139,8 @@ void quantize_rows_biased(const MatmulIO& io, int64_t cols, int64_t kpad, float 
                           std::vector<float>& absmax) {
   xu.resize(static_cast<size_t>(io.n * kpad));
   absmax.assign(static_cast<size_t>(io.n), 0.0f);
-  quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip, reinterpret_cast<int8_t*>(xu.data()),
-                     kpad, absmax.data());
+  quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip,
+                     reinterpret_cast<int8_t*>(xu.data()), kpad, absmax.data());
   // The unsigned operand of the int8 kernels: q + 128, i.e. the sign bit flipped.
   parallel_rows(io.n, [&](int64_t i) {
     for (int64_t j = 0; j < kpad; ++j) xu[i * kpad + j] ^= 0x80;
@@ -310,7 +310,12 @@ MatmulPath resolve_path(MatmulPath path, int64_t n) {
 void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
                         const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax) {
   std::vector<char> zeroed(static_cast<size_t>(cols), 0);
-  for (int64_t c : zero_cols) zeroed[c] = 1;
+  for (int64_t c : zero_cols) {
+    if (c < 0 || c >= cols)
+      throw std::invalid_argument("quantize_rows_int8: zero_cols: expected columns in [0, " +
+                                  std::to_string(cols) + "), got " + std::to_string(c));
+    zeroed[c] = 1;
+  }
   // Elements at or above the threshold are masked out (+inf never passes v < limit).
   const float limit = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
   parallel_rows(n, [&](int64_t i) {
@@ -324,11 +329,20 @@ void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_
     absmax[i] = a;
     const float inv = a > 0.0f ? 127.0f / a : 0.0f;
     int8_t* out = q + i * ldq;
-    // rne(v * inv) by the 1.5 * 2^23 trick: |v * inv| <= 127, far inside its exact range.
-    constexpr float kRound = 12582912.0f;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float v = std::fabs(row[j]) < limit && !zeroed[j] ? row[j] : 0.0f;
-      out[j] = static_cast<int8_t>(static_cast<int32_t>((v * inv + kRound) - kRound));
+    if (std::isfinite(inv)) {
+      // rne(v * inv) by the 1.5 * 2^23 trick: |v * inv| <= 127, far inside its exact range.
+      constexpr float kRound = 12582912.0f;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float v = std::fabs(row[j]) < limit && !zeroed[j] ? row[j] : 0.0f;
+        out[j] = static_cast<int8_t>(static_cast<int32_t>((v * inv + kRound) - kRound));
+      }
+    } else {
+      // absmax below 127 / FLT_MAX: 127 / absmax overflows float, so scale in double.
+      const double dinv = 127.0 / a;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float v = std::fabs(row[j]) < limit && !zeroed[j] ? row[j] : 0.0f;
+        out[j] = static_cast<int8_t>(std::nearbyint(v * dinv));
+      }
     }
     std::memset(out + cols, 0, static_cast<size_t>(ldq - cols));
   });

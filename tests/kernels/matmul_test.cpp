@@ -1,0 +1,1650 @@
+// The fused dequantize-matmul (kernels/matmul.h) on every ISA of isa.def: the threaded drivers and
+// the raw KernelTable::matmul entries against double-precision references built from the
+// existing dequantize kernels (the exact float weights), with error bounds derived from the
+// documented numerics (see "Tolerances"); integer results and the fast int8 path bit for bit;
+// thread counts; the transposed product; LLM.int8(); packing round trips and the chunk layout;
+// edge values and argument errors. ISAs this CPU lacks are reported as SKIPPED.
+//
+// ---- Tolerances -------------------------------------------------------------------------------
+//
+// u = 2^-24 is float32's unit roundoff (|fl(a op b) - a op b| <= u |a op b|); bfloat16 has 8
+// significand bits, so its round-to-nearest-even moves a value by at most 2^-8 of it (the value
+// 1 + 2^-8 is a tie: 2^-9 is the typical, not the worst, relative error). References are sums
+// in double of products of the exact float inputs; their own error (about k 2^-53 relative to
+// P) is negligible next to these bounds. P = sum_j |x_j w_j| is the magnitude of a dot product.
+//
+// exact path  y = fl(sum_j fl(x_j w_j)) in any order, FMA or not: each term takes part in at
+//             most k roundings, so |y - sum_j x_j w_j| <= gamma_k P <= (k + 1) u P (for k^2 u <= 1,
+//             k <= 4096). The bias add is one more rounding, u |y + b|. Bound: (k + 4) u (P + |b|)
+//             (two roundings of slack), plus (k + 4) 2^-149 for gradual underflow (each operation
+//             on denormals errs by at most 2^-150).
+// fast 4-bit  x~ = bf16(x) = x (1 + a), w~ = bf16(w) = w (1 + b), |a|, |b| <= 2^-8 (a = 0 for
+//             bf16 activations); x~ w~ has 16 significand bits, so it is exact in float32, and
+//             |x~ w~ - x w| <= (2 * 2^-8 + 2^-16) |x w|. The float32 sum adds (k + 1) u sum
+//             |x~ w~| <= (k + 1) u (1 + 2^-7 + 2^-16) P. Bound against the exact reference:
+//             (2^-7 + 2^-15 + (k + 4) u) P + (k + 4) u |b|. VDPBF16PS flushes denormal inputs and
+//             outputs to zero: (k + 4) 2^-126 absolute. Against the documented semantics (sum of
+//             x~ w~ in float32) the exact path's bound holds with P~ = sum |x~ w~|; both are
+//             checked (the second one catches truncation instead of rounding to bf16).
+// fast int8   weights w_j = (q_j + o) s (o = 0 symmetric), activations of a row quantized with
+//             a = max_j |x_j|: t_j = fl(x_j fl(127 / a)) = x_j (127 / a) (1 + e), |e| <= 2u + u^2,
+//             xq_j = rne(t_j), |xq_j - t_j| <= 1/2, so x^_j = xq_j a / 127 has
+//             |x^_j - x_j| <= a / 254 + 2.0001 u |x_j| (half a quantization step). The driver
+//             computes y = fl(fl(acc) fl(fl(a fl(1/127)) s)) + fl(fl(o s) fl(sum_j x_j)) with
+//             acc = sum_j xq_j q_j exact (int32), so against sum_j x_j w_j:
+//               quantization  s sum_j |q_j| (a / 254 + 2.0001 u |x_j|)
+//               scaling       5 u |acc| a s / 127 <= 5 u a s sum_j |q_j|   (|xq_j| <= 127)
+//               offset term   (k + 1) u |o s| sum_j |x_j|   (float sum of k values, 2 products)
+//               adds          u |y| + u (|y| + |b|)   (offset add, bias add)
+//             Bound: s sum_j |q_j| (a / 254 + 3 u |x_j|) (1 + 1e-6) + (k + 8) u (a s sum_j |q_j| +
+//             |o s| sum_j |x_j|) + 2 u |b|. Symmetric weights have |q_j| s = |w_j|: half a step
+//             per element of |w|. For asymmetric weights the quantization error multiplies q_j
+//             and not q_j + o: the offset part uses the unquantized activations.
+// bf16 output one more rounding: |bf16(v) - v| <= 2^-8 |v| <= 2^-8 (|y_ref| + tol), plus 2^-134
+//             (half the smallest bf16 denormal).
+// transposed  gx_j = sum_r gy_r w_rj: the exact path's bound with m = rows terms.
+// LLM.int8()  see LlmInt8MatchesIndependentReference.
+#include "msbnb/kernels/matmul.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "msbnb/kernels/formats.h"
+#include "msbnb/kernels/kernel_table.h"
+#include "msbnb/kernels/ops.h"
+#include "test_util.h"
+
+namespace msbnb::test {
+namespace {
+
+namespace K = kernels;
+using K::Int8Matrix;
+using K::KernelTable;
+using K::Lut4Matrix;
+using K::MatmulIO;
+using K::MatmulPath;
+
+constexpr double kU = 0x1p-24;           // float32 unit roundoff
+constexpr double kUb = 0x1p-8;           // bfloat16 unit roundoff
+constexpr double kMinNormal = 0x1p-126;  // float32: flushed denormals err by less than this
+constexpr double kDenorm = 0x1p-149;     // float32: smallest denormal
+constexpr uint32_t kSentinel32 = 0x7fa5a5a5u;
+constexpr uint16_t kSentinel16 = 0x7fa5u;
+constexpr uint16_t kBf16NaN = 0x7fc1u;
+
+const KernelTable& scalar_table() { return K::kernels_for(Isa::scalar); }
+
+// ---- small helpers ------------------------------------------------------------------------------
+
+uint16_t bf16_rne(float f) {  // finite f
+  const uint32_t u = bits_of(f);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+float bf16_value(uint16_t h) { return from_bits(static_cast<uint32_t>(h) << 16); }
+float round_bf16(float f) { return bf16_value(bf16_rne(f)); }
+
+std::vector<float> gaussian(int64_t n, uint32_t seed, float amp = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& f : v) f = normal(rng) * amp;
+  return v;
+}
+
+size_t sz(int64_t n) { return static_cast<size_t>(n); }
+
+// set_num_threads for one scope (restored with set_num_threads(0) even when an assertion fails).
+struct ThreadScope {
+  explicit ThreadScope(int threads) { K::set_num_threads(threads); }
+  ~ThreadScope() { K::set_num_threads(0); }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+};
+
+// Checks that fn throws std::invalid_argument whose message names `word` (as a whole word).
+template <class Fn>
+void expect_invalid(const char* what, const std::string& word, Fn fn) {
+  try {
+    fn();
+    ADD_FAILURE() << what << ": no exception";
+  } catch (const std::invalid_argument& e) {
+    const std::string msg = e.what();
+    bool named = false;
+    for (size_t p = msg.find(word); p != std::string::npos && !named; p = msg.find(word, p + 1)) {
+      auto is_name = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+      const bool left = p == 0 || !is_name(msg[p - 1]);
+      const bool right = p + word.size() >= msg.size() || !is_name(msg[p + word.size()]);
+      named = left && right;
+    }
+    EXPECT_TRUE(named) << what << ": message does not name '" << word << "': " << msg;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << what << ": expected std::invalid_argument, got " << e.what();
+  }
+}
+
+// ---- weights ------------------------------------------------------------------------------------
+
+enum class WFormat { nf4, fp4, int4_sym, int4_asym, int8_sym, int8_asym };
+const char* wformat_name(WFormat f) {
+  static const char* names[] = {"nf4", "fp4", "int4_sym", "int4_asym", "int8_sym", "int8_asym"};
+  return names[static_cast<int>(f)];
+}
+
+// A quantized weight in its interchange layout, its exact float values (from the dequantize
+// kernels) and its repacked form. Not copyable: a copied PackedLut4 / PackedInt8 would keep views
+// into the original's statistics.
+struct Weight {
+  WFormat fmt = WFormat::nf4;
+  int64_t rows = 0, cols = 0, block = 0;
+  std::vector<float> deq;      // [rows * cols]: dequantize() of the interchange data
+  std::vector<uint8_t> bytes;  // 4-bit interchange bytes (bitsandbytes or qint4x2)
+  std::vector<int8_t> q8;      // int8 codes [rows * cols]
+  std::vector<float> scale;    // absmax per block / scale per group / scale per row
+  std::vector<int32_t> zp;     // asymmetric zero points
+  std::vector<float> offset;   // int8 asymmetric: -zp
+  K::PackedLut4 p4;
+  K::PackedInt8 p8;
+
+  Weight() = default;
+  Weight(Weight&&) = default;
+  Weight(const Weight&) = delete;
+  Weight& operator=(const Weight&) = delete;
+
+  bool is_int8() const { return fmt == WFormat::int8_sym || fmt == WFormat::int8_asym; }
+  bool asym() const { return fmt == WFormat::int4_asym || fmt == WFormat::int8_asym; }
+  std::string name() const {
+    std::ostringstream s;
+    s << wformat_name(fmt) << " " << rows << "x" << cols;
+    if (!is_int8()) s << " block=" << block << (p4.view.simd_friendly() ? "" : " (not simd_friendly)");
+    return s.str();
+  }
+};
+
+const float* code_of(WFormat f) { return f == WFormat::nf4 ? K::kCodeNF4 : K::kCodeFP4; }
+
+// Quantizes src [rows, cols] with the scalar table's kernels and repacks it.
+Weight quantize_weight(WFormat fmt, int64_t rows, int64_t cols, int64_t block,
+                       const std::vector<float>& src) {
+  const KernelTable& s = scalar_table();
+  Weight w;
+  w.fmt = fmt;
+  w.rows = rows;
+  w.cols = cols;
+  w.block = block;
+  const int64_t n = rows * cols;
+  w.deq.assign(sz(n), 0.0f);
+  switch (fmt) {
+    case WFormat::nf4:
+    case WFormat::fp4: {
+      const float* code = code_of(fmt);
+      w.scale.assign(sz(K::ceil_div(n, block)), 0.0f);
+      K::absmax_blocks(src.data(), DType::f32, n, block, w.scale.data(), s);
+      w.bytes.assign(sz((n + 1) / 2), 0);
+      K::quantize_lut4(src.data(), DType::f32, n, block, w.scale.data(), K::make_lut4(code), w.bytes.data(),
+                       s);
+      K::dequantize_lut4(w.bytes.data(), n, block, w.scale.data(), code, w.deq.data(), s);
+      w.p4 = K::pack_lut4_bnb(w.bytes.data(), rows, cols, block, w.scale.data(), code);
+      break;
+    }
+    case WFormat::int4_sym:
+    case WFormat::int4_asym: {
+      const int64_t groups = K::ceil_div(cols, block);
+      w.scale.assign(sz(rows * groups), 0.0f);
+      std::vector<float> lo(w.scale.size()), hi(w.scale.size());
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = src.data() + r * cols;
+        K::absmax_blocks(xr, DType::f32, cols, block, w.scale.data() + r * groups, s);
+        K::minmax_blocks(xr, DType::f32, cols, block, lo.data() + r * groups, hi.data() + r * groups, s);
+      }
+      const bool asym = fmt == WFormat::int4_asym;
+      if (asym) {
+        w.zp.assign(w.scale.size(), 0);
+        K::asymmetric_scales(lo.data(), hi.data(), rows * groups, 0, 15, w.scale.data(), w.zp.data());
+      } else {
+        K::symmetric_scales(w.scale.data(), rows * groups, 7.0f, w.scale.data());
+      }
+      const int32_t* zp = asym ? w.zp.data() : nullptr;
+      w.bytes.assign(sz(rows * ((cols + 1) / 2)), 0);
+      K::quantize_int4(src.data(), DType::f32, rows, cols, block, w.scale.data(), zp, w.bytes.data(), s);
+      K::dequantize_int4(w.bytes.data(), rows, cols, block, w.scale.data(), zp, w.deq.data(), s);
+      w.p4 = K::pack_int4(w.bytes.data(), rows, cols, block, w.scale.data(), zp);
+      break;
+    }
+    case WFormat::int8_sym:
+    case WFormat::int8_asym: {
+      w.block = cols;
+      w.scale.assign(sz(rows), 0.0f);
+      w.q8.assign(sz(n), 0);
+      const bool asym = fmt == WFormat::int8_asym;
+      if (asym) {
+        std::vector<float> lo(sz(rows)), hi(sz(rows));
+        w.zp.assign(sz(rows), 0);
+        K::minmax_blocks(src.data(), DType::f32, n, cols, lo.data(), hi.data(), s);
+        K::asymmetric_scales(lo.data(), hi.data(), rows, -128, 127, w.scale.data(), w.zp.data());
+        K::quantize_int8(src.data(), DType::f32, n, cols, w.scale.data(), w.zp.data(), -128, 127, w.q8.data(),
+                         s);
+        for (int32_t z : w.zp) w.offset.push_back(static_cast<float>(-z));
+      } else {
+        K::absmax_blocks(src.data(), DType::f32, n, cols, w.scale.data(), s);
+        K::symmetric_scales(w.scale.data(), rows, 127.0f, w.scale.data());
+        K::quantize_int8(src.data(), DType::f32, n, cols, w.scale.data(), nullptr, -127, 127, w.q8.data(), s);
+      }
+      K::dequantize_int8(w.q8.data(), n, cols, w.scale.data(), asym ? w.zp.data() : nullptr, w.deq.data(), s);
+      w.p8 = K::pack_int8(w.q8.data(), rows, cols, w.scale.data(), asym ? w.offset.data() : nullptr);
+      break;
+    }
+  }
+  return w;
+}
+
+Weight make_weight(WFormat fmt, int64_t rows, int64_t cols, int64_t block, uint32_t seed, float amp = 1.0f) {
+  return quantize_weight(fmt, rows, cols, block, gaussian(rows * cols, seed, amp));
+}
+
+// An int8 weight from given codes, one scale for every row and optional offsets -zp.
+Weight int8_from_codes(const std::vector<int8_t>& q, int64_t rows, int64_t cols, float scale,
+                       const std::vector<int32_t>& zp = {}) {
+  Weight w;
+  w.fmt = zp.empty() ? WFormat::int8_sym : WFormat::int8_asym;
+  w.rows = rows;
+  w.cols = cols;
+  w.block = cols;
+  w.q8 = q;
+  w.scale.assign(sz(rows), scale);
+  w.zp = zp;
+  for (int32_t z : zp) w.offset.push_back(static_cast<float>(-z));
+  w.deq.assign(sz(rows * cols), 0.0f);
+  K::dequantize_int8(q.data(), rows * cols, cols, w.scale.data(), zp.empty() ? nullptr : w.zp.data(),
+                     w.deq.data(), scalar_table());
+  w.p8 = K::pack_int8(q.data(), rows, cols, w.scale.data(), zp.empty() ? nullptr : w.offset.data());
+  return w;
+}
+
+// ---- activations and outputs --------------------------------------------------------------------
+
+// Activations [n][ld] of dtype dt (bf16: the RNE bits of the given floats); `val` holds the exact
+// float value of each element (0 in the padding, which holds NaN in the buffer).
+struct Acts {
+  DType dt = DType::f32;
+  int64_t n = 0, cols = 0, ld = 0;
+  std::vector<float> f32;
+  std::vector<uint16_t> b16;
+  std::vector<float> val;
+  const void* data() const {
+    return dt == DType::f32 ? static_cast<const void*>(f32.data()) : static_cast<const void*>(b16.data());
+  }
+  float at(int64_t i, int64_t j) const { return val[sz(i * ld + j)]; }
+};
+
+Acts make_acts(const std::vector<float>& v, int64_t n, int64_t cols, int64_t ld, DType dt) {
+  Acts a;
+  a.dt = dt;
+  a.n = n;
+  a.cols = cols;
+  a.ld = ld;
+  a.val.assign(sz(n * ld), 0.0f);
+  if (dt == DType::f32)
+    a.f32.assign(sz(n * ld), std::numeric_limits<float>::quiet_NaN());
+  else
+    a.b16.assign(sz(n * ld), kBf16NaN);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float f = v[sz(i * cols + j)];
+      const size_t at = sz(i * ld + j);
+      if (dt == DType::f32) {
+        a.f32[at] = f;
+        a.val[at] = f;
+      } else {
+        a.b16[at] = bf16_rne(f);
+        a.val[at] = bf16_value(a.b16[at]);
+      }
+    }
+  return a;
+}
+
+// An output buffer [n][ld] of dtype dt, every element a sentinel NaN until written.
+struct Out {
+  DType dt = DType::f32;
+  int64_t n = 0, ld = 0;
+  std::vector<float> f32;
+  std::vector<uint16_t> b16;
+  void* data() { return dt == DType::f32 ? static_cast<void*>(f32.data()) : static_cast<void*>(b16.data()); }
+  double at(int64_t i, int64_t j) const {
+    return dt == DType::f32 ? f32[sz(i * ld + j)] : bf16_value(b16[sz(i * ld + j)]);
+  }
+  uint32_t raw(int64_t i, int64_t j) const {
+    return dt == DType::f32 ? bits_of(f32[sz(i * ld + j)]) : b16[sz(i * ld + j)];
+  }
+  bool untouched(int64_t i, int64_t j) const {
+    return dt == DType::f32 ? raw(i, j) == kSentinel32 : raw(i, j) == kSentinel16;
+  }
+};
+
+Out make_out(DType dt, int64_t n, int64_t ld) {
+  Out o;
+  o.dt = dt;
+  o.n = n;
+  o.ld = ld;
+  if (dt == DType::f32)
+    o.f32.assign(sz(n * ld), from_bits(kSentinel32));
+  else
+    o.b16.assign(sz(n * ld), kSentinel16);
+  return o;
+}
+
+MatmulIO make_io(const Acts& x, Out& y, const float* bias) {
+  MatmulIO io;
+  io.x = x.data();
+  io.x_dtype = x.dt;
+  io.n = x.n;
+  io.ldx = x.ld;
+  io.y = y.data();
+  io.y_dtype = y.dt;
+  io.ldy = y.ld;
+  io.bias = bias;
+  return io;
+}
+
+// Checks an output: columns [lo, hi) of every row within tol of ref (both indexed i * out.ld + j;
+// a bf16 output widens tol by its own rounding), columns [hi, any) anything, every other column
+// untouched (its sentinel). Reports the first few offenders.
+void expect_within(const std::string& ctx, const Out& out, const std::vector<double>& ref,
+                   const std::vector<double>& tol, int64_t lo, int64_t hi, int64_t any = -1) {
+  any = std::max(any, hi);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < out.n; ++i)
+    for (int64_t j = 0; j < out.ld; ++j) {
+      if (j >= lo && j < hi) {
+        const size_t at = sz(i * out.ld + j);
+        double t = tol[at];
+        if (out.dt == DType::bf16) t += kUb * (std::fabs(ref[at]) + t) + 0x1p-134;
+        const double got = out.at(i, j), err = std::fabs(got - ref[at]);
+        if (!(err <= t) && ++bad <= 5)
+          ADD_FAILURE() << ctx << ": element (" << i << ", " << j << ") = " << got << ", reference "
+                        << ref[at] << ", error " << err << " > bound " << t << " (" << err / t << "x)";
+      } else if (!(j >= hi && j < any) && !out.untouched(i, j) && ++bad <= 5) {
+        ADD_FAILURE() << ctx << ": element (" << i << ", " << j
+                      << ") outside the output was written: " << out.at(i, j);
+      }
+    }
+  if (bad > 5) ADD_FAILURE() << ctx << ": " << bad << " bad elements in all";
+}
+
+// Output bits of two runs, all of them (sentinels included).
+void expect_same_bits(const std::string& ctx, const Out& a, const Out& b) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < a.n; ++i)
+    for (int64_t j = 0; j < a.ld; ++j)
+      if (a.raw(i, j) != b.raw(i, j) && ++bad <= 5)
+        ADD_FAILURE() << ctx << ": element (" << i << ", " << j << ") differs: " << a.at(i, j) << " vs "
+                      << b.at(i, j);
+  if (bad > 5) ADD_FAILURE() << ctx << ": " << bad << " differing elements in all";
+}
+
+// ---- references ---------------------------------------------------------------------------------
+
+// y[i * ld + r] = sum_j x[i][j] w[r][j] and p = sum_j |x[i][j] w[r][j]| in double; with
+// `bf16_operands` both factors are first rounded to bf16 (the fast 4-bit path's operands).
+struct DotRef {
+  std::vector<double> y, p;
+};
+DotRef forward_ref(const Acts& x, const std::vector<float>& w, int64_t rows, int64_t cols, int64_t ld,
+                   bool bf16_operands = false) {
+  DotRef out;
+  out.y.assign(sz(x.n * ld), 0.0);
+  out.p.assign(sz(x.n * ld), 0.0);
+  std::vector<double> wd(w.size()), xd(sz(cols));
+  for (size_t t = 0; t < w.size(); ++t) wd[t] = bf16_operands ? round_bf16(w[t]) : w[t];
+  for (int64_t i = 0; i < x.n; ++i) {
+    for (int64_t j = 0; j < cols; ++j) xd[sz(j)] = bf16_operands ? round_bf16(x.at(i, j)) : x.at(i, j);
+    for (int64_t r = 0; r < rows; ++r) {
+      double s = 0.0, p = 0.0;
+      const double* wr = wd.data() + r * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        const double t = xd[sz(j)] * wr[j];
+        s += t;
+        p += std::fabs(t);
+      }
+      out.y[sz(i * ld + r)] = s;
+      out.p[sz(i * ld + r)] = p;
+    }
+  }
+  return out;
+}
+
+// gx[i * ld + j] = sum_r gy[i][r] w[r][j] and the sum of magnitudes.
+DotRef transposed_ref(const Acts& gy, const std::vector<float>& w, int64_t rows, int64_t cols, int64_t ld) {
+  DotRef out;
+  out.y.assign(sz(gy.n * ld), 0.0);
+  out.p.assign(sz(gy.n * ld), 0.0);
+  for (int64_t i = 0; i < gy.n; ++i)
+    for (int64_t r = 0; r < rows; ++r) {
+      const double g = gy.at(i, r);
+      for (int64_t j = 0; j < cols; ++j) {
+        const double t = g * w[sz(r * cols + j)];
+        out.y[sz(i * ld + j)] += t;
+        out.p[sz(i * ld + j)] += std::fabs(t);
+      }
+    }
+  return out;
+}
+
+// The exact path's bound for k terms of magnitude p, plus an added value b.
+double exact_bound(int64_t k, double p, double b = 0.0) {
+  return (double(k) + 4) * kU * (p + std::fabs(b)) + (double(k) + 4) * kDenorm;
+}
+
+// ---- the forward check --------------------------------------------------------------------------
+
+struct RunSpec {
+  DType xdt = DType::f32, ydt = DType::f32;
+  bool bias = false;
+  MatmulPath path = MatmulPath::exact;
+  int64_t ldx_pad = 0, ldy_pad = 0;
+};
+
+const char* path_name(MatmulPath p) {
+  return p == MatmulPath::exact ? "exact" : p == MatmulPath::fast ? "fast" : "automatic";
+}
+
+std::string describe(const Weight& w, int64_t n, const RunSpec& run) {
+  std::ostringstream s;
+  s << w.name() << " n=" << n << " path=" << path_name(run.path) << " x=" << K::dtype_name(run.xdt)
+    << " y=" << K::dtype_name(run.ydt) << (run.bias ? " bias" : "") << " ldx=+" << run.ldx_pad << " ldy=+"
+    << run.ldy_pad;
+  return s.str();
+}
+
+void call_matmul(const Weight& w, const MatmulIO& io, MatmulPath path, const KernelTable& kt) {
+  if (w.is_int8())
+    K::matmul(w.p8.view, io, path, kt);
+  else
+    K::matmul(w.p4.view, io, path, kt);
+}
+
+// Runs the driver on activations xv [n, cols] and checks every output element against the
+// bound of the path it resolves to (see "Tolerances").
+void check_forward(const KernelTable& kt, const Weight& w, const std::vector<float>& xv, int64_t n,
+                   const RunSpec& run, uint32_t seed) {
+  const int64_t rows = w.rows, cols = w.cols, ldx = cols + run.ldx_pad, ldy = rows + run.ldy_pad;
+  const std::string ctx = describe(w, n, run);
+  const Acts x = make_acts(xv, n, cols, ldx, run.xdt);
+  const std::vector<float> bias = gaussian(rows, seed ^ 0x9e3779b9u);
+  Out y = make_out(run.ydt, n, ldy);
+  call_matmul(w, make_io(x, y, run.bias ? bias.data() : nullptr), run.path, kt);
+  const MatmulPath path = K::resolve_path(run.path, n);
+  const double k = double(cols);
+
+  const DotRef ref = forward_ref(x, w.deq, rows, cols, ldy);
+  std::vector<double> want(ref.y.size(), 0.0), tol(ref.y.size(), 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    double a = 0.0, xabs = 0.0;  // row absmax and sum |x| (fast int8)
+    for (int64_t j = 0; j < cols; ++j) {
+      a = std::max(a, double(std::fabs(x.at(i, j))));
+      xabs += std::fabs(x.at(i, j));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const size_t at = sz(i * ldy + r);
+      const double b = run.bias ? bias[sz(r)] : 0.0;
+      want[at] = ref.y[at] + b;
+      if (path == MatmulPath::exact) {
+        tol[at] = exact_bound(cols, ref.p[at], b);
+      } else if (!w.is_int8()) {
+        tol[at] = (0x1p-7 + 0x1p-15 + (k + 4) * kU) * ref.p[at] + (k + 4) * kU * std::fabs(b) +
+                  (k + 4) * kMinNormal;
+      } else {
+        const double s = w.scale[sz(r)], o = w.offset.empty() ? 0.0 : w.offset[sz(r)];
+        double q_abs = 0.0, qx = 0.0;  // s sum |q_j|, s sum |q_j x_j|
+        for (int64_t j = 0; j < cols; ++j) {
+          const double qs = std::abs(int(w.q8[sz(r * cols + j)])) * s;
+          q_abs += qs;
+          qx += qs * std::fabs(x.at(i, j));
+        }
+        tol[at] = (q_abs * a / 254 + 3 * kU * qx) * (1 + 1e-6) +
+                  (k + 8) * kU * (a * q_abs + std::fabs(o * s) * xabs) + 2 * kU * std::fabs(b) +
+                  (k + 8) * kDenorm;
+      }
+    }
+  }
+  expect_within(ctx + " [vs exact weights]", y, want, tol, 0, rows);
+
+  if (path == MatmulPath::fast && !w.is_int8()) {  // the documented bf16-operand semantics
+    const DotRef rb = forward_ref(x, w.deq, rows, cols, ldy, true);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < rows; ++r) {
+        const size_t at = sz(i * ldy + r);
+        const double b = run.bias ? bias[sz(r)] : 0.0;
+        want[at] = rb.y[at] + b;
+        tol[at] = (k + 4) * kU * (rb.p[at] + std::fabs(b)) + (k + 4) * kMinNormal;
+      }
+    expect_within(ctx + " [vs bf16 operands]", y, want, tol, 0, rows);
+  }
+  if (path == MatmulPath::fast && w.is_int8() && kt.isa != Isa::scalar) {  // exact across ISAs
+    Out y_ref = make_out(run.ydt, n, ldy);
+    call_matmul(w, make_io(x, y_ref, run.bias ? bias.data() : nullptr), run.path, scalar_table());
+    expect_same_bits(ctx + " [fast int8 vs the scalar table]", y_ref, y);
+  }
+}
+
+struct WCase {
+  WFormat fmt;
+  int64_t rows, cols, block;
+  bool big = false;  // also n = 128
+};
+
+// Every case of `cases` for batches 1, 3, 8 (GEMV), 9, 33 (GEMM; 128 for big cases), both paths,
+// cycling through x / y dtypes, bias and padded leading dimensions.
+void run_forward_cases(const KernelTable& kt, const std::vector<WCase>& cases) {
+  uint32_t seed = 11;
+  for (size_t c = 0; c < cases.size(); ++c) {
+    const WCase& wc = cases[c];
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    std::vector<int64_t> ns = {1, 3, 8, 9, 33};
+    if (wc.big) ns.push_back(128);
+    int combo = static_cast<int>(c) * 3;
+    for (int64_t n : ns)
+      for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+        RunSpec run;
+        run.path = path;
+        run.xdt = combo & 1 ? DType::bf16 : DType::f32;
+        run.ydt = combo & 2 ? DType::bf16 : DType::f32;
+        run.bias = combo & 4;
+        run.ldx_pad = combo % 3 == 0 ? 3 : 0;
+        run.ldy_pad = combo % 5 == 0 ? 2 : 0;
+        ++combo;
+        const uint32_t xseed = seed++;
+        check_forward(kt, w, gaussian(n * wc.cols, xseed), n, run, seed);
+        if (testing::Test::HasFailure()) return;
+      }
+  }
+}
+
+// ---- the fixture --------------------------------------------------------------------------------
+
+class Matmul : public testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    MSBNB_SKIP_IF_UNSUPPORTED(GetParam());
+    kt_ = &K::kernels_for(GetParam());
+  }
+  const KernelTable& kt() const { return *kt_; }
+  const KernelTable* kt_ = nullptr;
+};
+
+// ---- 1. forward, every format and path ----------------------------------------------------------
+
+TEST_P(Matmul, ForwardNf4Fp4) {
+  run_forward_cases(kt(), {
+                              {WFormat::nf4, 67, 640, 64, true},  // SIMD layout
+                              {WFormat::nf4, 17, 64, 32},         // one chunk, half padding
+                              {WFormat::fp4, 129, 384, 128},      //
+                              {WFormat::fp4, 67, 320, 32},        // kpad 384
+                              {WFormat::nf4, 17, 100, 64},        // blocks straddle rows
+                              {WFormat::fp4, 17, 257, 64},        // odd cols, odd rows * cols
+                              {WFormat::nf4, 1, 130, 128},        // straddle, one row
+                          });
+}
+
+TEST_P(Matmul, ForwardInt4) {
+  run_forward_cases(kt(), {
+                              {WFormat::int4_sym, 67, 640, 128, true},
+                              {WFormat::int4_asym, 17, 257, 32},  // odd cols, short last group
+                              {WFormat::int4_asym, 67, 64, 32},
+                              {WFormat::int4_sym, 129, 130, 24},  // group % 16 != 0: scalar
+                              {WFormat::int4_asym, 17, 100, 100},
+                          });
+}
+
+TEST_P(Matmul, ForwardInt8) {
+  run_forward_cases(kt(), {
+                              {WFormat::int8_sym, 67, 257, 0},
+                              {WFormat::int8_asym, 129, 640, 0, true},
+                              {WFormat::int8_sym, 1, 64, 0},
+                              {WFormat::int8_asym, 17, 100, 0},
+                          });
+}
+
+// automatic resolves to exact up to kGemvMaxRows rows and to fast above, bit for bit.
+TEST_P(Matmul, AutomaticPathFollowsBatchSize) {
+  EXPECT_EQ(K::resolve_path(MatmulPath::automatic, K::kGemvMaxRows), MatmulPath::exact);
+  EXPECT_EQ(K::resolve_path(MatmulPath::automatic, K::kGemvMaxRows + 1), MatmulPath::fast);
+  EXPECT_EQ(K::resolve_path(MatmulPath::exact, 1000), MatmulPath::exact);
+  EXPECT_EQ(K::resolve_path(MatmulPath::fast, 1), MatmulPath::fast);
+  for (WFormat fmt : {WFormat::nf4, WFormat::int8_asym}) {
+    const Weight w = make_weight(fmt, 33, 192, 64, 3);
+    for (int64_t n : {K::kGemvMaxRows, K::kGemvMaxRows + 1}) {
+      const Acts x = make_acts(gaussian(n * w.cols, 4), n, w.cols, w.cols, DType::f32);
+      Out ya = make_out(DType::f32, n, w.rows), yr = make_out(DType::f32, n, w.rows);
+      call_matmul(w, make_io(x, ya, nullptr), MatmulPath::automatic, kt());
+      call_matmul(w, make_io(x, yr, nullptr), K::resolve_path(MatmulPath::automatic, n), kt());
+      expect_same_bits(w.name() + " automatic n=" + std::to_string(n), yr, ya);
+    }
+  }
+}
+
+// Relative Frobenius error of the fast paths on Gaussian data with k = 1024 (the exact path's for
+// scale). matmul.h: about 0.2 % for 4-bit, about 0.9 % for int8 at k = 4096 (less at 1024).
+TEST_P(Matmul, FastPathRelativeError) {
+  const int64_t rows = 256, cols = 1024, n = 32;
+  const Acts x = make_acts(gaussian(n * cols, 77), n, cols, cols, DType::f32);
+  for (WFormat fmt : {WFormat::nf4, WFormat::int8_sym}) {
+    const Weight w = make_weight(fmt, rows, cols, 64, 78);
+    const DotRef ref = forward_ref(x, w.deq, rows, cols, rows);
+    double rel[2];
+    for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+      Out y = make_out(DType::f32, n, rows);
+      call_matmul(w, make_io(x, y, nullptr), path, kt());
+      double num = 0.0, den = 0.0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t r = 0; r < rows; ++r) {
+          const double d = y.at(i, r) - ref.y[sz(i * rows + r)];
+          num += d * d;
+          den += ref.y[sz(i * rows + r)] * ref.y[sz(i * rows + r)];
+        }
+      rel[path == MatmulPath::fast] = std::sqrt(num / den);
+    }
+    std::printf("[          ] %s %s 256x1024, n=32: relative Frobenius error exact %.3g, fast %.3g %%\n",
+                K::isa_name(GetParam()), wformat_name(fmt), rel[0], rel[1] * 100);
+    EXPECT_LT(rel[0], 1e-6) << wformat_name(fmt) << " exact";
+    EXPECT_LT(rel[1], 0.01) << wformat_name(fmt) << " fast";
+  }
+}
+
+// Adversarial data for the fast paths' bounds (check_forward asserts the derived ones), with the
+// largest observed error printed against docs/matmul.md's per-element bounds:
+//  4-bit: x = w = 1 + 2^-8 both round (a tie, to even) to 1: the error is 2^-7 of sum |x w|.
+//  int8 asymmetric: rows of zeros and one -1 have offset -115 and codes 115 where w = 0; the
+//  quantization error of x multiplies q, not w = (q + o) s.
+TEST_P(Matmul, FastPathWorstCases) {
+  const int64_t rows = 17, cols = 1024, n = 9;
+  RunSpec run;
+  run.path = MatmulPath::fast;
+  {
+    const Weight w =
+        quantize_weight(WFormat::nf4, rows, cols, 64, std::vector<float>(sz(rows * cols), 1.0f + 0x1p-8f));
+    ASSERT_EQ(w.deq[0], 1.0f + 0x1p-8f);
+    const std::vector<float> xv(sz(n * cols), 1.0f + 0x1p-8f);
+    check_forward(kt(), w, xv, n, run, 1);
+    const Acts x = make_acts(xv, n, cols, cols, DType::f32);
+    Out y = make_out(DType::f32, n, rows);
+    call_matmul(w, make_io(x, y, nullptr), MatmulPath::fast, kt());
+    const DotRef ref = forward_ref(x, w.deq, rows, cols, rows);
+    double worst = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < rows; ++r)
+        worst = std::max(worst, std::fabs(y.at(i, r) - ref.y[sz(i * rows + r)]) / ref.p[sz(i * rows + r)]);
+    std::printf("[          ] %s fast 4-bit, ties: error / sum|x w| = 2^%.3f (docs/matmul.md: <= 2^-8)\n",
+                K::isa_name(GetParam()), std::log2(worst));
+  }
+  {
+    std::vector<float> src(sz(rows * cols), 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+      src[sz(r * cols + (37 * r) % cols)] = -1.0f, src[sz(r * cols + 5)] = 0.05f;
+    const Weight w = quantize_weight(WFormat::int8_asym, rows, cols, 0, src);
+    ASSERT_EQ(w.offset[0], -115.0f);
+    const std::vector<float> xv = gaussian(n * cols, 2);
+    check_forward(kt(), w, xv, n, run, 2);
+    const Acts x = make_acts(xv, n, cols, cols, DType::f32);
+    Out y = make_out(DType::f32, n, rows);
+    call_matmul(w, make_io(x, y, nullptr), MatmulPath::fast, kt());
+    const DotRef ref = forward_ref(x, w.deq, rows, cols, rows);
+    double worst = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double a = 0.0;
+      for (int64_t j = 0; j < cols; ++j) a = std::max(a, double(std::fabs(x.at(i, j))));
+      for (int64_t r = 0; r < rows; ++r) {
+        double wsum = 0.0;
+        for (int64_t j = 0; j < cols; ++j) wsum += std::fabs(w.deq[sz(r * cols + j)]);
+        worst = std::max(worst, std::fabs(y.at(i, r) - ref.y[sz(i * rows + r)]) / (0.5 * a / 127 * wsum));
+      }
+    }
+    std::printf(
+        "[          ] %s fast int8 asymmetric: error / (absmax / 254 sum|w|) = %.2f (docs/matmul.md: <= 1)\n",
+        K::isa_name(GetParam()), worst);
+  }
+}
+
+// ---- 2. the integer kernel bit for bit ----------------------------------------------------------
+
+TEST_P(Matmul, Int8KernelBitExact) {
+  const KernelTable& ref = scalar_table();
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> code(-128, 127), byte(0, 255);
+  const int64_t rows = 37;
+  for (int64_t cols : {1, 63, 64, 65, 200, 700}) {
+    std::vector<int8_t> q(sz(rows * cols));
+    for (int8_t& v : q) v = static_cast<int8_t>(code(rng));
+    q[0] = -128;
+    q[sz(std::min<int64_t>(1, cols * rows - 1))] = 127;
+    for (int64_t j = 0; j < cols; ++j) {
+      q[sz(2 * cols + j)] = -128;  // extreme rows
+      q[sz(3 * cols + j)] = 127;
+    }
+    const std::vector<float> scale(sz(rows), 1.0f);
+    const K::PackedInt8 p = K::pack_int8(q.data(), rows, cols, scale.data(), nullptr);
+    const Int8Matrix& w = p.view;
+    for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 33}) {
+      const int64_t ldx = w.kpad + 3, ldy = rows + 3;
+      std::vector<uint8_t> xu(sz(n * ldx), 0xab);  // beyond kpad: not to be read
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < w.kpad; ++j)
+          xu[sz(i * ldx + j)] = j >= cols ? 128 : i == 0 ? 0 : i == 1 ? 255 : static_cast<uint8_t>(byte(rng));
+      if (n > 2) xu[sz(2 * ldx)] = 0, xu[sz(2 * ldx + std::min<int64_t>(1, cols - 1))] = 255;
+      for (auto [r0, r1] :
+           {std::pair<int64_t, int64_t>{0, rows}, {1, 2}, {3, 8}, {5, 16}, {17, 37}, {36, 37}}) {
+        std::vector<int32_t> want(sz(n * ldy), 0x5eadbeef), got(want);
+        ref.matmul.int8_i8(w, xu.data(), n, ldx, r0, r1, want.data(), ldy);
+        kt().matmul.int8_i8(w, xu.data(), n, ldx, r0, r1, got.data(), ldy);
+        int64_t bad = 0;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t r = 0; r < ldy; ++r) {
+            int64_t exact = 0x5eadbeef;  // the definition, in int64
+            if (r >= r0 && r < r1) {
+              exact = 0;
+              for (int64_t j = 0; j < cols; ++j)
+                exact += (int64_t(xu[sz(i * ldx + j)]) - 128) * q[sz(r * cols + j)];
+            }
+            const size_t at = sz(i * ldy + r);
+            if ((want[at] != exact || got[at] != exact) && ++bad <= 5)
+              ADD_FAILURE() << "cols=" << cols << " n=" << n << " rows [" << r0 << ", " << r1 << ") element ("
+                            << i << ", " << r << "): exact " << exact << ", scalar " << want[at] << ", "
+                            << K::isa_name(GetParam()) << " " << got[at];
+          }
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
+// ---- raw kernel entries: row ranges, every GEMV width and tile remainder -------------------------
+
+TEST_P(Matmul, RawForwardEntriesRowRanges) {
+  const WCase cases[] = {
+      {WFormat::nf4, 67, 640, 64}, {WFormat::int4_asym, 17, 257, 32}, {WFormat::int4_sym, 29, 130, 24},
+      {WFormat::fp4, 17, 100, 64}, {WFormat::int8_sym, 67, 257, 0},   {WFormat::int8_asym, 17, 100, 0},
+  };
+  uint32_t seed = 101;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const int64_t rows = w.rows, cols = w.cols, kpad = w.is_int8() ? w.p8.view.kpad : w.p4.view.kpad;
+    const int64_t ldx = kpad + 3, ldy = rows + 5;
+    for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 33}) {
+      // x [n][ldx]: cols values, zeros to kpad (the contract), NaN beyond (never read).
+      const std::vector<float> xv = gaussian(n * cols, seed++);
+      std::vector<float> xf(sz(n * ldx), std::numeric_limits<float>::quiet_NaN());
+      std::vector<uint16_t> xb(sz(n * ldx), kBf16NaN);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < kpad; ++j) {
+          xf[sz(i * ldx + j)] = j < cols ? xv[sz(i * cols + j)] : 0.0f;
+          xb[sz(i * ldx + j)] = bf16_rne(xf[sz(i * ldx + j)]);
+        }
+      const Acts xa = make_acts(xv, n, cols, cols, DType::f32);
+      const DotRef ref = forward_ref(xa, w.deq, rows, cols, ldy);
+      const DotRef refb = forward_ref(xa, w.deq, rows, cols, ldy, true);
+      std::vector<double> tol(ref.y.size()), tolb(ref.y.size());
+      for (size_t t = 0; t < tol.size(); ++t) {
+        tol[t] = exact_bound(cols, ref.p[t]);
+        tolb[t] = (double(cols) + 4) * (kU * refb.p[t] + kMinNormal);
+      }
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, rows}, {1, 2}, {3, 8}, {rows - 5, rows}}) {
+        std::ostringstream ctx;
+        ctx << w.name() << " n=" << n << " rows [" << r0 << ", " << r1 << ")";
+        Out y = make_out(DType::f32, n, ldy);
+        if (w.is_int8()) {
+          kt().matmul.int8_f32(w.p8.view, xf.data(), n, ldx, r0, r1, y.f32.data(), ldy);
+          expect_within(ctx.str() + " int8_f32", y, ref.y, tol, r0, r1);
+        } else {
+          kt().matmul.lut4_f32(w.p4.view, xf.data(), n, ldx, r0, r1, y.f32.data(), ldy);
+          expect_within(ctx.str() + " lut4_f32", y, ref.y, tol, r0, r1);
+          Out yb = make_out(DType::f32, n, ldy);
+          kt().matmul.lut4_bf16(w.p4.view, xb.data(), n, ldx, r0, r1, yb.f32.data(), ldy);
+          expect_within(ctx.str() + " lut4_bf16", yb, refb.y, tolb, r0, r1);
+        }
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
+// ---- 3. thread counts ---------------------------------------------------------------------------
+
+// 1 vs 2 threads: within twice the bound (each run is within it of the reference) and the fast
+// int8 path bit for bit (matmul.h); docs/matmul.md promises bit-identical results on every path.
+
+TEST_P(Matmul, ThreadCountInvariance) {
+  const WCase cases[] = {
+      {WFormat::nf4, 67, 640, 64}, {WFormat::int4_sym, 129, 130, 24}, {WFormat::int8_asym, 129, 640, 0}};
+  uint32_t seed = 201;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const int64_t rows = w.rows, cols = w.cols;
+    for (int64_t n : {3, 33}) {
+      const Acts x = make_acts(gaussian(n * cols, seed++), n, cols, cols, DType::f32);
+      const DotRef ref = forward_ref(x, w.deq, rows, cols, rows);
+      const DotRef refb = forward_ref(x, w.deq, rows, cols, rows, true);
+      for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+        Out y[2] = {make_out(DType::f32, n, rows), make_out(DType::f32, n, rows)};
+        for (int t = 0; t < 2; ++t) {
+          ThreadScope threads(t + 1);
+          call_matmul(w, make_io(x, y[t], nullptr), path, kt());
+        }
+        const std::string ctx =
+            w.name() + " n=" + std::to_string(n) + " " + path_name(path) + " 1 vs 2 threads";
+        if (path == MatmulPath::fast && w.is_int8()) {
+          expect_same_bits(ctx, y[0], y[1]);
+          continue;
+        }
+        // Both runs lie within the bound of the reference: they differ by at most twice it.
+        std::vector<double> tol(ref.y.size());
+        for (size_t t = 0; t < tol.size(); ++t)
+          tol[t] = 2 * (path == MatmulPath::exact ? exact_bound(cols, ref.p[t])
+                                                  : (double(cols) + 4) * (kU * refb.p[t] + kMinNormal));
+        std::vector<double> other(sz(n * rows));
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t r = 0; r < rows; ++r) other[sz(i * rows + r)] = y[0].at(i, r);
+        expect_within(ctx, y[1], other, tol, 0, rows);
+        // docs/matmul.md promises more: each element is computed by one thread in a fixed order.
+        expect_same_bits(ctx + " [bit for bit, docs/matmul.md]", y[0], y[1]);
+      }
+      // The transposed product (threads split the columns; cols 640 and 130 give 5 and 2 chunks).
+      const Acts gy = make_acts(gaussian(n * rows, seed++), n, rows, rows, DType::f32);
+      const DotRef tref = transposed_ref(gy, w.deq, rows, cols, cols);
+      Out gx[2] = {make_out(DType::f32, n, cols), make_out(DType::f32, n, cols)};
+      for (int t = 0; t < 2; ++t) {
+        ThreadScope threads(t + 1);
+        if (w.is_int8())
+          K::matmul_transposed(w.p8.view, make_io(gy, gx[t], nullptr), kt());
+        else
+          K::matmul_transposed(w.p4.view, make_io(gy, gx[t], nullptr), kt());
+      }
+      std::vector<double> other(sz(n * cols)), tol(sz(n * cols));
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < cols; ++j) {
+          other[sz(i * cols + j)] = gx[0].at(i, j);
+          tol[sz(i * cols + j)] = 2 * exact_bound(rows, tref.p[sz(i * cols + j)]);
+        }
+      const std::string tctx = w.name() + " n=" + std::to_string(n) + " transposed 1 vs 2 threads";
+      expect_within(tctx, gx[1], other, tol, 0, cols);
+      expect_same_bits(tctx + " [bit for bit, docs/matmul.md]", gx[0], gx[1]);
+      if (HasFailure()) return;
+    }
+  }
+}
+
+// ---- 4. the transposed product ------------------------------------------------------------------
+
+TEST_P(Matmul, TransposedMatchesReference) {
+  const WCase cases[] = {
+      {WFormat::nf4, 67, 640, 64},       {WFormat::fp4, 17, 257, 64},      {WFormat::int4_asym, 17, 257, 32},
+      {WFormat::int4_sym, 129, 130, 24}, {WFormat::nf4, 1, 130, 128},      {WFormat::int8_sym, 67, 257, 0},
+      {WFormat::int8_asym, 129, 640, 0}, {WFormat::int8_asym, 17, 100, 0},
+  };
+  uint32_t seed = 301;
+  int combo = 0;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const int64_t rows = w.rows, cols = w.cols;
+    for (int64_t n : {1, 3, 9, 33}) {
+      const DType gdt = combo & 1 ? DType::bf16 : DType::f32, odt = combo & 2 ? DType::bf16 : DType::f32;
+      const int64_t ldg = rows + (combo % 3 == 0 ? 3 : 0), ldo = cols + (combo % 5 < 2 ? 5 : 0);
+      ++combo;
+      std::ostringstream ctx;
+      ctx << w.name() << " transposed n=" << n << " gy=" << K::dtype_name(gdt) << " gx=" << K::dtype_name(odt)
+          << " ldx=" << ldg << " ldy=" << ldo;
+      const Acts gy = make_acts(gaussian(n * rows, seed++), n, rows, ldg, gdt);
+      Out gx = make_out(odt, n, ldo);
+      if (w.is_int8())
+        K::matmul_transposed(w.p8.view, make_io(gy, gx, nullptr), kt());
+      else
+        K::matmul_transposed(w.p4.view, make_io(gy, gx, nullptr), kt());
+      const DotRef ref = transposed_ref(gy, w.deq, rows, cols, ldo);
+      std::vector<double> tol(ref.y.size());
+      for (size_t t = 0; t < tol.size(); ++t) tol[t] = exact_bound(rows, ref.p[t]);
+      expect_within(ctx.str(), gx, ref.y, tol, 0, cols);
+      if (HasFailure()) return;
+    }
+  }
+}
+
+// The raw entries over column ranges [c0, c1) (multiples of the chunk, except c1 = cols as
+// matmul.h allows, or kpad as the driver passes), with and without accumulate: columns outside
+// [c0, c1) stay untouched; [cols, kpad) is padding (anything).
+TEST_P(Matmul, TransposedRawColumnRanges) {
+  const WCase cases[] = {
+      {WFormat::nf4, 67, 640, 64},      {WFormat::fp4, 17, 257, 64},     {WFormat::int4_asym, 17, 257, 32},
+      {WFormat::int4_sym, 29, 130, 24}, {WFormat::int8_sym, 67, 257, 0}, {WFormat::int8_asym, 17, 100, 0},
+  };
+  uint32_t seed = 401;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const int64_t rows = w.rows, cols = w.cols, kpad = w.is_int8() ? w.p8.view.kpad : w.p4.view.kpad;
+    const int64_t unit = w.is_int8() ? K::kInt8Chunk : K::kLut4Chunk;
+    std::vector<std::pair<int64_t, int64_t>> ranges = {{0, kpad}, {0, cols}, {0, std::min(unit, cols)}};
+    if (unit < cols) ranges.push_back({unit, cols});
+    for (int64_t n : {1, 4, 9}) {
+      const int64_t ldg = rows + 3, ldo = kpad + 5;
+      const Acts gy = make_acts(gaussian(n * rows, seed++), n, rows, ldg, DType::f32);  // NaN padding
+      const DotRef ref = transposed_ref(gy, w.deq, rows, cols, ldo);
+      for (auto [c0, c1] : ranges)
+        for (bool accumulate : {false, true}) {
+          std::ostringstream ctx;
+          ctx << w.name() << " raw transposed n=" << n << " cols [" << c0 << ", " << c1 << ")"
+              << (accumulate ? " accumulate" : "");
+          Out gx = make_out(DType::f32, n, ldo);
+          const std::vector<float> init = gaussian(n * ldo, seed++);
+          std::vector<double> want(ref.y), tol(ref.y.size());
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = c0; j < c1; ++j) {
+              const size_t at = sz(i * ldo + j);
+              // accumulate adds to gx; otherwise gx holds garbage that must not be read.
+              gx.f32[at] = accumulate ? init[at] : std::numeric_limits<float>::quiet_NaN();
+              if (accumulate) want[at] += init[at];
+              tol[at] = exact_bound(rows + 1, ref.p[at], accumulate ? init[at] : 0.0);
+            }
+          if (w.is_int8())
+            kt().matmul.int8_t_f32(w.p8.view, gy.f32.data(), n, ldg, c0, c1, gx.f32.data(), ldo, accumulate);
+          else
+            kt().matmul.lut4_t_f32(w.p4.view, gy.f32.data(), n, ldg, c0, c1, gx.f32.data(), ldo, accumulate);
+          expect_within(ctx.str(), gx, want, tol, c0, std::min(c1, cols), c1);
+          if (HasFailure()) return;
+        }
+    }
+  }
+}
+
+// ---- 5. LLM.int8() ------------------------------------------------------------------------------
+
+// quantize_rows_int8 as matmul.h documents it, written out independently: absmax over the
+// elements below the threshold (all when threshold <= 0), q = rne(x * (127 / absmax)) in float,
+// 0 for zeroed columns, elements at or above the threshold and all-zero rows. q is [n][cols].
+void ref_quantize_rows(const Acts& x, float threshold, const std::vector<int64_t>& zero_cols,
+                       std::vector<int8_t>& q, std::vector<float>& absmax) {
+  q.assign(sz(x.n * x.cols), 0);
+  absmax.assign(sz(x.n), 0.0f);
+  for (int64_t i = 0; i < x.n; ++i) {
+    float a = 0.0f;
+    for (int64_t j = 0; j < x.cols; ++j)
+      if (threshold <= 0.0f || std::fabs(x.at(i, j)) < threshold) a = std::max(a, std::fabs(x.at(i, j)));
+    absmax[sz(i)] = a;
+    if (a == 0.0f) continue;
+    const float inv = 127.0f / a;
+    for (int64_t j = 0; j < x.cols; ++j) {
+      const bool zeroed = std::find(zero_cols.begin(), zero_cols.end(), j) != zero_cols.end();
+      const bool outlier = threshold > 0.0f && std::fabs(x.at(i, j)) >= threshold;
+      if (zeroed || outlier) continue;
+      const float t = x.at(i, j) * inv;
+      q[sz(i * x.cols + j)] = static_cast<int8_t>(std::nearbyint(t));
+    }
+  }
+}
+
+TEST(MatmulQuantizeRows, MatchesDefinitionElementByElement) {
+  const int64_t n = 7, cols = 300, ldx = cols + 5, ldq = cols + 11;
+  std::vector<float> v = gaussian(n * cols, 9);
+  auto row = [&](int64_t i) { return v.data() + i * cols; };
+  std::fill(row(1), row(2), 0.0f);  // all zero
+  // Row 2: absmax 127, so 127 / absmax = 1 and these are exact ties: RNE gives 2, 4, -2, -0, 126.
+  for (int64_t j = 0; j < cols; ++j) row(2)[j] = 0.25f;
+  row(2)[0] = 127.0f, row(2)[1] = 2.5f, row(2)[2] = 3.5f, row(2)[3] = -2.5f, row(2)[4] = -0.5f;
+  row(2)[5] = 126.5f, row(2)[6] = -127.0f;
+  for (int64_t j = 0; j < cols; ++j) row(3)[j] *= 10.0f;                                 // many |x| >= 6
+  for (int64_t j = 0; j < cols; ++j) row(4)[j] = j % 2 ? 10.0f : -8.0f;                  // all >= 6
+  for (int64_t j = 0; j < cols; ++j) row(5)[j] = j % 3 ? -0.0f : 1e-30f * float(j % 7);  // signed zeros, tiny
+  for (int64_t j = 0; j < cols; ++j) row(6)[j] *= 1e-3f;
+  for (DType dt : {DType::f32, DType::bf16})
+    for (float threshold : {0.0f, 6.0f, 200.0f})
+      for (const std::vector<int64_t>& zero_cols :
+           {std::vector<int64_t>{}, std::vector<int64_t>{0, 7, 299}}) {
+        std::ostringstream ctx;
+        ctx << K::dtype_name(dt) << " threshold=" << threshold << " zero_cols=" << zero_cols.size();
+        const Acts x = make_acts(v, n, cols, ldx, dt);
+        std::vector<int8_t> q(sz(n * ldq), 0x5a), want;
+        std::vector<float> absmax(sz(n), -1.0f), want_absmax;
+        K::quantize_rows_int8(x.data(), dt, n, cols, ldx, threshold, zero_cols, q.data(), ldq, absmax.data());
+        ref_quantize_rows(x, threshold, zero_cols, want, want_absmax);
+        for (int64_t i = 0; i < n; ++i) {
+          EXPECT_EQ(bits_of(absmax[sz(i)]), bits_of(want_absmax[sz(i)])) << ctx.str() << " absmax row " << i;
+          for (int64_t j = 0; j < ldq; ++j) {
+            const int expect = j < cols ? want[sz(i * cols + j)] : 0;  // the tail is zero-filled
+            EXPECT_EQ(int(q[sz(i * ldq + j)]), expect) << ctx.str() << " element (" << i << ", " << j << ")";
+            EXPECT_LE(std::abs(int(q[sz(i * ldq + j)])), 127) << ctx.str();
+          }
+        }
+        if (threshold != 6.0f) {  // the hand-computed ties (row 2 is below 200)
+          const int tie[] = {zero_cols.empty() ? 127 : 0, 2, 4, -2, 0, 126, -127};
+          for (int j = 0; j < 7; ++j) EXPECT_EQ(int(q[sz(2 * ldq + j)]), tie[j]) << ctx.str() << " tie " << j;
+        } else {
+          EXPECT_EQ(absmax[4], 0.0f) << ctx.str() << ": a row of outliers has no absmax";
+        }
+        if (HasFailure()) return;
+      }
+}
+
+// A row whose absmax is tiny (below 127 / FLT_MAX = 3.7e-37, normal or not): 127 / absmax
+// overflows float32, yet matmul.h's q = rne(x * (127 / absmax)) is defined: +-127 for the
+// largest element, and the codes stay within one of rne(127 x / absmax) computed in double.
+TEST(MatmulQuantizeRows, TinyAbsmaxStillCodesTheRange) {
+  const int64_t cols = 64;
+  for (float a : {1e-30f, 1e-36f, 1e-37f, 1e-40f})
+    for (DType dt : {DType::f32, DType::bf16}) {
+      std::vector<float> v(sz(cols));
+      for (int64_t j = 0; j < cols; ++j) v[sz(j)] = a * float(j % 2 ? j + 1 : -(j + 1)) / float(cols);
+      const Acts x = make_acts(v, 1, cols, cols, dt);
+      float amax = 0.0f;
+      for (int64_t j = 0; j < cols; ++j) amax = std::max(amax, std::fabs(x.at(0, j)));
+      std::vector<int8_t> q(sz(cols), 0x5a);
+      float absmax = -1.0f;
+      K::quantize_rows_int8(x.data(), dt, 1, cols, cols, 0.0f, {}, q.data(), cols, &absmax);
+      EXPECT_EQ(absmax, amax) << "absmax " << a << " " << K::dtype_name(dt);
+      int64_t bad = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const double want = std::nearbyint(double(x.at(0, j)) * 127.0 / double(amax));
+        if (std::fabs(double(q[sz(j)]) - want) > 1 && ++bad <= 3)
+          ADD_FAILURE() << "absmax " << amax << " (" << K::dtype_name(dt) << "): q[" << j
+                        << "] = " << int(q[sz(j)]) << " for x = " << x.at(0, j) << ", expected about "
+                        << want;
+      }
+    }
+}
+
+// y = sum_j xq_j q_j * absmax_i * s_r / 127 over the non-outlier columns (int64, then double) plus
+// the outlier columns in fp32 against the dequantized weights fl(q s). The driver computes
+// fl(fl(acc) fl(fl(a fl(1/127)) s)): five roundings, 5 u |main|; the outlier sum of |C| float
+// products is within (|C| + 1) u E (E = sum over C of |x w|); adding it and the bias: two more
+// roundings. Bound: 8 u |main| + (|C| + 4) u E + 2 u |b| (+ underflow).
+TEST_P(Matmul, LlmInt8MatchesIndependentReference) {
+  const std::pair<int64_t, int64_t> shapes[] = {{67, 257}, {17, 640}, {129, 100}};
+  uint32_t seed = 501;
+  int combo = 0;
+  for (auto [rows, cols] : shapes) {
+    const Weight w = make_weight(WFormat::int8_sym, rows, cols, 0, seed++);
+    for (int64_t n : {1, 5, 9, 33})
+      for (float threshold : {0.0f, 6.0f}) {
+        const DType xdt = combo & 1 ? DType::bf16 : DType::f32, ydt = combo & 2 ? DType::bf16 : DType::f32;
+        const bool with_bias = combo & 4;
+        ++combo;
+        std::vector<float> xv = gaussian(n * cols, seed++);
+        // Planted outliers (6.0 exactly is one), and two just below 6 that are not.
+        const int64_t planted[] = {3, cols / 2, cols / 2 + 1, cols - 1};
+        const float big[] = {6.0f, -7.5f, 20.0f, 6.5f};
+        for (int t = 0; t < 4; ++t) xv[sz((planted[t] % n) * cols + planted[t])] = big[t];
+        xv[sz((n - 1) * cols + 10)] = 5.96875f;  // the largest bf16 below 6
+        xv[sz(11)] = -5.96875f;
+        std::ostringstream ctx;
+        ctx << "llm_int8 " << w.name() << " n=" << n << " threshold=" << threshold
+            << " x=" << K::dtype_name(xdt) << " y=" << K::dtype_name(ydt) << (with_bias ? " bias" : "");
+        const Acts x = make_acts(xv, n, cols, cols, xdt);
+        const std::vector<float> bias = gaussian(rows, seed++);
+        Out y = make_out(ydt, n, rows);
+        std::vector<int64_t> outliers = {-1};
+        K::matmul_llm_int8(w.p8.view, make_io(x, y, with_bias ? bias.data() : nullptr), threshold, &outliers,
+                           kt());
+
+        std::vector<int64_t> want_cols;
+        if (threshold > 0.0f) {
+          for (int64_t j = 0; j < cols; ++j)
+            for (int64_t i = 0; i < n; ++i)
+              if (std::fabs(x.at(i, j)) >= threshold) {
+                want_cols.push_back(j);
+                break;
+              }
+          EXPECT_EQ(want_cols.size(), 4u) << ctx.str();
+        }
+        EXPECT_EQ(outliers, want_cols) << ctx.str();
+
+        std::vector<int8_t> xq;
+        std::vector<float> absmax;
+        ref_quantize_rows(x, threshold, want_cols, xq, absmax);
+        std::vector<double> want(sz(n * rows)), tol(sz(n * rows));
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t r = 0; r < rows; ++r) {
+            int64_t acc = 0;
+            for (int64_t j = 0; j < cols; ++j) acc += int64_t(xq[sz(i * cols + j)]) * w.q8[sz(r * cols + j)];
+            const double main = double(acc) * absmax[sz(i)] * w.scale[sz(r)] / 127.0;
+            double extra = 0.0, e = 0.0;
+            for (int64_t c : want_cols) {
+              const double t = double(x.at(i, c)) * w.deq[sz(r * cols + c)];
+              extra += t;
+              e += std::fabs(t);
+            }
+            const double b = with_bias ? bias[sz(r)] : 0.0;
+            const double nc = double(want_cols.size());
+            want[sz(i * rows + r)] = main + extra + b;
+            tol[sz(i * rows + r)] =
+                8 * kU * std::fabs(main) + (nc + 4) * kU * e + 2 * kU * std::fabs(b) + (nc + 8) * kDenorm;
+          }
+        expect_within(ctx.str(), y, want, tol, 0, rows);
+
+        // Exact across ISAs (int32 products, the same float epilogue).
+        if (kt().isa != Isa::scalar) {
+          Out y_ref = make_out(ydt, n, rows);
+          K::matmul_llm_int8(w.p8.view, make_io(x, y_ref, with_bias ? bias.data() : nullptr), threshold,
+                             nullptr, scalar_table());
+          expect_same_bits(ctx.str() + " [vs the scalar table]", y_ref, y);
+        }
+        // Without outliers it is the fast int8 path, bit for bit.
+        if (threshold == 0.0f) {
+          Out y_fast = make_out(ydt, n, rows);
+          K::matmul(w.p8.view, make_io(x, y_fast, with_bias ? bias.data() : nullptr), MatmulPath::fast, kt());
+          expect_same_bits(ctx.str() + " [vs matmul fast]", y_fast, y);
+        }
+        if (HasFailure()) return;
+      }
+  }
+}
+
+// ---- 6. packing -------------------------------------------------------------------------------
+
+// Views of a packed Lut4Matrix: shape fields, 64-byte aligned rows, index 0 in the padding.
+void expect_lut4_view(const std::string& ctx, const Lut4Matrix& v, int64_t rows, int64_t cols) {
+  EXPECT_EQ(v.rows, rows) << ctx;
+  EXPECT_EQ(v.cols, cols) << ctx;
+  EXPECT_EQ(v.kpad, K::ceil_div(cols, K::kLut4Chunk) * K::kLut4Chunk) << ctx;
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(v.codes) % 64, 0u) << ctx;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = cols; j < v.kpad; ++j)
+      if (K::lut4_index(v.codes + r * (v.kpad / 2), j) != 0) {
+        ADD_FAILURE() << ctx << ": padding index at (" << r << ", " << j << ") is not 0";
+        return;
+      }
+}
+
+TEST(MatmulPacking, Lut4BnbRoundTrip) {
+  const WCase cases[] = {{WFormat::nf4, 17, 257, 64},  {WFormat::fp4, 17, 257, 64},
+                         {WFormat::nf4, 67, 640, 128}, {WFormat::fp4, 3, 5, 32},
+                         {WFormat::nf4, 1, 1, 64},     {WFormat::fp4, 5, 100, 32}};
+  uint32_t seed = 601;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const Lut4Matrix& v = w.p4.view;
+    const std::string ctx = w.name();
+    expect_lut4_view(ctx, v, wc.rows, wc.cols);
+    EXPECT_EQ(v.group, wc.block) << ctx;
+    EXPECT_EQ(v.row_stride, wc.cols) << ctx;
+    EXPECT_EQ(v.zero_point, nullptr) << ctx;
+    for (int i = 0; i < 16; ++i)
+      EXPECT_EQ(bits_of(v.lut[i]), bits_of(code_of(wc.fmt)[i])) << ctx << " lut " << i;
+    for (size_t b = 0; b < w.scale.size(); ++b) EXPECT_EQ(v.scale[b], w.scale[b]) << ctx << " absmax " << b;
+    std::vector<uint8_t> back(w.bytes.size(), 0xee);
+    K::unpack_lut4_codes(v, true, back.data());
+    EXPECT_EQ(back, w.bytes) << ctx;
+    // Every nibble pattern, not only the quantizer's (the pad nibble of an odd count is the code of 0).
+    std::mt19937 rng(seed);
+    std::vector<uint8_t> any(w.bytes.size());
+    for (uint8_t& b : any) b = static_cast<uint8_t>(rng());
+    if ((wc.rows * wc.cols) % 2)
+      any.back() = static_cast<uint8_t>((any.back() & 0xf0) | (wc.fmt == WFormat::nf4 ? 7 : 0));
+    const K::PackedLut4 p =
+        K::pack_lut4_bnb(any.data(), wc.rows, wc.cols, wc.block, w.scale.data(), code_of(wc.fmt));
+    std::vector<uint8_t> back2(any.size(), 0xee);
+    K::unpack_lut4_codes(p.view, true, back2.data());
+    EXPECT_EQ(back2, any) << ctx << " random bytes";
+    for (int64_t f = 0; f < wc.rows * wc.cols; ++f) {  // element f of the flat tensor, HIGH nibble first
+      const int want = f % 2 ? any[sz(f / 2)] & 0xf : any[sz(f / 2)] >> 4;
+      const int64_t r = f / wc.cols, j = f % wc.cols;
+      if (K::lut4_index(p.view.codes + r * (p.view.kpad / 2), j) != want) {
+        ADD_FAILURE() << ctx << ": index of flat element " << f;
+        break;
+      }
+    }
+  }
+}
+
+TEST(MatmulPacking, Int4RoundTrip) {
+  const WCase cases[] = {{WFormat::int4_sym, 17, 257, 32},  {WFormat::int4_asym, 17, 257, 32},
+                         {WFormat::int4_sym, 129, 130, 24}, {WFormat::int4_asym, 4, 7, 100},
+                         {WFormat::int4_asym, 3, 1, 2},     {WFormat::int4_sym, 2, 640, 128}};
+  uint32_t seed = 701;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const Lut4Matrix& v = w.p4.view;
+    const std::string ctx = w.name();
+    const bool asym = wc.fmt == WFormat::int4_asym;
+    const int64_t groups = K::ceil_div(wc.cols, wc.block), row_bytes = (wc.cols + 1) / 2;
+    expect_lut4_view(ctx, v, wc.rows, wc.cols);
+    EXPECT_EQ(v.group, wc.block) << ctx;
+    EXPECT_EQ(v.row_stride, groups * wc.block) << ctx;
+    for (int i = 0; i < 16; ++i) EXPECT_EQ(v.lut[i], asym ? float(i) : float(i - 8)) << ctx << " lut " << i;
+    EXPECT_EQ(v.zero_point != nullptr, asym) << ctx;
+    for (int64_t s = 0; s < wc.rows * groups; ++s) {
+      EXPECT_EQ(v.scale[s], w.scale[sz(s)]) << ctx << " scale " << s;
+      if (asym) {
+        EXPECT_EQ(v.zero_point[s], float(w.zp[sz(s)])) << ctx << " zero point " << s;
+      }
+    }
+    std::vector<uint8_t> back(w.bytes.size(), 0xee);
+    K::unpack_lut4_codes(v, false, back.data());
+    EXPECT_EQ(back, w.bytes) << ctx;
+    // Every nibble pattern (symmetric -8 included; odd cols pad with a zero nibble).
+    std::mt19937 rng(seed);
+    std::vector<uint8_t> any(w.bytes.size());
+    for (uint8_t& b : any) b = static_cast<uint8_t>(rng());
+    if (wc.cols % 2)
+      for (int64_t r = 0; r < wc.rows; ++r) any[sz(r * row_bytes + row_bytes - 1)] &= 0x0f;
+    const K::PackedLut4 p =
+        K::pack_int4(any.data(), wc.rows, wc.cols, wc.block, w.scale.data(), asym ? w.zp.data() : nullptr);
+    std::vector<uint8_t> back2(any.size(), 0xee);
+    K::unpack_lut4_codes(p.view, false, back2.data());
+    EXPECT_EQ(back2, any) << ctx << " random bytes";
+    // The index decodes to the stored value: q (asymmetric) or the two's-complement q + 8.
+    for (int64_t r = 0; r < wc.rows; ++r)
+      for (int64_t j = 0; j < wc.cols; ++j) {
+        const int nib = (j % 2 ? any[sz(r * row_bytes + j / 2)] >> 4 : any[sz(r * row_bytes + j / 2)]) & 0xf;
+        const int q = asym ? nib : (nib ^ 8) - 8;
+        const float value = p.view.lut[K::lut4_index(p.view.codes + r * (p.view.kpad / 2), j)];
+        if (value != float(q)) {
+          ADD_FAILURE() << ctx << ": (" << r << ", " << j << ") decodes to " << value << ", stored " << q;
+          r = wc.rows;
+          break;
+        }
+      }
+  }
+}
+
+TEST(MatmulPacking, Int8RoundTrip) {
+  std::mt19937 rng(8);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{17, 257}, {1, 1}, {3, 64}, {5, 65}}) {
+    std::vector<int8_t> q(sz(rows * cols));
+    for (int8_t& v : q) v = static_cast<int8_t>(rng());
+    q[0] = -128;
+    q.back() = 127;
+    std::vector<float> scale = gaussian(rows, 9), offset = gaussian(rows, 10);
+    for (bool asym : {false, true}) {
+      const std::string ctx = std::to_string(rows) + "x" + std::to_string(cols) + (asym ? " asym" : " sym");
+      const K::PackedInt8 p =
+          K::pack_int8(q.data(), rows, cols, scale.data(), asym ? offset.data() : nullptr);
+      const Int8Matrix& v = p.view;
+      EXPECT_EQ(v.rows, rows) << ctx;
+      EXPECT_EQ(v.cols, cols) << ctx;
+      EXPECT_EQ(v.kpad, K::ceil_div(cols, K::kInt8Chunk) * K::kInt8Chunk) << ctx;
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(v.codes) % 64, 0u) << ctx;
+      EXPECT_EQ(v.offset != nullptr, asym) << ctx;
+      for (int64_t r = 0; r < rows; ++r) {
+        int32_t sum = 0;
+        for (int64_t j = 0; j < cols; ++j) sum += q[sz(r * cols + j)];
+        EXPECT_EQ(v.row_sum[r], sum) << ctx << " row " << r;
+        EXPECT_EQ(v.scale[r], scale[sz(r)]) << ctx;
+        if (asym) {
+          EXPECT_EQ(v.offset[r], offset[sz(r)]) << ctx;
+        }
+        for (int64_t j = cols; j < v.kpad; ++j) EXPECT_EQ(v.codes[r * v.kpad + j], 0) << ctx << " padding";
+      }
+      std::vector<int8_t> back(q.size(), 0x5a);
+      K::unpack_int8_codes(v, back.data());
+      EXPECT_EQ(back, q) << ctx;
+    }
+  }
+}
+
+// matmul.h: byte 4t + s of a 64-byte chunk holds element 32s + t (low nibble) and 32s + 16 + t
+// (high nibble). Hand-computed positions, checked through pack_int4 and lut4_index.
+TEST(MatmulPacking, Lut4IndexFollowsChunkLayout) {
+  struct Pos {
+    int64_t j, byte;
+    bool high;
+  };
+  const Pos positions[] = {{0, 0, false},
+                           {1, 4, false},
+                           {15, 60, false},
+                           {16, 0, true},
+                           {17, 4, true},
+                           {31, 60, true},
+                           {32, 1, false},
+                           {33, 5, false},
+                           {48, 1, true},
+                           {64, 2, false},
+                           {96, 3, false},
+                           {112, 3, true},
+                           {127, 63, true},
+                           {128, 64, false},
+                           {129, 68, false},
+                           {144, 64, true},
+                           {255, 127, true},
+                           {256, 128, false},
+                           {299, 128 + 4 * 11 + 1, false}};
+  const int64_t rows = 2, cols = 300, row_bytes = (cols + 1) / 2;
+  const std::vector<float> scale(sz(rows * 3), 1.0f);
+  const std::vector<int32_t> zp(sz(rows * 3), 0);
+  for (const Pos& pos : positions) {
+    // Only element (1, j) is non-zero: asymmetric int4 stores the index as is.
+    std::vector<uint8_t> packed(sz(rows * row_bytes), 0);
+    packed[sz(row_bytes + pos.j / 2)] = static_cast<uint8_t>(pos.j % 2 ? 0xb0 : 0x0b);
+    const K::PackedLut4 p = K::pack_int4(packed.data(), rows, cols, 128, scale.data(), zp.data());
+    const Lut4Matrix& v = p.view;
+    ASSERT_EQ(v.kpad, 384);
+    const uint8_t* row0 = v.codes;
+    const uint8_t* row1 = v.codes + v.kpad / 2;
+    for (int64_t b = 0; b < v.kpad / 2; ++b) {
+      EXPECT_EQ(row0[b], 0) << "j=" << pos.j << " row 0 byte " << b;
+      const int want = b == pos.byte ? (pos.high ? 0xb0 : 0x0b) : 0;
+      EXPECT_EQ(int(row1[b]), want) << "j=" << pos.j << " byte " << b;
+    }
+    for (int64_t j = 0; j < v.kpad; ++j)
+      EXPECT_EQ(K::lut4_index(row1, j), j == pos.j ? 11 : 0) << "j=" << pos.j;
+    // lut4_index on a hand-made chunk.
+    std::vector<uint8_t> chunk(192, 0);
+    chunk[sz(pos.byte)] = static_cast<uint8_t>(pos.high ? 0x5a : 0xa5);
+    EXPECT_EQ(K::lut4_index(chunk.data(), pos.j), 5) << "j=" << pos.j;
+  }
+}
+
+// ---- 7. edge values -----------------------------------------------------------------------------
+
+const WFormat kAllFormats[] = {WFormat::nf4,       WFormat::fp4,      WFormat::int4_sym,
+                               WFormat::int4_asym, WFormat::int8_sym, WFormat::int8_asym};
+
+int64_t block_for(WFormat f) { return f == WFormat::nf4 || f == WFormat::fp4 ? 64 : 32; }
+
+// y is exactly the bias (or 0) when every product is 0.
+void expect_exactly_bias(const std::string& ctx, const Out& y, const std::vector<float>& bias,
+                         bool with_bias) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < y.n; ++i)
+    for (int64_t r = 0; r < y.ld; ++r) {
+      const double want = with_bias ? bias[sz(r)] : 0.0;
+      if (y.at(i, r) != want && ++bad <= 3)
+        ADD_FAILURE() << ctx << ": element (" << i << ", " << r << ") = " << y.at(i, r) << ", expected "
+                      << want;
+    }
+}
+
+TEST_P(Matmul, ZeroWeightsOrActivationsGiveTheBias) {
+  uint32_t seed = 801;
+  for (WFormat fmt : kAllFormats)
+    for (bool zero_weights : {true, false}) {
+      const Weight w = make_weight(fmt, 17, 128, block_for(fmt), seed++, zero_weights ? 0.0f : 1.0f);
+      if (zero_weights) {
+        for (float v : w.deq) ASSERT_EQ(v, 0.0f) << w.name();
+        for (float s : w.scale) ASSERT_EQ(s, 0.0f) << w.name() << ": zero absmax / scale";
+      }
+      for (int64_t n : {3, 9})
+        for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast})
+          for (bool with_bias : {false, true}) {
+            std::ostringstream ctx;
+            ctx << w.name() << (zero_weights ? " zero weights" : " zero x") << " n=" << n << " "
+                << path_name(path) << (with_bias ? " bias" : "");
+            std::vector<float> xv =
+                zero_weights ? gaussian(n * w.cols, seed++) : std::vector<float>(sz(n * w.cols), 0.0f);
+            if (!zero_weights)
+              for (size_t t = 0; t < xv.size(); t += 3) xv[t] = -0.0f;
+            const Acts x = make_acts(xv, n, w.cols, w.cols, DType::f32);
+            const std::vector<float> bias = gaussian(w.rows, seed++);
+            Out y = make_out(DType::f32, n, w.rows);
+            call_matmul(w, make_io(x, y, with_bias ? bias.data() : nullptr), path, kt());
+            expect_exactly_bias(ctx.str(), y, bias, with_bias);
+            // The transposed product of zeros is zero.
+            const Acts gy = make_acts(
+                zero_weights ? gaussian(n * w.rows, seed++) : std::vector<float>(sz(n * w.rows), 0.0f), n,
+                w.rows, w.rows, DType::f32);
+            Out gx = make_out(DType::f32, n, w.cols);
+            if (w.is_int8())
+              K::matmul_transposed(w.p8.view, make_io(gy, gx, nullptr), kt());
+            else
+              K::matmul_transposed(w.p4.view, make_io(gy, gx, nullptr), kt());
+            expect_exactly_bias(ctx.str() + " transposed", gx, {}, false);
+          }
+      if (HasFailure()) return;
+    }
+}
+
+TEST_P(Matmul, HugeAndTinyScales) {
+  uint32_t seed = 901;
+  for (WFormat fmt : kAllFormats)
+    for (float amp : {1e30f, 1e-30f}) {
+      const Weight w = make_weight(fmt, 17, 130, block_for(fmt), seed++, amp);
+      int combo = 0;
+      for (int64_t n : {3, 9})
+        for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+          RunSpec run;
+          run.path = path;
+          run.xdt = combo & 1 ? DType::bf16 : DType::f32;
+          run.bias = combo & 2;
+          ++combo;
+          const uint32_t xseed = seed++;
+          check_forward(kt(), w, gaussian(n * w.cols, xseed), n, run, seed);
+        }
+      if (HasFailure()) return;
+    }
+  // Scales of exactly 1e30 and 1e-30 on int8 codes (extreme codes included).
+  std::mt19937 rng(17);
+  const int64_t rows = 17, cols = 257;
+  std::vector<int8_t> q(sz(rows * cols));
+  for (int8_t& v : q) v = static_cast<int8_t>(rng());
+  q[0] = -128, q[1] = 127;
+  std::vector<int32_t> zp(sz(rows));
+  for (int32_t& z : zp) z = static_cast<int32_t>(rng() % 256) - 128;
+  for (float scale : {1e30f, 1e-30f})
+    for (bool asym : {false, true}) {
+      const Weight w = int8_from_codes(q, rows, cols, scale, asym ? zp : std::vector<int32_t>{});
+      for (int64_t n : {3, 9})
+        for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+          RunSpec run;
+          run.path = path;
+          const uint32_t xseed = seed++;
+          check_forward(kt(), w, gaussian(n * cols, xseed), n, run, seed);
+        }
+      if (HasFailure()) return;
+    }
+}
+
+// One activation per row of 1e30 (the others Gaussian): the fast int8 path quantizes the rest to
+// 0 (within half a step of 1e30 / 127), the others keep their bounds.
+TEST_P(Matmul, OneHugeActivation) {
+  uint32_t seed = 1001;
+  for (WFormat fmt : kAllFormats) {
+    const Weight w = make_weight(fmt, 17, 130, block_for(fmt), seed++);
+    for (int64_t n : {3, 9})
+      for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+        std::vector<float> xv = gaussian(n * w.cols, seed++);
+        for (int64_t i = 0; i < n; ++i) xv[sz(i * w.cols + (7 * i + 5) % w.cols)] = i % 2 ? -1e30f : 1e30f;
+        RunSpec run;
+        run.path = path;
+        run.bias = true;
+        check_forward(kt(), w, xv, n, run, seed);
+      }
+    if (HasFailure()) return;
+  }
+}
+
+// The exact path multiplies x by the dequantized weight (matmul.h): with a tiny scale, x q may
+// overflow float32 while x (q s) does not. Activations of 1e37 against scale 1e-30 and codes of
+// magnitude >= 64 give products near 1e9; a kernel that sums x q first and scales last gets inf.
+TEST_P(Matmul, ExactPathScalesEachWeightBeforeMultiplying) {
+  const int64_t rows = 17, cols = 130, hot = 77;
+  std::mt19937 rng(21);
+  std::vector<int8_t> q(sz(rows * cols));
+  for (int8_t& v : q) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+  for (int64_t r = 0; r < rows; ++r) q[sz(r * cols + hot)] = static_cast<int8_t>(r % 2 ? -100 : 64 + r);
+  uint32_t seed = 1101;
+  for (bool asym : {false, true}) {
+    std::vector<int32_t> zp;
+    if (asym) zp.assign(sz(rows), 3);
+    const Weight w = int8_from_codes(q, rows, cols, 1e-30f, zp);
+    for (int64_t n : {1, 3, 9}) {
+      std::vector<float> xv = gaussian(n * cols, seed++);
+      for (int64_t i = 0; i < n; ++i) xv[sz(i * cols + hot)] = i % 2 ? -1e37f : 1e37f;
+      RunSpec run;
+      run.path = MatmulPath::exact;
+      check_forward(kt(), w, xv, n, run, seed);
+    }
+  }
+  // The 4-bit formats decode (lut - zp) * scale first by construction; the same data as a check.
+  for (WFormat fmt : {WFormat::nf4, WFormat::int4_asym}) {
+    std::vector<float> src = gaussian(rows * cols, seed++, 1e-30f);
+    const Weight w = quantize_weight(fmt, rows, cols, block_for(fmt), src);
+    for (int64_t n : {1, 9}) {
+      std::vector<float> xv = gaussian(n * cols, seed++);
+      for (int64_t i = 0; i < n; ++i) xv[sz(i * cols + hot)] = 1e37f;
+      RunSpec run;
+      run.path = MatmulPath::exact;
+      check_forward(kt(), w, xv, n, run, seed);
+    }
+  }
+}
+
+TEST_P(Matmul, EmptyBatchAndEmptyWeight) {
+  const Weight w4 = make_weight(WFormat::nf4, 17, 100, 64, 1);
+  const Weight w8 = make_weight(WFormat::int8_asym, 17, 100, 0, 2);
+  const Weight w8s = make_weight(WFormat::int8_sym, 17, 100, 0, 3);
+  for (const Weight* w : {&w4, &w8}) {
+    // n = 0 with null buffers: nothing happens.
+    MatmulIO io;
+    io.n = 0;
+    io.ldx = w->cols;
+    io.ldy = w->rows;
+    for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast, MatmulPath::automatic})
+      EXPECT_NO_THROW(call_matmul(*w, io, path, kt())) << w->name();
+    MatmulIO tio;
+    tio.n = 0;
+    tio.ldx = w->rows;
+    tio.ldy = w->cols;
+    if (w->is_int8()) {
+      EXPECT_NO_THROW(K::matmul_transposed(w->p8.view, tio, kt()));
+      std::vector<int64_t> cols = {5};
+      EXPECT_NO_THROW(K::matmul_llm_int8(w8s.p8.view, io, 6.0f, &cols, kt()));
+      EXPECT_TRUE(cols.empty());
+    } else {
+      EXPECT_NO_THROW(K::matmul_transposed(w->p4.view, tio, kt()));
+    }
+    // n = 0 with real buffers: y untouched.
+    const Acts x = make_acts({}, 0, w->cols, w->cols, DType::f32);
+    Out y = make_out(DType::f32, 2, w->rows);
+    MatmulIO io2 = make_io(x, y, nullptr);
+    io2.n = 0;
+    call_matmul(*w, io2, MatmulPath::fast, kt());
+    expect_within(w->name() + " n=0", y, {}, {}, 0, 0);
+  }
+  // A weight with no rows: the forward writes nothing, the transposed product is zeros.
+  const float dummy_f[1] = {1.0f};
+  const int8_t dummy_q[1] = {0};
+  const uint8_t dummy_b[1] = {0};
+  const K::PackedInt8 e8 = K::pack_int8(dummy_q, 0, 70, dummy_f, nullptr);
+  const K::PackedLut4 e4 = K::pack_lut4_bnb(dummy_b, 0, 70, 64, dummy_f, K::kCodeNF4);
+  const Acts x = make_acts(gaussian(3 * 70, 3), 3, 70, 70, DType::f32);
+  float y_dummy[1] = {from_bits(kSentinel32)};
+  for (int t = 0; t < 2; ++t) {
+    MatmulIO io;
+    io.x = x.data();
+    io.n = 3;
+    io.ldx = 70;
+    io.y = y_dummy;
+    io.ldy = 0;
+    EXPECT_NO_THROW(t ? K::matmul(e8.view, io, MatmulPath::fast, kt())
+                      : K::matmul(e4.view, io, MatmulPath::exact, kt()));
+    EXPECT_EQ(bits_of(y_dummy[0]), kSentinel32) << "rows=0 forward wrote";
+    Out gx = make_out(DType::f32, 3, 70);
+    MatmulIO tio;
+    tio.x = dummy_f;
+    tio.n = 3;
+    tio.ldx = 0;
+    tio.y = gx.data();
+    tio.ldy = 70;
+    if (t)
+      K::matmul_transposed(e8.view, tio, kt());
+    else
+      K::matmul_transposed(e4.view, tio, kt());
+    expect_exactly_bias(std::string(t ? "int8" : "nf4") + " rows=0 transposed", gx, {}, false);
+  }
+}
+
+TEST(MatmulArgs, BadArgumentsNameTheArgument) {
+  const Weight w4 = make_weight(WFormat::nf4, 17, 100, 64, 1);
+  const Weight w8 = make_weight(WFormat::int8_sym, 17, 100, 0, 2);
+  const Weight w8a = make_weight(WFormat::int8_asym, 17, 100, 0, 3);
+  const Acts x = make_acts(gaussian(3 * 100, 4), 3, 100, 100, DType::f32);
+  const std::vector<float> bias(17, 1.0f);
+  for (const Weight* w : {&w4, &w8}) {
+    auto fwd = [&](MatmulIO io) { call_matmul(*w, io, MatmulPath::automatic, K::active_kernels()); };
+    auto base = [&](Out& out) { return make_io(x, out, nullptr); };
+    Out y = make_out(DType::f32, 3, 17);
+    {
+      MatmulIO io = base(y);
+      io.ldx = 99;
+      expect_invalid("ldx < cols", "ldx", [&] { fwd(io); });
+    }
+    {
+      MatmulIO io = base(y);
+      io.ldy = 16;
+      expect_invalid("ldy < rows", "ldy", [&] { fwd(io); });
+    }
+    {
+      MatmulIO io = base(y);
+      io.x_dtype = DType::f16;
+      expect_invalid("f16 x", "dtype", [&] { fwd(io); });
+      io.x_dtype = DType::f32;
+      io.y_dtype = DType::f16;
+      expect_invalid("f16 y", "dtype", [&] { fwd(io); });
+    }
+    {
+      MatmulIO io = base(y);
+      io.x = nullptr;
+      expect_invalid("null x", "x", [&] { fwd(io); });
+      io = base(y);
+      io.y = nullptr;
+      expect_invalid("null y", "y", [&] { fwd(io); });
+    }
+    {
+      MatmulIO io = base(y);
+      io.n = -1;
+      expect_invalid("n < 0", "n", [&] { fwd(io); });
+    }
+    // The transposed product: gy [n, rows], gx [n, cols], no bias.
+    const Acts gy = make_acts(gaussian(3 * 17, 5), 3, 17, 17, DType::f32);
+    Out gx = make_out(DType::f32, 3, 100);
+    auto bwd = [&](MatmulIO io) {
+      if (w->is_int8())
+        K::matmul_transposed(w->p8.view, io, K::active_kernels());
+      else
+        K::matmul_transposed(w->p4.view, io, K::active_kernels());
+    };
+    {
+      MatmulIO io = make_io(gy, gx, nullptr);
+      io.ldx = 16;
+      expect_invalid("transposed ldx < rows", "ldx", [&] { bwd(io); });
+      io = make_io(gy, gx, nullptr);
+      io.ldy = 99;
+      expect_invalid("transposed ldy < cols", "ldy", [&] { bwd(io); });
+      io = make_io(gy, gx, bias.data());
+      expect_invalid("transposed bias", "bias", [&] { bwd(io); });
+      io = make_io(gy, gx, nullptr);
+      io.x = nullptr;
+      expect_invalid("transposed null gy", "x", [&] { bwd(io); });
+    }
+  }
+  {
+    Out y = make_out(DType::f32, 3, 17);
+    MatmulIO io = make_io(x, y, nullptr);
+    expect_invalid("llm_int8 asymmetric", "weight",
+                   [&] { K::matmul_llm_int8(w8a.p8.view, io, 6.0f, nullptr, K::active_kernels()); });
+    io.ldx = 5;
+    expect_invalid("llm_int8 ldx", "ldx",
+                   [&] { K::matmul_llm_int8(w8.p8.view, io, 6.0f, nullptr, K::active_kernels()); });
+  }
+  const uint8_t b[64] = {};
+  const int8_t q[64] = {};
+  const float s[64] = {1.0f};
+  expect_invalid("pack_lut4_bnb cols 0", "cols", [&] { K::pack_lut4_bnb(b, 2, 0, 64, s, K::kCodeNF4); });
+  expect_invalid("pack_lut4_bnb rows < 0", "rows", [&] { K::pack_lut4_bnb(b, -1, 4, 64, s, K::kCodeNF4); });
+  expect_invalid("pack_lut4_bnb blocksize 0", "blocksize",
+                 [&] { K::pack_lut4_bnb(b, 2, 4, 0, s, K::kCodeNF4); });
+  expect_invalid("pack_int4 cols -1", "cols", [&] { K::pack_int4(b, 2, -1, 32, s, nullptr); });
+  expect_invalid("pack_int4 group 0", "group", [&] { K::pack_int4(b, 2, 4, 0, s, nullptr); });
+  expect_invalid("pack_int8 cols 0", "cols", [&] { K::pack_int8(q, 2, 0, s, nullptr); });
+}
+
+INSTANTIATE_TEST_SUITE_P(AllIsas, Matmul, testing::ValuesIn(all_isas()), isa_param_name);
+
+}  // namespace
+}  // namespace msbnb::test
