@@ -329,37 +329,61 @@ void decoded_gemm(int64_t kpad, const typename Op::X* x, int64_t n, int64_t ldx,
 
 // ---- transposed product ---------------------------------------------------------------------------
 
-// gx[i][c0, c1) += sum_r gy[i][r] * w[r][c0, c1), four weight rows at a time, decoded into a
-// small buffer (columns in blocks of kCols so the gx block stays in L2).
-template <class Decode>
-void transposed_f32(int64_t rows, int64_t kpad, const float* gy, int64_t n, int64_t ldy, int64_t c0,
-                    int64_t c1, float* gx, int64_t ldx, bool accumulate, Decode decode_cols) {
-  if (!accumulate)
-    for (int64_t i = 0; i < n; ++i) std::fill(gx + i * ldx + c0, gx + i * ldx + c1, 0.0f);
-  constexpr int64_t kCols = 512;
-  (void)kpad;
-  std::vector<float> wbuf(4 * kCols);
-  for (int64_t cb = c0; cb < c1; cb += kCols) {
-    const int64_t ce = std::min(c1, cb + kCols), width = ce - cb;
-    for (int64_t r = 0; r < rows; r += 4) {
-      const int rr = static_cast<int>(std::min<int64_t>(4, rows - r));
-      for (int m = 0; m < rr; ++m) decode_cols(r + m, cb, ce, wbuf.data() + m * kCols);
-      for (int m = rr; m < 4; ++m)
-        std::fill(wbuf.begin() + m * kCols, wbuf.begin() + m * kCols + width, 0.0f);
-      for (int64_t i = 0; i < n; ++i) {
-        const float* g = gy + i * ldy + r;
-        const __m512 g0 = _mm512_set1_ps(g[0]), g1 = _mm512_set1_ps(rr > 1 ? g[1] : 0.0f),
-                     g2 = _mm512_set1_ps(rr > 2 ? g[2] : 0.0f), g3 = _mm512_set1_ps(rr > 3 ? g[3] : 0.0f);
-        float* out = gx + i * ldx + cb;
-        for (int64_t j = 0; j < width; j += 16) {
-          const __mmask16 m = mask_upto16(width - j);  // nothing past c1 is touched
-          __m512 a = _mm512_maskz_loadu_ps(m, out + j);
-          a = _mm512_fmadd_ps(g0, _mm512_loadu_ps(wbuf.data() + j), a);
-          a = _mm512_fmadd_ps(g1, _mm512_loadu_ps(wbuf.data() + kCols + j), a);
-          a = _mm512_fmadd_ps(g2, _mm512_loadu_ps(wbuf.data() + 2 * kCols + j), a);
-          a = _mm512_fmadd_ps(g3, _mm512_loadu_ps(wbuf.data() + 3 * kCols + j), a);
-          _mm512_mask_storeu_ps(out + j, m, a);
-        }
+// gx[i][c, c + width) (+)= sum_r gy[i][r] * w[r][c, c + 16 VN) for NR rows of gy: one column
+// chunk, every weight row decoded in registers (decode(r, f) calls f(V, w) for V < VN) and
+// multiplied into NR x VN accumulators, which are stored once at the end.
+template <int NR, int VN, class Decode>
+void transposed_tile(int64_t rows, const float* gy, int64_t ldy, int64_t width, float* gx, int64_t ldx,
+                     bool accumulate, const Decode& decode) {
+  __m512 acc[NR][VN];
+  for (auto& a : acc)
+    for (auto& b : a) b = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 g[NR];
+    for (int i = 0; i < NR; ++i) g[i] = _mm512_set1_ps(gy[i * ldy + r]);
+    decode(r, [&](auto v, __m512 wv) {
+      constexpr int V = decltype(v)::value;
+      for (int i = 0; i < NR; ++i) acc[i][V] = _mm512_fmadd_ps(g[i], wv, acc[i][V]);
+    });
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < VN && 16 * v < width; ++v) {
+      const __mmask16 m = mask_upto16(width - 16 * v);  // nothing past the range is touched
+      float* out = gx + i * ldx + 16 * v;
+      const __m512 a = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), acc[i][v]) : acc[i][v];
+      _mm512_mask_storeu_ps(out, m, a);
+    }
+}
+
+// The columns [c0, c1) in chunks of 16 VN, the rows of gy in tiles of up to NR.
+template <int NR, int VN, class MakeDecode>
+void transposed(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1, float* gx,
+                int64_t ldx, bool accumulate, MakeDecode make_decode) {
+  for (int64_t c = c0; c < c1; c += 16 * VN) {
+    const auto decode = make_decode(c);
+    const int64_t width = std::min<int64_t>(16 * VN, c1 - c);
+    for (int64_t i = 0; i < n; i += NR) {
+      const float* g = gy + i * ldy;
+      float* out = gx + i * ldx + c;
+      switch (std::min<int64_t>(NR, n - i)) {
+        case 1:
+          transposed_tile<1, VN>(rows, g, ldy, width, out, ldx, accumulate, decode);
+          break;
+        case 2:
+          transposed_tile<2, VN>(rows, g, ldy, width, out, ldx, accumulate, decode);
+          break;
+        case 3:
+          transposed_tile<3, VN>(rows, g, ldy, width, out, ldx, accumulate, decode);
+          break;
+        case 4:
+          transposed_tile<(NR >= 4 ? 4 : 1), VN>(rows, g, ldy, width, out, ldx, accumulate, decode);
+          break;
+        case 5:
+          transposed_tile<(NR >= 5 ? 5 : 1), VN>(rows, g, ldy, width, out, ldx, accumulate, decode);
+          break;
+        default:
+          transposed_tile<NR, VN>(rows, g, ldy, width, out, ldx, accumulate, decode);
+          break;
       }
     }
   }
@@ -406,37 +430,50 @@ void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                 float* gx, int64_t ldx, bool accumulate) {
   if (!w.simd_friendly()) return scalar::lut4_t_f32(w, gy, n, ldy, c0, c1, gx, ldx, accumulate);
   const __m512 base = _mm512_loadu_ps(w.lut);
-  transposed_f32(w.rows, w.kpad, gy, n, ldy, c0, c1, gx, ldx, accumulate,
-                 [&](int64_t r, int64_t cb, int64_t ce, float* out) {
-                   Lut4Row row(w, r, base);
-                   // Segments are walked from the row start; jump to the block's first one.
-                   row.seg = (r * w.row_stride + cb) / w.group;
-                   row.next = (cb / w.group + 1) * w.group;
-                   row.build();
-                   const uint8_t* codes = w.codes + r * (w.kpad / 2);
-                   for (int64_t c = cb; c < ce; c += kLut4Chunk) {
-                     const __m512i q = _mm512_load_si512(codes + c / 2);
-                     for_each_v<0>([&](auto v) {
-                       constexpr int V = decltype(v)::value;
-                       _mm512_storeu_ps(out + (c - cb) + 16 * V, decode16<V>(q, row.at(c + 16 * V)));
-                     });
-                   }
-                 });
+  const int64_t segs_per_row = w.row_stride / w.group;
+  transposed<3, 8>(w.rows, gy, n, ldy, c0, c1, gx, ldx, accumulate, [&](int64_t c) {
+    // Groups lie inside rows, so the chunk's first group is r * segs_per_row + c / group.
+    const int64_t first = c / w.group, next0 = (first + 1) * w.group;
+    return [&w, base, segs_per_row, first, next0, c](int64_t r, auto&& f) {
+      int64_t seg = r * segs_per_row + first, next = next0;
+      auto segment_table = [&] {
+        __m512 t = base;
+        if (w.zero_point) t = _mm512_sub_ps(t, _mm512_set1_ps(w.zero_point[seg]));
+        return _mm512_mul_ps(t, _mm512_set1_ps(w.scale[seg]));
+      };
+      __m512 tab = segment_table();
+      const __m512i q = _mm512_load_si512(w.codes + r * (w.kpad / 2) + c / 2);
+      for_each_v<0>([&](auto v) {
+        constexpr int V = decltype(v)::value;
+        if (c + 16 * V == next) {
+          ++seg;
+          next += w.group;
+          tab = segment_table();
+        }
+        f(v, decode16<V>(q, tab));
+      });
+    };
+  });
 }
 
 void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
                 float* gx, int64_t ldx, bool accumulate) {
-  transposed_f32(w.rows, w.kpad, gy, n, ldy, c0, c1, gx, ldx, accumulate,
-                 [&](int64_t r, int64_t cb, int64_t ce, float* out) {
-                   const int8_t* q = w.codes + r * w.kpad;
-                   const __m512 off = _mm512_set1_ps(w.offset ? w.offset[r] : 0.0f),
-                                s = _mm512_set1_ps(w.scale[r]);
-                   for (int64_t j = cb; j < ce; j += 16) {
-                     const __m512 v = _mm512_cvtepi32_ps(
-                         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j))));
-                     _mm512_storeu_ps(out + (j - cb), _mm512_mul_ps(_mm512_add_ps(v, off), s));
-                   }
-                 });
+  transposed<6, 4>(w.rows, gy, n, ldy, c0, c1, gx, ldx, accumulate, [&](int64_t c) {
+    return [&w, c](int64_t r, auto&& f) {
+      const int8_t* q = w.codes + r * w.kpad + c;
+      const __m512 off = _mm512_set1_ps(w.offset ? w.offset[r] : 0.0f), s = _mm512_set1_ps(w.scale[r]);
+      auto one = [&](auto v) {
+        constexpr int V = decltype(v)::value;
+        const __m512 wv = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * V))));
+        f(v, _mm512_mul_ps(_mm512_add_ps(wv, off), s));
+      };
+      one(std::integral_constant<int, 0>{});
+      one(std::integral_constant<int, 1>{});
+      one(std::integral_constant<int, 2>{});
+      one(std::integral_constant<int, 3>{});
+    };
+  });
 }
 
 }  // namespace msbnb::kernels::avx512
