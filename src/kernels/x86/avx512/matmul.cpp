@@ -19,6 +19,13 @@ namespace msbnb::kernels::avx512 {
 
 namespace {
 
+// How far ahead weight streams are prefetched: the hardware prefetcher alone leaves one thread
+// at ~10 GB/s from DRAM, below what the decode keeps up with.
+constexpr int64_t kPrefetchBytes = 4096;
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
 // ---- decoding ----------------------------------------------------------------------------------
 
 // Walks the segments (groups / blocks) of one row: table() is the row's current decode table.
@@ -68,6 +75,7 @@ inline void decode_lut4_row_f32(const Lut4Matrix& w, int64_t r, float* out) {
   Lut4Row row(w, r, _mm512_loadu_ps(w.lut));
   const uint8_t* codes = w.codes + r * (w.kpad / 2);
   for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+    prefetch_ahead(codes + c / 2);
     const __m512i q = _mm512_load_si512(codes + c / 2);
     for_each_v<0>([&](auto v) {
       constexpr int V = decltype(v)::value;
@@ -80,6 +88,7 @@ inline void decode_lut4_row_bf16(const Lut4Matrix& w, int64_t r, uint16_t* out) 
   Lut4Row row(w, r, _mm512_loadu_ps(w.lut));
   const uint8_t* codes = w.codes + r * (w.kpad / 2);
   for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+    prefetch_ahead(codes + c / 2);
     const __m512i q = _mm512_load_si512(codes + c / 2);
     for_each_v<0>([&](auto v) {
       constexpr int V = decltype(v)::value;
@@ -120,6 +129,7 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
     for (auto& a : acc)
       for (auto& b : a) b = _mm512_setzero_ps();
     for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+      prefetch_ahead(codes + c / 2);
       const __m512i q = _mm512_load_si512(codes + c / 2);
       for_each_v<0>([&](auto v) {
         constexpr int V = decltype(v)::value;
@@ -149,6 +159,7 @@ void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0
     for (auto& a : acc)
       for (auto& b : a) b = _mm512_setzero_ps();
     for (int64_t j = 0; j < w.kpad; j += 64) {
+      prefetch_ahead(q + j);
       for (int v = 0; v < 4; ++v) {
         __m512 wv = _mm512_cvtepi32_ps(
             _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j + 16 * v))));
@@ -255,7 +266,10 @@ void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t
     for (auto& b : a) b = Op::zero();
   for (int64_t j = 0; j < len; j += Op::kStep) {
     __m512i wv[MR];
-    for (int m = 0; m < MR; ++m) wv[m] = Op::load(w + m * ldw + j);
+    for (int m = 0; m < MR; ++m) {
+      prefetch_ahead(w + m * ldw + j);
+      wv[m] = Op::load(w + m * ldw + j);
+    }
     for (int i = 0; i < NR; ++i) {
       const __m512i xv = Op::load(x + i * ldx + j);
       for (int m = 0; m < MR; ++m) acc[i][m] = Op::step(acc[i][m], xv, wv[m]);
