@@ -204,6 +204,8 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
       const float* xp[N];
       for (int i = 0; i < N; ++i) xp[i] = x + i * ldx + cb;
       for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+        // Without running ahead, one thread reads only ~10 GB/s from DRAM.
+        _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
         const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
         const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
         for_each_v<0>([&](auto v) {
