@@ -351,7 +351,10 @@ void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_
 void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
-  if (resolve_path(path, io.n) == MatmulPath::exact) return forward_exact(w, io, k.matmul.lut4_f32);
+  // Up to kGemvMaxRows rows the exact GEMV is also the fastest 4-bit path (decode-bound either
+  // way), so fast only changes larger batches.
+  if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows)
+    return forward_exact(w, io, k.matmul.lut4_f32);
   std::vector<uint16_t> xb(static_cast<size_t>(io.n * w.kpad), 0);
   parallel_rows(io.n, [&](int64_t i) {
     uint16_t* dst = xb.data() + i * w.kpad;

@@ -21,7 +21,8 @@
 //          int32 dot products, exact across ISAs and thread counts (LLM.int8()'s numerics);
 //          error <= absmax(x) / 254 * scale * sum |q| per output, typically
 //          absmax / (127 √12 rms(x)) relative: about 0.9 % for Gaussian rows of 4096.
-//          4-bit weights: weights and activations rounded to bf16, products summed in fp32;
+//          4-bit weights, more than kGemvMaxRows rows (fewer run the exact GEMV, which is as
+//          fast): weights and activations rounded to bf16, products summed in fp32;
 //          error <= (2^-7 + 2^-16) sum |x w| per output (two roundings of at most 2^-8),
 //          typically about 0.23 % relative.
 //   auto   exact for n <= kGemvMaxRows (memory-bound, exact costs nothing), fast above.
