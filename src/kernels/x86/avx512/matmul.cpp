@@ -25,6 +25,7 @@ constexpr int64_t kPrefetchBytes = 4096;
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
 }
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 // ---- decoding ----------------------------------------------------------------------------------
 
@@ -113,6 +114,13 @@ inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
 
 // ---- GEMV: decode in registers -------------------------------------------------------------------
 
+// Columns per GEMV pass: the N activation rows of a pass (at most 16 KiB) stay in L1 while every
+// weight row streams past them (a multiple of `unit`).
+template <int N>
+constexpr int64_t gemv_cols(int64_t unit) {
+  return std::max<int64_t>(unit, (int64_t{16} << 10) / (4 * N) / unit * unit);
+}
+
 // Accumulators for N activation rows; with few rows, several per row hide the FMA latency.
 template <int N>
 constexpr int kAccPerRow = N >= 4 ? 1 : 4 / N;
@@ -122,26 +130,35 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
                int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m512 base = _mm512_loadu_ps(w.lut);
-  for (int64_t r = r0; r < r1; ++r) {
-    Lut4Row row(w, r, base);
-    const uint8_t* codes = w.codes + r * (w.kpad / 2);
-    __m512 acc[N][A];
-    for (auto& a : acc)
-      for (auto& b : a) b = _mm512_setzero_ps();
-    for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
-      prefetch_ahead(codes + c / 2);
-      const __m512i q = _mm512_load_si512(codes + c / 2);
-      for_each_v<0>([&](auto v) {
-        constexpr int V = decltype(v)::value;
-        const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
-        for (int i = 0; i < N; ++i)
-          acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
-      });
-    }
-    for (int i = 0; i < N; ++i) {
-      __m512 s = acc[i][0];
-      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
-      y[i * ldy + r] = _mm512_reduce_add_ps(s);
+  const int64_t pitch = w.kpad / 2, segs_per_row = w.row_stride / w.group;
+  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
+    for (int64_t r = r0; r < r1; ++r) {
+      Lut4Row row(w, r, base);
+      if (cb) {  // groups lie inside rows: the pass starts in group cb / group of this row
+        row.seg = r * segs_per_row + cb / w.group;
+        row.next = (cb / w.group + 1) * w.group;
+        row.build();
+      }
+      const uint8_t* codes = w.codes + r * pitch;
+      __m512 acc[N][A];
+      for (auto& a : acc)
+        for (auto& b : a) b = _mm512_setzero_ps();
+      for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+        prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
+        const __m512i q = _mm512_load_si512(codes + c / 2);
+        for_each_v<0>([&](auto v) {
+          constexpr int V = decltype(v)::value;
+          const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
+          for (int i = 0; i < N; ++i)
+            acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
+        });
+      }
+      for (int i = 0; i < N; ++i) {
+        __m512 s = acc[i][0];
+        for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
+        y[i * ldy + r] = (cb ? y[i * ldy + r] : 0.0f) + _mm512_reduce_add_ps(s);
+      }
     }
   }
 }
@@ -152,27 +169,30 @@ template <int N, bool Offset>
 void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* q = w.codes + r * w.kpad;
-    const __m512 off = _mm512_set1_ps(Offset ? w.offset[r] : 0.0f), scale = _mm512_set1_ps(w.scale[r]);
-    __m512 acc[N][A];
-    for (auto& a : acc)
-      for (auto& b : a) b = _mm512_setzero_ps();
-    for (int64_t j = 0; j < w.kpad; j += 64) {
-      prefetch_ahead(q + j);
-      for (int v = 0; v < 4; ++v) {
-        __m512 wv = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j + 16 * v))));
-        if constexpr (Offset) wv = _mm512_add_ps(wv, off);
-        wv = _mm512_mul_ps(wv, scale);
-        for (int i = 0; i < N; ++i)
-          acc[i][v % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + j + 16 * v), acc[i][v % A]);
+  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(64)) {
+    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(64));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* q = w.codes + r * w.kpad;
+      const __m512 off = _mm512_set1_ps(Offset ? w.offset[r] : 0.0f), scale = _mm512_set1_ps(w.scale[r]);
+      __m512 acc[N][A];
+      for (auto& a : acc)
+        for (auto& b : a) b = _mm512_setzero_ps();
+      for (int64_t j = cb; j < ce; j += 64) {
+        prefetch(q + j + 2 * w.kpad);  // the same columns, two rows on
+        for (int v = 0; v < 4; ++v) {
+          __m512 wv = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j + 16 * v))));
+          if constexpr (Offset) wv = _mm512_add_ps(wv, off);
+          wv = _mm512_mul_ps(wv, scale);
+          for (int i = 0; i < N; ++i)
+            acc[i][v % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + j + 16 * v), acc[i][v % A]);
+        }
       }
-    }
-    for (int i = 0; i < N; ++i) {
-      __m512 s = acc[i][0];
-      for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
-      y[i * ldy + r] = _mm512_reduce_add_ps(s);
+      for (int i = 0; i < N; ++i) {
+        __m512 s = acc[i][0];
+        for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
+        y[i * ldy + r] = (cb ? y[i * ldy + r] : 0.0f) + _mm512_reduce_add_ps(s);
+      }
     }
   }
 }
