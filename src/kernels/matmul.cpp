@@ -386,26 +386,35 @@ void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
   check_io("matmul_llm_int8", io, w.cols, w.rows);
   if (w.offset) throw std::invalid_argument("matmul_llm_int8: weight: expected symmetric int8 (no offset)");
   std::vector<int64_t> cols;
-  if (threshold > 0.0f)
+  if (threshold > 0.0f) {
+    std::vector<char> hit(static_cast<size_t>(w.cols), 0);
+    for (int64_t i = 0; i < io.n; ++i)
+      for (int64_t j = 0; j < w.cols; ++j)
+        hit[j] |= std::fabs(load_elem(io.x, io.x_dtype, i * io.ldx + j)) >= threshold;
     for (int64_t j = 0; j < w.cols; ++j)
-      for (int64_t i = 0; i < io.n; ++i)
-        if (std::fabs(load_elem(io.x, io.x_dtype, i * io.ldx + j)) >= threshold) {
-          cols.push_back(j);
-          break;
-        }
+      if (hit[j]) cols.push_back(j);
+  }
   if (outlier_cols) *outlier_cols = cols;
   if (io.n == 0 || w.rows == 0) return;
   std::vector<float> y;
   int8_forward_fast(w, io, k, threshold, cols, y);
-  // Outlier columns in fp32 against the dequantized weight columns.
-  for (int64_t i = 0; i < io.n; ++i)
-    for (int64_t r = 0; r < w.rows; ++r) {
-      float extra = 0.0f;
-      for (int64_t c : cols)
-        extra += load_elem(io.x, io.x_dtype, i * io.ldx + c) *
-                 (static_cast<float>(w.codes[r * w.kpad + c]) * w.scale[r]);
-      y[i * w.rows + r] += extra;
-    }
+  // Outlier columns in fp32 against the dequantized weight columns, gathered once.
+  if (!cols.empty()) {
+    const int64_t nc = static_cast<int64_t>(cols.size());
+    std::vector<float> wcols(static_cast<size_t>(nc * w.rows));
+    for (int64_t r = 0; r < w.rows; ++r)
+      for (int64_t c = 0; c < nc; ++c)
+        wcols[c * w.rows + r] = static_cast<float>(w.codes[r * w.kpad + cols[c]]) * w.scale[r];
+    parallel_rows(io.n, [&](int64_t i) {
+      std::vector<float> extra(static_cast<size_t>(w.rows), 0.0f);
+      for (int64_t c = 0; c < nc; ++c) {
+        const float xv = load_elem(io.x, io.x_dtype, i * io.ldx + cols[c]);
+        const float* wc = wcols.data() + c * w.rows;
+        for (int64_t r = 0; r < w.rows; ++r) extra[r] += xv * wc[r];
+      }
+      for (int64_t r = 0; r < w.rows; ++r) y[i * w.rows + r] += extra[r];
+    });
+  }
   store_rows(y.data(), w.rows, w.rows, io);
 }
 
