@@ -61,22 +61,28 @@ torch::Tensor bias_f32(const torch::Tensor& bias, int64_t out) {
   return detail::dense(bias).to(torch::kFloat32);
 }
 
+// Kernel arguments for rows of `in` (a dense [rows, in_cols] matrix) into `out` ([rows, out_cols]).
+kernels::MatmulIO make_io(const torch::Tensor& in, kernels::DType dt, int64_t in_cols, torch::Tensor& out,
+                          int64_t out_cols, const torch::Tensor& bias) {
+  kernels::MatmulIO io;
+  io.x = in.data_ptr();
+  io.x_dtype = dt;
+  io.n = in.size(0);
+  io.ldx = in_cols;
+  io.y = out.data_ptr();
+  io.y_dtype = dt;
+  io.ldy = out_cols;
+  io.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  return io;
+}
+
 template <class W>
 torch::Tensor run_forward(const torch::Tensor& x, const W& w, const torch::Tensor& bias, MatmulPath path) {
   const kernels::DType dt = io_dtype(x, "x");
   const torch::Tensor x2 = as_matrix(x, w.cols, "x", "in_features");
   const torch::Tensor b = bias_f32(bias, w.rows);
   torch::Tensor y = torch::empty({x2.size(0), w.rows}, x.options());
-  kernels::MatmulIO io;
-  io.x = x2.data_ptr();
-  io.x_dtype = dt;
-  io.n = x2.size(0);
-  io.ldx = w.cols;
-  io.y = y.data_ptr();
-  io.y_dtype = dt;
-  io.ldy = w.rows;
-  io.bias = b.defined() ? b.data_ptr<float>() : nullptr;
-  kernels::matmul(w, io, path);
+  kernels::matmul(w, make_io(x2, dt, w.cols, y, w.rows, b), path);
   return y.reshape(out_shape(x, w.rows));
 }
 
@@ -85,15 +91,7 @@ torch::Tensor run_transposed(const torch::Tensor& gy, const W& w) {
   const kernels::DType dt = io_dtype(gy, "grad_y");
   const torch::Tensor g2 = as_matrix(gy, w.rows, "grad_y", "out_features");
   torch::Tensor gx = torch::empty({g2.size(0), w.cols}, gy.options());
-  kernels::MatmulIO io;
-  io.x = g2.data_ptr();
-  io.x_dtype = dt;
-  io.n = g2.size(0);
-  io.ldx = w.rows;
-  io.y = gx.data_ptr();
-  io.y_dtype = dt;
-  io.ldy = w.cols;
-  kernels::matmul_transposed(w, io);
+  kernels::matmul_transposed(w, make_io(g2, dt, w.rows, gx, w.cols, {}));
   return gx.reshape(out_shape(gy, w.cols));
 }
 
@@ -266,15 +264,7 @@ Int8MatmulResult int8_matmul(const torch::Tensor& x, const PackedWeight& w, doub
   const torch::Tensor b = bias_f32(bias, m->rows);
   Int8MatmulResult r;
   torch::Tensor y = torch::empty({x2.size(0), m->rows}, x.options());
-  kernels::MatmulIO io;
-  io.x = x2.data_ptr();
-  io.x_dtype = dt;
-  io.n = x2.size(0);
-  io.ldx = m->cols;
-  io.y = y.data_ptr();
-  io.y_dtype = dt;
-  io.ldy = m->rows;
-  io.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  const kernels::MatmulIO io = make_io(x2, dt, m->cols, y, m->rows, b);
   kernels::matmul_llm_int8(*m, io, static_cast<float>(threshold), &r.outlier_cols);
   r.out = y.reshape(out_shape(x, m->rows));
   return r;
