@@ -68,6 +68,7 @@ KernelTable complete(const KernelTable& t) {
   MSBNB_FILL(matmul.int8_i8)
   MSBNB_FILL(matmul.lut4_t_f32)
   MSBNB_FILL(matmul.int8_t_f32)
+  MSBNB_FILL(matmul.quantize_row_u8)
 #undef MSBNB_FILL
   return out;
 }

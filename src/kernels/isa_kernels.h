@@ -35,6 +35,7 @@
                   float* gx, int64_t ldx, bool accumulate);                                               \
   void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,   \
                   float* gx, int64_t ldx, bool accumulate);                                               \
+  void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu);                             \
   extern const KernelTable table;                                                                         \
   }
 

@@ -134,25 +134,53 @@ void forward_exact(const W& w, const MatmulIO& io, Kernel kernel) {
 }
 
 // Per-row int8 of the activations, biased to uint8 for the int8 kernels.
-void quantize_rows_biased(const MatmulIO& io, int64_t cols, int64_t kpad, float threshold,
-                          const std::vector<int64_t>& skip, std::vector<uint8_t>& xu,
-                          std::vector<float>& absmax) {
-  xu.resize(static_cast<size_t>(io.n * kpad));
-  absmax.assign(static_cast<size_t>(io.n), 0.0f);
-  quantize_rows_int8(io.x, io.x_dtype, io.n, cols, io.ldx, threshold, skip,
-                     reinterpret_cast<int8_t*>(xu.data()), kpad, absmax.data());
-  // The unsigned operand of the int8 kernels: q + 128, i.e. the sign bit flipped.
-  parallel_rows(io.n, [&](int64_t i) {
-    for (int64_t j = 0; j < kpad; ++j) xu[i * kpad + j] ^= 0x80;
+// Per-row int8 of the activations (quantize_rows_int8's numerics), biased to uint8 (q + 128)
+// for the int8 kernels; rows of kpad bytes with a zero (128) tail.
+void quantize_rows_biased(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
+                          const std::vector<int64_t>& zero_cols, uint8_t* xu, int64_t kpad, float* absmax,
+                          const KernelTable& k) {
+  for (int64_t c : zero_cols)
+    if (c < 0 || c >= cols)
+      throw std::invalid_argument("quantize_rows_int8: zero_cols: expected columns in [0, " +
+                                  std::to_string(cols) + "), got " + std::to_string(c));
+  // Elements at or above the threshold are masked out (+inf never passes v < limit).
+  const float limit = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
+  parallel_rows(n, [&](int64_t i) {
+    std::vector<float> row(static_cast<size_t>(cols));
+    if (dt == DType::f32)
+      std::memcpy(row.data(), static_cast<const float*>(x) + i * ldx, static_cast<size_t>(cols) * 4);
+    else
+      for (int64_t j = 0; j < cols; ++j) row[j] = load_elem(x, dt, i * ldx + j);
+    if (threshold > 0.0f)
+      for (float& v : row) v = std::fabs(v) < limit ? v : 0.0f;
+    // The row absmax (of the elements below the threshold), before zeroing columns.
+    float a = 0.0f;
+    k.absmax_blocks(row.data(), DType::f32, cols, cols, &a);
+    absmax[i] = a;
+    for (int64_t c : zero_cols) row[c] = 0.0f;
+    uint8_t* out = xu + i * kpad;
+    const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+    if (!std::isfinite(a)) {
+      // NaN or Inf in the row: codes 0, and the non-finite absmax carries into the output.
+      std::memset(out, 128, static_cast<size_t>(cols));
+    } else if (std::isfinite(inv)) {
+      k.matmul.quantize_row_u8(row.data(), cols, inv, out);
+    } else {
+      // absmax below 127 / FLT_MAX: 127 / absmax overflows float, so scale in double.
+      const double dinv = 127.0 / a;
+      for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<uint8_t>(std::nearbyint(row[j] * dinv) + 128);
+    }
+    std::memset(out + cols, 128, static_cast<size_t>(kpad - cols));
   });
 }
 
 // y[i][r] = acc * (absmax_i * scale_r / 127) (+ offset_r * scale_r * sum_j x[i][j]).
 void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k, float threshold,
                        const std::vector<int64_t>& skip, std::vector<float>& y) {
-  std::vector<uint8_t> xu;
-  std::vector<float> absmax;
-  quantize_rows_biased(io, w.cols, w.kpad, threshold, skip, xu, absmax);
+  std::vector<uint8_t> xu(static_cast<size_t>(io.n * w.kpad));
+  std::vector<float> absmax(static_cast<size_t>(io.n));
+  quantize_rows_biased(io.x, io.x_dtype, io.n, w.cols, io.ldx, threshold, skip, xu.data(), w.kpad,
+                       absmax.data(), k);
   std::vector<int32_t> acc(static_cast<size_t>(io.n * w.rows));
   parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
     k.matmul.int8_i8(w, xu.data(), io.n, w.kpad, r0, r1, acc.data(), w.rows);
@@ -309,43 +337,12 @@ MatmulPath resolve_path(MatmulPath path, int64_t n) {
 
 void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
                         const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax) {
-  std::vector<char> zeroed(static_cast<size_t>(cols), 0);
-  for (int64_t c : zero_cols) {
-    if (c < 0 || c >= cols)
-      throw std::invalid_argument("quantize_rows_int8: zero_cols: expected columns in [0, " +
-                                  std::to_string(cols) + "), got " + std::to_string(c));
-    zeroed[c] = 1;
-  }
-  // Elements at or above the threshold are masked out (+inf never passes v < limit).
-  const float limit = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
-  parallel_rows(n, [&](int64_t i) {
-    std::vector<float> row(static_cast<size_t>(cols));
-    for (int64_t j = 0; j < cols; ++j) row[j] = load_elem(x, dt, i * ldx + j);
-    float a = 0.0f;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float v = std::fabs(row[j]);
-      a = v < limit && v > a ? v : a;
-    }
-    absmax[i] = a;
-    const float inv = a > 0.0f ? 127.0f / a : 0.0f;
-    int8_t* out = q + i * ldq;
-    if (std::isfinite(inv)) {
-      // rne(v * inv) by the 1.5 * 2^23 trick: |v * inv| <= 127, far inside its exact range.
-      constexpr float kRound = 12582912.0f;
-      for (int64_t j = 0; j < cols; ++j) {
-        const float v = std::fabs(row[j]) < limit && !zeroed[j] ? row[j] : 0.0f;
-        out[j] = static_cast<int8_t>(static_cast<int32_t>((v * inv + kRound) - kRound));
-      }
-    } else {
-      // absmax below 127 / FLT_MAX: 127 / absmax overflows float, so scale in double.
-      const double dinv = 127.0 / a;
-      for (int64_t j = 0; j < cols; ++j) {
-        const float v = std::fabs(row[j]) < limit && !zeroed[j] ? row[j] : 0.0f;
-        out[j] = static_cast<int8_t>(std::nearbyint(v * dinv));
-      }
-    }
-    std::memset(out + cols, 0, static_cast<size_t>(ldq - cols));
-  });
+  if (ldq < cols)
+    throw std::invalid_argument("quantize_rows_int8: ldq: expected >= " + std::to_string(cols) + ", got " +
+                                std::to_string(ldq));
+  uint8_t* u = reinterpret_cast<uint8_t*>(q);
+  quantize_rows_biased(x, dt, n, cols, ldx, threshold, zero_cols, u, ldq, absmax, active_kernels());
+  for (int64_t i = 0; i < n * ldq; ++i) u[i] ^= 0x80;  // back to q
 }
 
 void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {

@@ -2,6 +2,7 @@
 // time, decoded exactly as dequantize() does, then multiplied. The SIMD kernels are tested
 // against these.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "kernels/isa_kernels.h"
@@ -106,6 +107,11 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                 float* gx, int64_t ldx, bool accumulate) {
   transposed_f32([&](int64_t r, float* out) { decode_int8_row(w, r, out); }, w.rows, w.kpad, gy, n, ldy, c0,
                  c1, gx, ldx, accumulate);
+}
+
+void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu) {
+  for (int64_t j = 0; j < cols; ++j)
+    xu[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(x[j] * inv)) + 128);
 }
 
 }  // namespace msbnb::kernels::scalar

@@ -516,4 +516,15 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
   });
 }
 
+void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu) {
+  const __m512 s = _mm512_set1_ps(inv);
+  const __m512i bias = _mm512_set1_epi32(128);
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = mask_upto16(cols - j);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), s);
+    const __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtepi32_storeu_epi8(xu + j, m, _mm512_add_epi32(q, bias));
+  }
+}
+
 }  // namespace msbnb::kernels::avx512
