@@ -305,56 +305,49 @@ void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t
     for (int m = 0; m < MR; ++m) y[i * ldy + m] = Op::reduce(acc[i][m]);
 }
 
-// The full 4 x 4 int8 tile with one asm statement per 64 columns: GCC 12 wraps each
-// _mm512_dpbusd_epi32 of the unrolled loop in two register copies of its accumulator (32 extra
-// vector moves per 16 products), which halved the kernel's throughput.
-template <>
-void tile<I8Dot, 4, 4>(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t len, int32_t* y,
-                       int64_t ldy) {
-  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
-          a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-  for (int64_t j = 0; j < len; j += 64) {
-    const int8_t* wj = w + j;
-    const uint8_t* xj = x + j;
-    _mm_prefetch(reinterpret_cast<const char*>(wj) + 8192, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wj + ldw) + 8192, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wj + 2 * ldw) + 8192, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wj + 3 * ldw) + 8192, _MM_HINT_T0);
-    const __m512i w0 = _mm512_loadu_si512(wj), w1 = _mm512_loadu_si512(wj + ldw),
-                  w2 = _mm512_loadu_si512(wj + 2 * ldw), w3 = _mm512_loadu_si512(wj + 3 * ldw);
-    const __m512i x0 = _mm512_loadu_si512(xj), x1 = _mm512_loadu_si512(xj + ldx),
-                  x2 = _mm512_loadu_si512(xj + 2 * ldx), x3 = _mm512_loadu_si512(xj + 3 * ldx);
-    // Two statements: one asm may have at most 30 operands.
-    __asm__(
-        "vpdpbusd %[w0], %[x0], %[a00]\n\t"
-        "vpdpbusd %[w1], %[x0], %[a01]\n\t"
-        "vpdpbusd %[w2], %[x0], %[a02]\n\t"
-        "vpdpbusd %[w3], %[x0], %[a03]\n\t"
-        "vpdpbusd %[w0], %[x1], %[a10]\n\t"
-        "vpdpbusd %[w1], %[x1], %[a11]\n\t"
-        "vpdpbusd %[w2], %[x1], %[a12]\n\t"
-        "vpdpbusd %[w3], %[x1], %[a13]"
-        : [a00] "+v"(a00), [a01] "+v"(a01), [a02] "+v"(a02), [a03] "+v"(a03), [a10] "+v"(a10),
-          [a11] "+v"(a11), [a12] "+v"(a12), [a13] "+v"(a13)
-        : [w0] "v"(w0), [w1] "v"(w1), [w2] "v"(w2), [w3] "v"(w3), [x0] "v"(x0), [x1] "v"(x1));
-    __asm__(
-        "vpdpbusd %[w0], %[x2], %[a20]\n\t"
-        "vpdpbusd %[w1], %[x2], %[a21]\n\t"
-        "vpdpbusd %[w2], %[x2], %[a22]\n\t"
-        "vpdpbusd %[w3], %[x2], %[a23]\n\t"
-        "vpdpbusd %[w0], %[x3], %[a30]\n\t"
-        "vpdpbusd %[w1], %[x3], %[a31]\n\t"
-        "vpdpbusd %[w2], %[x3], %[a32]\n\t"
-        "vpdpbusd %[w3], %[x3], %[a33]"
-        : [a20] "+v"(a20), [a21] "+v"(a21), [a22] "+v"(a22), [a23] "+v"(a23), [a30] "+v"(a30),
-          [a31] "+v"(a31), [a32] "+v"(a32), [a33] "+v"(a33)
-        : [w0] "v"(w0), [w1] "v"(w1), [w2] "v"(w2), [w3] "v"(w3), [x2] "v"(x2), [x3] "v"(x3));
+// The full 4 x 4 tiles with the products in asm statements and named accumulators: GCC 12 wraps
+// each vpdpbusd / vdpbf16ps / vfmadd231ps of the unrolled loop in two register copies of its
+// accumulator (32 extra vector moves per 16 products; with an array of accumulators as asm
+// operands it spills them instead), which cost the int8 kernel a third of its throughput. One
+// asm may have at most 30 operands, so each step is two statements of 8 products.
+#define MSBNB_ASM_HALF(INSN, A, B, XA, XB)                                                       \
+  __asm__(INSN " %[w0], %[xa], %[p0]\n\t" INSN " %[w1], %[xa], %[p1]\n\t" INSN                   \
+               " %[w2], %[xa], %[p2]\n\t" INSN " %[w3], %[xa], %[p3]\n\t" INSN                   \
+               " %[w0], %[xb], %[q0]\n\t" INSN " %[w1], %[xb], %[q1]\n\t" INSN                   \
+               " %[w2], %[xb], %[q2]\n\t" INSN " %[w3], %[xb], %[q3]"                            \
+          : [p0] "+v"(A##0), [p1] "+v"(A##1), [p2] "+v"(A##2), [p3] "+v"(A##3), [q0] "+v"(B##0), \
+            [q1] "+v"(B##1), [q2] "+v"(B##2), [q3] "+v"(B##3)                                    \
+          : [w0] "v"(w0), [w1] "v"(w1), [w2] "v"(w2), [w3] "v"(w3), [xa] "v"(XA), [xb] "v"(XB))
+
+#define MSBNB_ASM_TILE(OP, INSN)                                                                         \
+  template <>                                                                                            \
+  void tile<OP, 4, 4>(const OP::X* x, int64_t ldx, const OP::W* w, int64_t ldw, int64_t len, OP::Out* y, \
+                      int64_t ldy) {                                                                     \
+    OP::Acc a0 = OP::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0,     \
+            c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;                               \
+    for (int64_t j = 0; j < len; j += OP::kStep) {                                                       \
+      const OP::W* wj = w + j;                                                                           \
+      const OP::X* xj = x + j;                                                                           \
+      if constexpr (OP::kStreamsFromDram)                                                                \
+        for (int m = 0; m < 4; ++m)                                                                      \
+          _mm_prefetch(reinterpret_cast<const char*>(wj + m * ldw) + 8192, _MM_HINT_T0);                 \
+      const __m512i w0 = OP::load(wj), w1 = OP::load(wj + ldw), w2 = OP::load(wj + 2 * ldw),             \
+                    w3 = OP::load(wj + 3 * ldw);                                                         \
+      const __m512i x0 = OP::load(xj), x1 = OP::load(xj + ldx), x2 = OP::load(xj + 2 * ldx),             \
+                    x3 = OP::load(xj + 3 * ldx);                                                         \
+      MSBNB_ASM_HALF(INSN, a, b, x0, x1);                                                                \
+      MSBNB_ASM_HALF(INSN, c, d, x2, x3);                                                                \
+    }                                                                                                    \
+    const OP::Acc r[4][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}, {c0, c1, c2, c3}, {d0, d1, d2, d3}};    \
+    for (int i = 0; i < 4; ++i)                                                                          \
+      for (int m = 0; m < 4; ++m) y[i * ldy + m] = OP::reduce(r[i][m]);                                  \
   }
-  const __m512i r[4][4] = {
-      {a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-  for (int i = 0; i < 4; ++i)
-    for (int m = 0; m < 4; ++m) y[i * ldy + m] = _mm512_reduce_add_epi32(r[i][m]);
-}
+
+MSBNB_ASM_TILE(I8Dot, "vpdpbusd")
+MSBNB_ASM_TILE(Bf16Dot, "vdpbf16ps")
+MSBNB_ASM_TILE(F32Dot, "vfmadd231ps")
+#undef MSBNB_ASM_TILE
+#undef MSBNB_ASM_HALF
 
 template <class Op, int NR>
 void tile_m(int mr, const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
