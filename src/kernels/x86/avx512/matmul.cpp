@@ -36,8 +36,13 @@ struct Lut4Row {
   int64_t seg, next;  // current segment, and the column where the next one starts
   __m512 table_;
 
-  Lut4Row(const Lut4Matrix& m, int64_t r, __m512 base)
-      : w(m), lut(base), seg(r * m.row_stride / m.group), next(m.group) {
+  // From column c0 of row r (a multiple of 16; groups lie inside rows, as simd_friendly()
+  // guarantees, so the row's groups start at r * row_stride / group).
+  Lut4Row(const Lut4Matrix& m, int64_t r, __m512 base, int64_t c0 = 0)
+      : w(m),
+        lut(base),
+        seg(r * (m.row_stride / m.group) + c0 / m.group),
+        next((c0 / m.group + 1) * m.group) {
     build();
   }
   void build() {
@@ -130,16 +135,11 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
                int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m512 base = _mm512_loadu_ps(w.lut);
-  const int64_t pitch = w.kpad / 2, segs_per_row = w.row_stride / w.group;
+  const int64_t pitch = w.kpad / 2;
   for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
     const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
     for (int64_t r = r0; r < r1; ++r) {
-      Lut4Row row(w, r, base);
-      if (cb) {  // groups lie inside rows: the pass starts in group cb / group of this row
-        row.seg = r * segs_per_row + cb / w.group;
-        row.next = (cb / w.group + 1) * w.group;
-        row.build();
-      }
+      Lut4Row row(w, r, base, cb);
       const uint8_t* codes = w.codes + r * pitch;
       __m512 acc[N][A];
       for (auto& a : acc)
@@ -514,27 +514,13 @@ void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                 float* gx, int64_t ldx, bool accumulate) {
   if (!w.simd_friendly()) return scalar::lut4_t_f32(w, gy, n, ldy, c0, c1, gx, ldx, accumulate);
   const __m512 base = _mm512_loadu_ps(w.lut);
-  const int64_t segs_per_row = w.row_stride / w.group;
   transposed<3, 8>(w.rows, gy, n, ldy, c0, c1, gx, ldx, accumulate, [&](int64_t c) {
-    // Groups lie inside rows, so the chunk's first group is r * segs_per_row + c / group.
-    const int64_t first = c / w.group, next0 = (first + 1) * w.group;
-    return [&w, base, segs_per_row, first, next0, c](int64_t r, auto&& f) {
-      int64_t seg = r * segs_per_row + first, next = next0;
-      auto segment_table = [&] {
-        __m512 t = base;
-        if (w.zero_point) t = _mm512_sub_ps(t, _mm512_set1_ps(w.zero_point[seg]));
-        return _mm512_mul_ps(t, _mm512_set1_ps(w.scale[seg]));
-      };
-      __m512 tab = segment_table();
+    return [&w, base, c](int64_t r, auto&& f) {
+      Lut4Row row(w, r, base, c);
       const __m512i q = _mm512_load_si512(w.codes + r * (w.kpad / 2) + c / 2);
       for_each_v<0>([&](auto v) {
         constexpr int V = decltype(v)::value;
-        if (c + 16 * V == next) {
-          ++seg;
-          next += w.group;
-          tab = segment_table();
-        }
-        f(v, decode16<V>(q, tab));
+        f(v, decode16<V>(q, row.at(c + 16 * V)));
       });
     };
   });
