@@ -279,9 +279,9 @@ Int8VectorwiseQuant int8_vectorwise_quant(const torch::Tensor& input, double thr
   Int8VectorwiseQuant r;
   const float t = static_cast<float>(threshold);
   if (t > 0.0f) {
-    const torch::Tensor mask = (x.reshape({rows, cols}).abs() >= t).any(0);
-    for (int64_t j = 0; j < cols; ++j)
-      if (mask[j].item<bool>()) r.outlier_cols.push_back(j);
+    const torch::Tensor idx =
+        (x.reshape({rows, cols}).abs() >= t).any(0).nonzero().reshape({-1}).contiguous();
+    r.outlier_cols.assign(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + idx.numel());
   }
   r.CB = torch::empty(x.sizes(), torch::kInt8);
   r.SCB = torch::empty({rows}, kF32);
