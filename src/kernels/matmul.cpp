@@ -79,7 +79,7 @@ void parallel_rows(int64_t n, Fn fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
-// Activations as float32 rows of kpad (zero tail).
+// Activations (or output gradients) as float32 rows of kpad (zero tail).
 std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
   std::vector<float> x(static_cast<size_t>(io.n * kpad), 0.0f);
   parallel_rows(io.n, [&](int64_t i) {
@@ -133,7 +133,6 @@ void forward_exact(const W& w, const MatmulIO& io, Kernel kernel) {
   store_rows(y.data(), w.rows, w.rows, io);
 }
 
-// Per-row int8 of the activations, biased to uint8 for the int8 kernels.
 // Per-row int8 of the activations (quantize_rows_int8's numerics), biased to uint8 (q + 128)
 // for the int8 kernels; rows of kpad bytes with a zero (128) tail.
 void quantize_rows_biased(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
@@ -421,9 +420,7 @@ void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel) {
   check_io("matmul_transposed", io, w.rows, w.cols);
   if (io.bias) throw std::invalid_argument("matmul_transposed: bias: expected null (no bias in grad_x)");
   if (io.n == 0) return;
-  std::vector<float> gy(static_cast<size_t>(io.n * w.rows));
-  for (int64_t i = 0; i < io.n; ++i)
-    for (int64_t r = 0; r < w.rows; ++r) gy[i * w.rows + r] = load_elem(io.x, io.x_dtype, i * io.ldx + r);
+  const std::vector<float> gy = padded_f32(io, w.rows, w.rows);
   std::vector<float> gx(static_cast<size_t>(io.n * w.kpad));
   parallel_split(w.kpad, unit, [&](int64_t c0, int64_t c1) {
     kernel(w, gy.data(), io.n, w.rows, c0, c1, gx.data(), w.kpad, false);
