@@ -82,6 +82,7 @@ void parallel_rows(int64_t n, Fn fn) {
 // Activations (or output gradients) as float32 rows of kpad (zero tail).
 std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
   std::vector<float> x(static_cast<size_t>(io.n * kpad), 0.0f);
+  if (cols == 0) return x;  // an empty weight: nothing to copy (and no buffer to copy into)
   parallel_rows(io.n, [&](int64_t i) {
     float* dst = x.data() + i * kpad;
     if (io.x_dtype == DType::f32) {
