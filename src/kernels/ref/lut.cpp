@@ -3,7 +3,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut4* lut, uint8_t* packed) {
@@ -43,4 +43,4 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
   for (int64_t i = 0; i < n; ++i) out[i] = code256[q[i]] * absmax[(start + i) / bs];
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -8,7 +8,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -114,4 +114,4 @@ void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu) {
     xu[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(x[j] * inv)) + 128);
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

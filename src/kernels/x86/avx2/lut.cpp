@@ -9,7 +9,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 // #{k < 15 : xn > mid[k]} per lane; a compare mask is -1, so subtracting it counts.
@@ -198,4 +198,4 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
   });
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

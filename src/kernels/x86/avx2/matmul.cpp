@@ -28,7 +28,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -577,4 +577,4 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                  [&](int64_t r, int64_t cb, int64_t ce, float* out) { decode_int8_cols(w, r, cb, ce, out); });
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -7,7 +7,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -191,4 +191,4 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
   });
 }
 
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS
