@@ -79,11 +79,16 @@ std::vector<Feature> read_cpu_features() {
       avxvnni = ymm && (a & (1u << 4));  // AVX-VNNI (VEX-encoded, 256-bit)
     }
   }
-  return {{"avx2", avx2},         {"fma", fma},
-          {"f16c", f16c},         {"avx512f", avx512f},
-          {"avx512bw", avx512bw}, {"avx512vl", avx512vl},
-          {"avx512dq", avx512dq}, {"avx512vnni", avx512vnni},
-          {"avx512bf16", avx512bf16}, {"avxvnni", avxvnni}};
+  return {{"avx2", avx2},
+          {"fma", fma},
+          {"f16c", f16c},
+          {"avx512f", avx512f},
+          {"avx512bw", avx512bw},
+          {"avx512vl", avx512vl},
+          {"avx512dq", avx512dq},
+          {"avx512vnni", avx512vnni},
+          {"avx512bf16", avx512bf16},
+          {"avxvnni", avxvnni}};
 }
 #else
 std::vector<Feature> read_cpu_features() { return {}; }  // only rows without features run here
@@ -134,7 +139,8 @@ struct Tables {
 #define MSBNB_KERNEL(kernel, params) \
   if (!t[i].kernel) throw std::logic_error(std::string(kRows[i].name) + ": no kernel for " #kernel);
 #define MSBNB_MATMUL_KERNEL(kernel, params) \
-  if (!t[i].matmul.kernel) throw std::logic_error(std::string(kRows[i].name) + ": no kernel for matmul." #kernel);
+  if (!t[i].matmul.kernel)                  \
+    throw std::logic_error(std::string(kRows[i].name) + ": no kernel for matmul." #kernel);
 #include "msbnb/kernels/kernels.def"
 #undef MSBNB_KERNEL
 #undef MSBNB_MATMUL_KERNEL
@@ -166,7 +172,8 @@ Isa choose_isa() {
     }
     if (!supported(isa)) {
       const IsaRow& row = kRows[static_cast<int>(isa)];
-      const std::string why = row.table ? "the CPU lacks " + missing_feature(row) : "not built for this architecture";
+      const std::string why =
+          row.table ? "the CPU lacks " + missing_feature(row) : "not built for this architecture";
       throw std::runtime_error(std::string("MSBNB_ISA: expected one this CPU runs (") + supported_names() +
                                "), got '" + forced + "' (" + why + ")");
     }
