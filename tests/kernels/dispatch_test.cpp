@@ -105,8 +105,11 @@ TEST(Dispatch, TablesAreCompletedFromTheTierBelow) {
   }
 #else
   // Only the scalar row is built here: every other row is of another architecture.
-  for (Isa isa : all_isas())
-    if (isa != Isa::scalar) EXPECT_FALSE(kernels::isa_supported(isa)) << kernels::isa_name(isa);
+  for (Isa isa : all_isas()) {
+    if (isa != Isa::scalar) {
+      EXPECT_FALSE(kernels::isa_supported(isa)) << kernels::isa_name(isa);
+    }
+  }
 #endif
 }
 
