@@ -125,5 +125,24 @@ TEST(Dispatch, NamesListEveryRow) {
   }
 }
 
+// The prepared codebook of a format is its formats.def row's (never another format's table).
+TEST(FormatTable, Lut4ComesFromTheFormatRow) {
+  for (const kernels::FormatInfo& info : codebook_formats()) {
+    const kernels::Lut4& lut = kernels::format_lut4(info.format);
+    const kernels::Lut4 want = kernels::make_lut4(info.codebook);
+    for (int i = 0; i < 16; ++i) {
+      EXPECT_EQ(bits_of(lut.code[i]), bits_of(info.codebook[i])) << info.name << " " << i;
+      EXPECT_EQ(lut.sorted_to_code[i], want.sorted_to_code[i]) << info.name << " " << i;
+    }
+    EXPECT_EQ(lut.zero_code, want.zero_code) << info.name;
+  }
+  try {
+    kernels::format_lut4(kernels::Format::int8);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("'int8'"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace msbnb::test
