@@ -86,6 +86,12 @@ struct Lut4Row {
     build();
   }
   void build() {
+    // Padding columns past the row's own segments (nf4 blocks of the next row) decode to 0
+    // whatever that segment's scale is: 0 * Inf there would make the whole row NaN.
+    if (next - w.group >= w.row_stride) {
+      lo = hi = _mm256_setzero_ps();
+      return;
+    }
     __m256 a = base_lo, b = base_hi;
     if (w.zero_point) {
       const __m256 zp = _mm256_set1_ps(w.zero_point[seg]);

@@ -46,6 +46,12 @@ struct Lut4Row {
     build();
   }
   void build() {
+    // Padding columns past the row's own segments (nf4 blocks of the next row) decode to 0
+    // whatever that segment's scale is: 0 * Inf there would make the whole row NaN.
+    if (next - w.group >= w.row_stride) {
+      table_ = _mm512_setzero_ps();
+      return;
+    }
     __m512 t = lut;
     if (w.zero_point) t = _mm512_sub_ps(t, _mm512_set1_ps(w.zero_point[seg]));
     table_ = _mm512_mul_ps(t, _mm512_set1_ps(w.scale[seg]));
@@ -518,8 +524,11 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
     const int64_t rows = std::min(mb, r1 - b);
     block_gemm<I8Dot>(xu, n, ldx, w.codes + b * w.kpad, rows, w.kpad, w.kpad, acc + b, ldy);
     // sum (xu - 128) q = sum xu q - 128 sum q.
+    // In uint32: the biased sum may wrap; the true value fits (the driver keeps k <= 2^17).
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t m = 0; m < rows; ++m) acc[i * ldy + b + m] -= 128 * w.row_sum[b + m];
+      for (int64_t m = 0; m < rows; ++m)
+        acc[i * ldy + b + m] = static_cast<int32_t>(static_cast<uint32_t>(acc[i * ldy + b + m]) -
+                                                    128u * static_cast<uint32_t>(w.row_sum[b + m]));
   }
 }
 #endif
