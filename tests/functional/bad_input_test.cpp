@@ -86,6 +86,24 @@ TEST(BadInput, BlockAndGroupSizes) {
                {"quant_type:", "\"nf4\", \"fp4\" or \"int4\"", "nf3"});
 }
 
+// nf4 / fp4 have no zero point: symmetric(false) is an error, not silently ignored.
+TEST(BadInput, AsymmetricNf4Fp4) {
+  const torch::Tensor x = torch::randn({4, 64});
+  for (const char* type : {"nf4", "fp4"}) {
+    SCOPED_TRACE(type);
+    const std::string named = std::string("quant_type \"") + type + "\"";
+    expect_error(
+        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type(type).symmetric(false)); },
+        {"symmetric:", "expected true", named.c_str(), "only with quant_type \"int4\"", "got false"});
+  }
+  // Still accepted where it means something.
+  EXPECT_TRUE(msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").symmetric(false))
+                  .state.zero_point.defined());
+  // An unknown quant_type is named by effective_blocksize too.
+  expect_error([&] { (void)Quantize4bitOptions().quant_type("nf3").effective_blocksize(); },
+               {"quant_type:", "\"nf4\", \"fp4\" or \"int4\"", "nf3"});
+}
+
 TEST(BadInput, StateDoesNotMatchData) {
   const torch::Tensor x = torch::randn({16, 64});
   for (const char* type : {"nf4", "int4"})

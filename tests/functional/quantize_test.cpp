@@ -73,6 +73,51 @@ TEST(Statistics, AsymmetricInt8Formula) {
   EXPECT_EQ(msbnb::dequantize_8bit(q)[1].item<float>(), 0.0f);
 }
 
+// Options speak libtorch's dialect (TORCH_ARG): name(value) sets and chains, name() reads.
+TEST(Options, TorchArgSettersAndGetters) {
+  const auto o = Quantize4bitOptions().quant_type("nf4").blocksize(256).compress_statistics(true);
+  EXPECT_EQ(o.quant_type(), "nf4");
+  EXPECT_EQ(o.blocksize(), std::optional<int64_t>(256));
+  EXPECT_TRUE(o.compress_statistics());
+  EXPECT_TRUE(o.symmetric());
+  const Quantize4bitOptions d;
+  EXPECT_EQ(d.quant_type(), "fp4");  // bitsandbytes.functional.quantize_4bit's default
+  EXPECT_FALSE(d.blocksize().has_value());
+  EXPECT_FALSE(d.compress_statistics());
+  const auto i8 = Int8Options().symmetric(false).granularity(Granularity::per_block).blocksize(64);
+  EXPECT_FALSE(i8.symmetric());
+  EXPECT_EQ(i8.granularity(), Granularity::per_block);
+  EXPECT_EQ(i8.blocksize(), 64);
+  const Int8Options d8;
+  EXPECT_TRUE(d8.symmetric());
+  EXPECT_EQ(d8.granularity(), Granularity::per_channel);
+}
+
+// An unset blocksize is the format's default_block in formats.def: int4 groups of 128, nf4 / fp4
+// blocks of 64 (bitsandbytes); an explicit one wins.
+TEST(Options, UnsetBlocksizeIsTheFormatsDefault) {
+  const torch::Tensor w = randn({4, 512}, 21);
+  for (auto [type, expected] : {std::pair<const char*, int64_t>{"int4", 128}, {"nf4", 64}, {"fp4", 64}}) {
+    SCOPED_TRACE(type);
+    const auto o = Quantize4bitOptions().quant_type(type);
+    EXPECT_EQ(o.effective_blocksize(), expected);
+    EXPECT_EQ(o.effective_blocksize(),
+              msbnb::kernels::format_info(msbnb::kernels::format_from_name(type)).default_block);
+    const auto q = msbnb::quantize_4bit(w, o);
+    EXPECT_EQ(q.state.blocksize, expected);
+    const auto explicit_q = msbnb::quantize_4bit(w, Quantize4bitOptions(o).blocksize(expected));
+    EXPECT_TRUE(torch::equal(q.data, explicit_q.data));
+    EXPECT_TRUE(torch::equal(q.state.absmax, explicit_q.state.absmax));
+    EXPECT_EQ(Quantize4bitOptions(o).blocksize(32).effective_blocksize(), 32);
+    EXPECT_EQ(msbnb::quantize_4bit(w, Quantize4bitOptions(o).blocksize(32)).state.blocksize, 32);
+  }
+  // int4: one scale per row and group of 128 columns.
+  EXPECT_EQ(msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type("int4")).state.absmax.sizes(),
+            (std::vector<int64_t>{4, 4}));
+  // The default options (fp4) too.
+  EXPECT_EQ(msbnb::quantize_4bit(w).state.blocksize, 64);
+}
+
 TEST(Statistics, Int4RelativeErrorIsAboutTwelvePercent) {
   // Round-to-nearest int4 on Gaussian weights, groups of 128: scale ~ absmax / 7 with absmax ~ 2.8
   // sigma gives RMS error ~ 0.4 / sqrt(12) ~ 11.5 % (DESIGN.md: the seed's "< 3 %" is not true).
