@@ -21,12 +21,12 @@ int main() {
 
   // NF4 with double-quantized absmax, bitsandbytes' QLoRA storage format.
   const msbnb::Quantized4bit nf4 = msbnb::quantize_4bit(
-      w, msbnb::Quantize4bitOptions().set_quant_type("nf4").set_blocksize(64).set_compress_statistics(true));
+      w, msbnb::Quantize4bitOptions().quant_type("nf4").blocksize(64).compress_statistics(true));
   const torch::Tensor w4 = msbnb::dequantize_4bit(nf4.data, nf4.state);
 
   // int4 per group of 128 (MindSpore qint4x2).
   const msbnb::Quantized4bit i4 =
-      msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().set_quant_type("int4").set_blocksize(128));
+      msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("int4").blocksize(128));
   const torch::Tensor wi4 = msbnb::dequantize_4bit(i4.data, i4.state);
 
   example::print_header();

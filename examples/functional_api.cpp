@@ -19,10 +19,10 @@ int main() {
     Int8Options options;
   };
   const Int8Case int8_cases[] = {
-      {"int8 sym per tensor", Int8Options().set_granularity(Granularity::per_tensor)},
+      {"int8 sym per tensor", Int8Options().granularity(Granularity::per_tensor)},
       {"int8 sym per channel", Int8Options()},
-      {"int8 sym block 64", Int8Options().set_granularity(Granularity::per_block).set_blocksize(64)},
-      {"int8 asym per channel", Int8Options().set_symmetric(false)},
+      {"int8 sym block 64", Int8Options().granularity(Granularity::per_block).blocksize(64)},
+      {"int8 asym per channel", Int8Options().symmetric(false)},
   };
   for (const Int8Case& c : int8_cases) {
     const auto q = msbnb::quantize_8bit(w, c.options);
@@ -35,15 +35,13 @@ int main() {
     Quantize4bitOptions options;
   };
   const FourBitCase four_bit_cases[] = {
-      {"int4 sym group 128", Quantize4bitOptions().set_quant_type("int4").set_blocksize(128)},
-      {"int4 asym group 128",
-       Quantize4bitOptions().set_quant_type("int4").set_blocksize(128).set_symmetric(false)},
-      {"int4 sym group 32", Quantize4bitOptions().set_quant_type("int4").set_blocksize(32)},
-      {"fp4 block 64", Quantize4bitOptions().set_quant_type("fp4")},
-      {"nf4 block 64", Quantize4bitOptions().set_quant_type("nf4")},
-      {"nf4 block 64 dq", Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true)},
-      {"nf4 block 128 dq",
-       Quantize4bitOptions().set_quant_type("nf4").set_blocksize(128).set_compress_statistics(true)},
+      {"int4 sym group 128", Quantize4bitOptions().quant_type("int4").blocksize(128)},
+      {"int4 asym group 128", Quantize4bitOptions().quant_type("int4").blocksize(128).symmetric(false)},
+      {"int4 sym group 32", Quantize4bitOptions().quant_type("int4").blocksize(32)},
+      {"fp4 block 64", Quantize4bitOptions().quant_type("fp4")},
+      {"nf4 block 64", Quantize4bitOptions().quant_type("nf4")},
+      {"nf4 block 64 dq", Quantize4bitOptions().quant_type("nf4").compress_statistics(true)},
+      {"nf4 block 128 dq", Quantize4bitOptions().quant_type("nf4").blocksize(128).compress_statistics(true)},
   };
   for (const FourBitCase& c : four_bit_cases) {
     const auto q = msbnb::quantize_4bit(w, c.options);
@@ -74,8 +72,7 @@ int main() {
   std::printf("dynamic map: %lld values in [%.6f, %.1f]; normal map: %lld non-zero values\n",
               static_cast<long long>(dyn.numel()), dyn.min().item<float>(), dyn.max().item<float>(),
               static_cast<long long>((nf != 0).sum().item<int64_t>()));
-  const auto nf4 =
-      msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
+  const auto nf4 = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type("nf4").compress_statistics(true));
   const auto info = msbnb::get_quantization_info(nf4.data, nf4.state);
   std::printf("nf4 + double quant: %.4f bits/weight, %.2fx smaller than float32, absmax in [%.4f, %.4f]\n",
               info.bits_per_weight, info.compression_ratio, info.scale_min, info.scale_max);

@@ -38,10 +38,9 @@ int main() {
     msbnb::PackedWeight packed;
     torch::Tensor dequant;
   };
-  const auto nf4 = msbnb::quantize_4bit(
-      w, msbnb::Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
-  const auto int4 =
-      msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().set_quant_type("int4").set_blocksize(128));
+  const auto nf4 =
+      msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("nf4").compress_statistics(true));
+  const auto int4 = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("int4").blocksize(128));
   const auto int8 = msbnb::quantize_8bit(w);
   const Row rows[] = {
       {"nf4 (double quant)", msbnb::PackedWeight::from_4bit(nf4.data, nf4.state),

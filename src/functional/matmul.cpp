@@ -152,14 +152,14 @@ PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
               detail::shape_str(q.weight_int8.sizes()));
   const int64_t rows = checked_dim(q.weight_int8.size(0), "q.weight_int8.size(0) (out_features)");
   const int64_t cols = checked_dim(q.weight_int8.size(1), "q.weight_int8.size(1) (in_features)");
-  TORCH_CHECK(q.options.granularity != Granularity::per_block,
+  TORCH_CHECK(q.options.granularity() != Granularity::per_block,
               "q.options.granularity: expected per_channel or per_tensor for a matmul weight, got per_block");
-  const int64_t nscale = q.options.granularity == Granularity::per_channel ? rows : 1;
+  const int64_t nscale = q.options.granularity() == Granularity::per_channel ? rows : 1;
   detail::check_dtype(q.scale, torch::kFloat32, "q.scale");
   detail::check_numel(q.scale, nscale, "q.scale");
   detail::check_all_finite(q.scale, "q.scale");
   torch::Tensor scale = detail::dense(q.scale).reshape({-1}).expand({rows}).contiguous(), offset;
-  if (!q.options.symmetric) {
+  if (!q.options.symmetric()) {
     detail::check_dtype(q.offset, torch::kFloat32, "q.offset");
     detail::check_numel(q.offset, nscale, "q.offset");
     detail::check_all_finite(q.offset, "q.offset");
@@ -186,7 +186,7 @@ PackedWeight PackedWeight::from_int8_scb(const torch::Tensor& CB, const torch::T
   Int8Quantized q;
   q.weight_int8 = CB;
   q.scale = detail::dense(SCB).reshape({-1}) / 127.0f;
-  q.options = Int8Options().set_symmetric(true).set_granularity(Granularity::per_channel);
+  q.options = Int8Options().symmetric(true).granularity(Granularity::per_channel);
   return from_8bit(q);
 }
 

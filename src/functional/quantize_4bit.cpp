@@ -96,7 +96,7 @@ void check_finite_groups(const float* stats, int64_t rows, int64_t groups, int64
 }
 
 Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Quantize4bitOptions& o) {
-  const int64_t gs = o.blocksize;
+  const int64_t gs = o.effective_blocksize();
   TORCH_CHECK(gs >= 2 && gs % 2 == 0, "blocksize: expected an even int4 group size >= 2, got ", gs);
   const RowsCols rc = rows_cols(x.sizes().vec());
   const int64_t groups = kernels::ceil_div(rc.cols, gs), count = rc.rows * groups;
@@ -111,7 +111,7 @@ Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Qua
   s.absmax = torch::empty({rc.rows, groups}, kF32);
   float* scale = s.absmax.data_ptr<float>();
   std::vector<int32_t> zp;
-  if (o.symmetric) {
+  if (o.symmetric()) {
     for (int64_t r = 0; r < rc.rows; ++r)
       kernels::absmax_blocks(px + r * rc.cols * esize, dt, rc.cols, gs, scale + r * groups);
     check_finite_groups(scale, rc.rows, groups, gs);
@@ -135,7 +135,7 @@ Quantized4bit quantize_int4(const torch::Tensor& x, kernels::DType dt, const Qua
   out.data = torch::empty(packed_shape, kU8);
   kernels::quantize_int4(x.data_ptr(), dt, rc.rows, rc.cols, gs, scale, zp.empty() ? nullptr : zp.data(),
                          out.data.data_ptr<uint8_t>());
-  if (o.compress_statistics) nest_statistics(s);
+  if (o.compress_statistics()) nest_statistics(s);
   return out;
 }
 
@@ -194,15 +194,24 @@ torch::Tensor resolved_absmax(const QuantState& s, int64_t expected) {
 
 int64_t QuantState::numel() const { return shape_numel(shape); }
 
+int64_t Quantize4bitOptions::effective_blocksize() const {
+  if (blocksize_) return *blocksize_;
+  return kernels::format_info(format_of(quant_type_, "quant_type")).default_block;
+}
+
 Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOptions& o) {
   torch::Tensor x = input;
-  const kernels::Format fmt = format_of(o.quant_type, "quant_type");
+  const kernels::Format fmt = format_of(o.quant_type(), "quant_type");
+  // nf4 / fp4 codebooks are symmetric about 0 with one absmax per block: there is no zero point
+  // to honour symmetric(false), so it is refused rather than ignored.
+  TORCH_CHECK(fmt == kernels::Format::int4 || o.symmetric(), "symmetric: expected true with quant_type \"",
+              o.quant_type(), "\" (symmetric(false) is accepted only with quant_type \"int4\"), got false");
   const kernels::DType dt = detail::float_input(x, "x");
   if (fmt == kernels::Format::int4) return quantize_int4(x, dt, o);
-  check_block_pow2(o.blocksize, "blocksize");
+  check_block_pow2(o.effective_blocksize(), "blocksize");
   const kernels::FormatInfo& info = kernels::format_info(fmt);
   const kernels::Lut4& lut = kernels::format_lut4(fmt);  // the codebook of fmt's formats.def row
-  const int64_t n = x.numel(), bs = o.blocksize, nb = kernels::ceil_div(n, bs);
+  const int64_t n = x.numel(), bs = o.effective_blocksize(), nb = kernels::ceil_div(n, bs);
   Quantized4bit out;
   QuantState& s = out.state;
   s.quant_type = info.name;
@@ -216,7 +225,7 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
   out.data = torch::empty({(n + 1) / 2, 1}, kU8);
   kernels::quantize_lut4(x.data_ptr(), dt, n, bs, s.absmax.data_ptr<float>(), lut,
                          out.data.data_ptr<uint8_t>());
-  if (o.compress_statistics) nest_statistics(s);
+  if (o.compress_statistics()) nest_statistics(s);
   return out;
 }
 

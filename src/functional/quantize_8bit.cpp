@@ -9,14 +9,14 @@ namespace {
 
 // Elements per scale for a tensor of this shape.
 int64_t int8_block(const torch::Tensor& x, const Int8Options& o) {
-  switch (o.granularity) {
+  switch (o.granularity()) {
     case Granularity::per_tensor:
       return x.numel();
     case Granularity::per_channel:
       return x.dim() == 0 ? 1 : x.numel() / x.size(0);
     case Granularity::per_block:
-      TORCH_CHECK(o.blocksize > 0, "blocksize: expected a positive block size, got ", o.blocksize);
-      return o.blocksize;
+      TORCH_CHECK(o.blocksize() > 0, "blocksize: expected a positive block size, got ", o.blocksize());
+      return o.blocksize();
   }
   return x.numel();
 }
@@ -34,7 +34,7 @@ Int8Quantized quantize_8bit(const torch::Tensor& input, const Int8Options& optio
   q.scale = torch::empty({nb}, f32);
   q.weight_int8 = torch::empty(x.sizes(), torch::TensorOptions().dtype(torch::kInt8));
   float* scale = q.scale.data_ptr<float>();
-  if (options.symmetric) {
+  if (options.symmetric()) {
     kernels::absmax_blocks(x.data_ptr(), dt, n, bs, scale);
     detail::check_finite_blocks(scale, nb, bs, n, "x");
     kernels::symmetric_scales(scale, nb, 127.0f, scale);
@@ -69,7 +69,7 @@ torch::Tensor dequantize_8bit(const torch::Tensor& weight_int8, const torch::Ten
   detail::check_numel(scale, nb, "scale");
   detail::check_all_finite(scale, "scale");
   std::vector<int32_t> zp;
-  if (!options.symmetric) {
+  if (!options.symmetric()) {
     detail::check_dtype(offset_in, torch::kFloat32, "offset");
     detail::check_numel(offset_in, nb, "offset");
     const torch::Tensor off = detail::dense(offset_in);

@@ -82,7 +82,7 @@ QuantizationInfo get_quantization_info(const torch::Tensor& data, const QuantSta
 QuantizationInfo get_quantization_info(const Int8Quantized& q) {
   const torch::Tensor w = dequantize_8bit(q);
   QuantizationInfo info;
-  info.format = q.options.symmetric ? "int8" : "int8_asymmetric";
+  info.format = q.options.symmetric() ? "int8" : "int8_asymmetric";
   info.shape = q.weight_int8.sizes().vec();
   info.numel = q.weight_int8.numel();
   fill_sizes(info, bytes_of(q.weight_int8) + bytes_of(q.scale) + bytes_of(q.offset), q.dtype);

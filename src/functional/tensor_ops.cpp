@@ -106,7 +106,7 @@ QuantizedTensor quantize_tensor(const torch::Tensor& input, int bits, bool symme
   q.per_channel = per_channel;
   if (bits == 8) {
     Int8Quantized r =
-        quantize_8bit(input, Int8Options().set_symmetric(symmetric).set_granularity(
+        quantize_8bit(input, Int8Options().symmetric(symmetric).granularity(
                                  per_channel ? Granularity::per_channel : Granularity::per_tensor));
     q.data = r.weight_int8;
     q.scale = r.scale;
@@ -151,8 +151,8 @@ torch::Tensor dequantize_tensor(const QuantizedTensor& q) {
   if (q.bits == 8) {
     const Int8Options o =
         Int8Options()
-            .set_symmetric(q.symmetric)
-            .set_granularity(q.per_channel ? Granularity::per_channel : Granularity::per_tensor);
+            .symmetric(q.symmetric)
+            .granularity(q.per_channel ? Granularity::per_channel : Granularity::per_tensor);
     TORCH_CHECK(q.data.sizes().vec() == q.shape, "q.data: expected shape ", detail::shape_str(q.shape),
                 ", got ", detail::shape_str(q.data.sizes()));
     return dequantize_8bit(q.data, q.scale, q.offset, o, q.dtype).reshape(q.shape);

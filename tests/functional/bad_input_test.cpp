@@ -24,7 +24,7 @@ void expect_error(const std::function<void()>& fn, std::initializer_list<const c
   ADD_FAILURE() << "no c10::Error thrown";
 }
 
-const auto kNF4 = Quantize4bitOptions().set_quant_type("nf4");
+const auto kNF4 = Quantize4bitOptions().quant_type("nf4");
 
 TEST(BadInput, WrongDtype) {
   for (auto dt : {torch::kFloat64, torch::kInt32, torch::kInt8}) {
@@ -54,14 +54,12 @@ TEST(BadInput, NanAndInf) {
     torch::Tensor x = torch::randn({4, 64});
     x[2][5] = bad;
     expect_error([&] { msbnb::quantize_4bit(x, kNF4); }, {"x:", "finite", "[128, 192)"});
-    expect_error(
-        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(32)); },
-        {"x:", "finite", "row 2, columns [0, 32)"});
-    expect_error(
-        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_symmetric(false)); },
-        {"x", "finite"});
+    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").blocksize(32)); },
+                 {"x:", "finite", "row 2, columns [0, 32)"});
+    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").symmetric(false)); },
+                 {"x", "finite"});
     expect_error([&] { msbnb::quantize_8bit(x); }, {"x:", "finite"});
-    expect_error([&] { msbnb::quantize_8bit(x, Int8Options().set_symmetric(false)); }, {"x:", "finite"});
+    expect_error([&] { msbnb::quantize_8bit(x, Int8Options().symmetric(false)); }, {"x:", "finite"});
     expect_error([&] { msbnb::quantize_blockwise(x, 64); }, {"x:", "finite"});
     expect_error([&] { msbnb::quantize_tensor(x, 4, false); }, {"x:", "finite"});
     expect_error([&] { msbnb::estimate_quantization_error(x, torch::zeros_like(x)); },
@@ -75,20 +73,34 @@ TEST(BadInput, NanAndInf) {
 TEST(BadInput, BlockAndGroupSizes) {
   const torch::Tensor x = torch::randn({4, 64});
   for (int64_t bs : {0, -64, 16, 48, 8192})
-    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions(kNF4).set_blocksize(bs)); },
+    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions(kNF4).blocksize(bs)); },
                  {"blocksize:", "power of two in [32, 4096]", std::to_string(bs).c_str()});
   for (int64_t gs : {0, -2, 1, 33})
-    expect_error(
-        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(gs)); },
-        {"blocksize:", "even int4 group size", std::to_string(gs).c_str()});
+    expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").blocksize(gs)); },
+                 {"blocksize:", "even int4 group size", std::to_string(gs).c_str()});
   expect_error(
-      [&] {
-        msbnb::quantize_8bit(x,
-                             Int8Options().set_granularity(msbnb::Granularity::per_block).set_blocksize(0));
-      },
+      [&] { msbnb::quantize_8bit(x, Int8Options().granularity(msbnb::Granularity::per_block).blocksize(0)); },
       {"blocksize:", "positive", "0"});
   expect_error([&] { msbnb::quantize_blockwise(x, 100); }, {"blocksize:", "100"});
-  expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf3")); },
+  expect_error([&] { msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("nf3")); },
+               {"quant_type:", "\"nf4\", \"fp4\" or \"int4\"", "nf3"});
+}
+
+// nf4 / fp4 have no zero point: symmetric(false) is an error, not silently ignored.
+TEST(BadInput, AsymmetricNf4Fp4) {
+  const torch::Tensor x = torch::randn({4, 64});
+  for (const char* type : {"nf4", "fp4"}) {
+    SCOPED_TRACE(type);
+    const std::string named = std::string("quant_type \"") + type + "\"";
+    expect_error(
+        [&] { msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type(type).symmetric(false)); },
+        {"symmetric:", "expected true", named.c_str(), "only with quant_type \"int4\"", "got false"});
+  }
+  // Still accepted where it means something.
+  EXPECT_TRUE(msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").symmetric(false))
+                  .state.zero_point.defined());
+  // An unknown quant_type is named by effective_blocksize too.
+  expect_error([&] { (void)Quantize4bitOptions().quant_type("nf3").effective_blocksize(); },
                {"quant_type:", "\"nf4\", \"fp4\" or \"int4\"", "nf3"});
 }
 
@@ -96,8 +108,7 @@ TEST(BadInput, StateDoesNotMatchData) {
   const torch::Tensor x = torch::randn({16, 64});
   for (const char* type : {"nf4", "int4"})
     for (bool nested : {false, true}) {
-      auto q =
-          msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(nested));
+      auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type(type).compress_statistics(nested));
       expect_error([&] { msbnb::dequantize_4bit(q.data.slice(0, 1), q.state); },
                    {"data:", "expected", "elements"});
       msbnb::QuantState s = q.state;
@@ -118,11 +129,11 @@ TEST(BadInput, StateDoesNotMatchData) {
         expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.absmax:", "Byte", "Float"});
       }
     }
-  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_symmetric(false));
+  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").symmetric(false));
   msbnb::QuantState s = q.state;
   s.zero_point = torch::full_like(q.state.zero_point, 16);
   expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.zero_point:", "[0, 15]", "16"});
-  auto q8 = msbnb::quantize_8bit(x, Int8Options().set_symmetric(false));
+  auto q8 = msbnb::quantize_8bit(x, Int8Options().symmetric(false));
   expect_error([&] { msbnb::dequantize_8bit(q8.weight_int8, q8.scale.slice(0, 1), q8.offset, q8.options); },
                {"scale:", "expected 16 elements", "got 15"});
   expect_error([&] { msbnb::dequantize_8bit(q8.weight_int8, q8.scale, q8.offset + 0.5, q8.options); },
@@ -145,9 +156,9 @@ TEST(BadInput, NonContiguousIsHandledAndInputUnchanged) {
   auto a = msbnb::quantize_4bit(t, kNF4);
   auto b = msbnb::quantize_4bit(t.contiguous(), kNF4);
   EXPECT_TRUE(torch::equal(a.data, b.data));
-  auto c = msbnb::quantize_8bit(t, Int8Options().set_symmetric(false));
-  EXPECT_TRUE(torch::equal(
-      c.weight_int8, msbnb::quantize_8bit(t.contiguous(), Int8Options().set_symmetric(false)).weight_int8));
+  auto c = msbnb::quantize_8bit(t, Int8Options().symmetric(false));
+  EXPECT_TRUE(torch::equal(c.weight_int8,
+                           msbnb::quantize_8bit(t.contiguous(), Int8Options().symmetric(false)).weight_int8));
   msbnb::quantize_blockwise(t, 64, {}, true);
   msbnb::quantize_tensor(t, 4, false, true);
   EXPECT_TRUE(torch::equal(t, before));
@@ -163,12 +174,12 @@ TEST(BadInput, MisplacedArguments) {
 TEST(BadInput, HugeBlockSizesAreOneBlock) {
   const torch::Tensor x = torch::randn({4, 8});
   const int64_t huge = std::numeric_limits<int64_t>::max();
-  auto per_block = msbnb::quantize_8bit(
-      x, Int8Options().set_granularity(msbnb::Granularity::per_block).set_blocksize(huge));
-  auto per_tensor = msbnb::quantize_8bit(x, Int8Options().set_granularity(msbnb::Granularity::per_tensor));
+  auto per_block =
+      msbnb::quantize_8bit(x, Int8Options().granularity(msbnb::Granularity::per_block).blocksize(huge));
+  auto per_tensor = msbnb::quantize_8bit(x, Int8Options().granularity(msbnb::Granularity::per_tensor));
   EXPECT_TRUE(torch::equal(per_block.weight_int8, per_tensor.weight_int8));
   EXPECT_TRUE(torch::equal(msbnb::dequantize_8bit(per_block), msbnb::dequantize_8bit(per_tensor)));
-  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(huge - 1));
+  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").blocksize(huge - 1));
   EXPECT_EQ(q.state.absmax.sizes(), (std::vector<int64_t>{4, 1}));
   msbnb::QuantState s = q.state;
   s.absmax = torch::empty({4, 0});
@@ -177,7 +188,7 @@ TEST(BadInput, HugeBlockSizesAreOneBlock) {
 
 TEST(BadInput, HostileStates) {
   const torch::Tensor x = torch::randn({16, 64});
-  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
+  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("nf4").compress_statistics(true));
   msbnb::QuantState s = q.state;
   s.dtype = torch::kInt8;
   expect_error([&] { msbnb::dequantize_4bit(q.data, s); },
@@ -194,7 +205,7 @@ TEST(BadInput, HostileStates) {
   s = q.state;
   s.shape = {int64_t{1} << 62, 64};
   expect_error([&] { msbnb::dequantize_4bit(q.data, s); }, {"state.shape:", "2^63"});
-  auto plain = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4"));
+  auto plain = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("nf4"));
   s = plain.state;
   s.absmax = plain.state.absmax.clone();
   s.absmax[3] = std::numeric_limits<float>::quiet_NaN();

@@ -76,9 +76,9 @@ void check_4bit_case(const json& file, const json& c) {
   const torch::Tensor x = input_of(file, c);
   const bool nested = p["compress_statistics"].get<bool>();
   const auto q = msbnb::quantize_4bit(x, msbnb::Quantize4bitOptions()
-                                             .set_quant_type(p["quant_type"].get<std::string>())
-                                             .set_blocksize(p["blocksize"].get<int64_t>())
-                                             .set_compress_statistics(nested));
+                                             .quant_type(p["quant_type"].get<std::string>())
+                                             .blocksize(p["blocksize"].get<int64_t>())
+                                             .compress_statistics(nested));
   ASSERT_EQ(q.data.sizes().vec(), shape_of(o["packed_shape"]));
   EXPECT_TRUE(torch::equal(q.data.reshape({-1}), ints<uint8_t>(o["packed"], torch::kUInt8)))
       << "packed codes";
@@ -87,8 +87,8 @@ void check_4bit_case(const json& file, const json& c) {
   const torch::Tensor raw = floats(o["absmax_raw"]);
   const torch::Tensor ours_raw =
       nested ? msbnb::quantize_4bit(x, msbnb::Quantize4bitOptions()
-                                           .set_quant_type(p["quant_type"].get<std::string>())
-                                           .set_blocksize(p["blocksize"].get<int64_t>()))
+                                           .quant_type(p["quant_type"].get<std::string>())
+                                           .blocksize(p["blocksize"].get<int64_t>()))
                    .state.absmax
              : q.state.absmax;
   EXPECT_TRUE(torch::equal(ours_raw, torch::where(raw <= 1e-38f, torch::zeros_like(raw), raw))) << "absmax";

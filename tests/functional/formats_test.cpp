@@ -39,7 +39,7 @@ TEST(Formats, CodebookValuesQuantizeToTheirIndexHighNibbleFirst) {
     // 64 elements = one block whose absmax is 1 (codes 3 / 15 are 1.0): x / absmax = code.
     torch::Tensor x = torch::zeros({64});
     for (int i = 0; i < 16; ++i) x[i] = code[i];
-    auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type(type).set_blocksize(64));
+    auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type(type).blocksize(64));
     ASSERT_EQ(q.data.sizes(), (std::vector<int64_t>{32, 1}));
     const uint8_t* p = q.data.data_ptr<uint8_t>();
     for (int i = 0; i < 16; i += 2) {
@@ -55,11 +55,11 @@ TEST(Formats, CodebookValuesQuantizeToTheirIndexHighNibbleFirst) {
 // bitsandbytes pads an odd count with x = 0, so the pad nibble is the code of 0.
 TEST(Formats, OddCountPadsWithTheCodeOfZero) {
   const torch::Tensor x = torch::tensor({1.0f, -1.0f, 1.0f});
-  auto nf4 = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("nf4").set_blocksize(64));
+  auto nf4 = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("nf4").blocksize(64));
   ASSERT_EQ(nf4.data.numel(), 2);
   EXPECT_EQ(nf4.data.data_ptr<uint8_t>()[0], 0xF0);
   EXPECT_EQ(nf4.data.data_ptr<uint8_t>()[1], 0xF7);  // NF4 index 7 is 0.0
-  auto fp4 = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("fp4").set_blocksize(64));
+  auto fp4 = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("fp4").blocksize(64));
   EXPECT_EQ(fp4.data.data_ptr<uint8_t>()[0], 0x3B);  // +1 is index 3, -1 is index 11
   EXPECT_EQ(fp4.data.data_ptr<uint8_t>()[1], 0x30);  // FP4 index 0 is 0.0
 }
@@ -67,7 +67,7 @@ TEST(Formats, OddCountPadsWithTheCodeOfZero) {
 TEST(Formats, Int4Qint4x2LowNibbleFirstTwosComplement) {
   // One group of 4, absmax 7 -> scale 1: values are their own codes.
   torch::Tensor x = torch::tensor({{1.0f, -1.0f, 7.0f, -7.0f}, {0.0f, 3.0f, -2.0f, 0.0f}});
-  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().set_quant_type("int4").set_blocksize(4));
+  auto q = msbnb::quantize_4bit(x, Quantize4bitOptions().quant_type("int4").blocksize(4));
   ASSERT_EQ(q.data.sizes(), (std::vector<int64_t>{2, 2}));
   const uint8_t* p = q.data.data_ptr<uint8_t>();
   EXPECT_EQ(p[0], 0xF1);  // 1 low, -1 (0xF) high

@@ -32,15 +32,14 @@ Case make_case(const std::string& fmt, int64_t out, int64_t in, int64_t block, b
   c.name = fmt + " " + std::to_string(out) + "x" + std::to_string(in) + " b" + std::to_string(block) +
            (nested ? " dq" : "") + (sym ? "" : " asym");
   if (fmt == "int8") {
-    const auto q = msbnb::quantize_8bit(w, msbnb::Int8Options().set_symmetric(sym));
+    const auto q = msbnb::quantize_8bit(w, msbnb::Int8Options().symmetric(sym));
     c.w = PackedWeight::from_8bit(q);
     c.dequant = msbnb::dequantize_8bit(q);
   } else {
-    const auto q = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions()
-                                               .set_quant_type(fmt)
-                                               .set_blocksize(block)
-                                               .set_compress_statistics(nested)
-                                               .set_symmetric(sym));
+    const auto q = msbnb::quantize_4bit(
+        w,
+        msbnb::Quantize4bitOptions().quant_type(fmt).blocksize(block).compress_statistics(nested).symmetric(
+            sym));
     c.w = PackedWeight::from_4bit(q.data, q.state);
     c.dequant = msbnb::dequantize_4bit(q.data, q.state);
   }
@@ -165,9 +164,9 @@ TEST(Matmul, RoundTripToInterchangeIsExact) {
   for (auto [fmt, out, in, block, sym] :
        {std::tuple{"nf4", 7, 33, 64, true}, std::tuple{"fp4", 33, 640, 128, true},
         std::tuple{"int4", 9, 257, 32, false}, std::tuple{"int4", 9, 130, 64, true}}) {
-    const auto q = msbnb::quantize_4bit(
-        torch::randn({out, in}),
-        msbnb::Quantize4bitOptions().set_quant_type(fmt).set_blocksize(block).set_symmetric(sym));
+    const auto q =
+        msbnb::quantize_4bit(torch::randn({out, in}),
+                             msbnb::Quantize4bitOptions().quant_type(fmt).blocksize(block).symmetric(sym));
     const PackedWeight w = PackedWeight::from_4bit(q.data, q.state);
     const auto back = w.to_4bit();
     EXPECT_TRUE(torch::equal(back.data, q.data)) << fmt;
@@ -179,7 +178,7 @@ TEST(Matmul, RoundTripToInterchangeIsExact) {
     EXPECT_EQ(w.format(), fmt);
   }
   for (bool sym : {true, false}) {
-    const auto q = msbnb::quantize_8bit(torch::randn({13, 77}), msbnb::Int8Options().set_symmetric(sym));
+    const auto q = msbnb::quantize_8bit(torch::randn({13, 77}), msbnb::Int8Options().symmetric(sym));
     const auto back = PackedWeight::from_8bit(q).to_8bit();
     EXPECT_TRUE(torch::equal(back.weight_int8, q.weight_int8));
     EXPECT_TRUE(torch::equal(msbnb::dequantize_8bit(back), msbnb::dequantize_8bit(q)));
@@ -278,10 +277,10 @@ TEST(Matmul, BadInput) {
   expect_error([&] { msbnb::int8_matmul(torch::randn({2, 64}), c8a.w); }, {"w:", "symmetric"});
   expect_error([&] { msbnb::int8_matmul(torch::randn({2, 64}), c8.w, -1.0); }, {"threshold:", "-1"});
   expect_error([&] { c.w.to_8bit(); }, {"to_8bit", "nf4"});
-  const auto q = msbnb::quantize_4bit(torch::randn({64}), msbnb::Quantize4bitOptions().set_quant_type("nf4"));
+  const auto q = msbnb::quantize_4bit(torch::randn({64}), msbnb::Quantize4bitOptions().quant_type("nf4"));
   expect_error([&] { PackedWeight::from_4bit(q.data, q.state); }, {"state.shape:", "2-D", "[64]"});
   const auto q8 = msbnb::quantize_8bit(torch::randn({4, 64}),
-                                       msbnb::Int8Options().set_granularity(msbnb::Granularity::per_block));
+                                       msbnb::Int8Options().granularity(msbnb::Granularity::per_block));
   expect_error([&] { PackedWeight::from_8bit(q8); }, {"granularity", "per_block"});
   expect_error(
       [&] {

@@ -24,7 +24,7 @@ torch::Tensor randn(std::vector<int64_t> shape, uint64_t seed) {
 TEST(Statistics, NF4AndFP4MeanErrorMatchBitsandbytesReference) {
   const torch::Tensor w = randn({1024, 1024}, 0);
   for (auto [type, reference] : {std::pair<const char*, double>{"nf4", 0.0728}, {"fp4", 0.0965}}) {
-    auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_blocksize(64));
+    auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type(type).blocksize(64));
     const torch::Tensor err = (msbnb::dequantize_4bit(q.data, q.state) - w).abs().to(torch::kFloat64);
     const double mean = err.mean().item<double>();
     const double se = err.std().item<double>() / std::sqrt(static_cast<double>(err.numel()));
@@ -49,11 +49,11 @@ TEST(Statistics, Int8PerChannelErrorBounds) {
 TEST(Statistics, AsymmetricInt8NoWorseOnShiftedData) {
   const torch::Tensor w = randn({128, 512}, 2) + 3.0;
   for (Granularity g : {Granularity::per_tensor, Granularity::per_channel, Granularity::per_block}) {
-    const auto o = Int8Options().set_granularity(g).set_blocksize(64);
+    const auto o = Int8Options().granularity(g).blocksize(64);
     const auto sym =
         msbnb::estimate_quantization_error(w, msbnb::dequantize_8bit(msbnb::quantize_8bit(w, o)));
     const auto asym = msbnb::estimate_quantization_error(
-        w, msbnb::dequantize_8bit(msbnb::quantize_8bit(w, Int8Options(o).set_symmetric(false))));
+        w, msbnb::dequantize_8bit(msbnb::quantize_8bit(w, Int8Options(o).symmetric(false))));
     EXPECT_LE(asym.mse, sym.mse) << static_cast<int>(g);
     // All-positive rows: asymmetric uses 255 steps over [0, max] instead of 127: about 4x less mse.
     EXPECT_LT(asym.mse, 0.5 * sym.mse) << static_cast<int>(g);
@@ -62,8 +62,7 @@ TEST(Statistics, AsymmetricInt8NoWorseOnShiftedData) {
 
 TEST(Statistics, AsymmetricInt8Formula) {
   torch::Tensor x = torch::tensor({-1.0f, 0.0f, 0.5f, 3.0f});
-  auto q =
-      msbnb::quantize_8bit(x, Int8Options().set_symmetric(false).set_granularity(Granularity::per_tensor));
+  auto q = msbnb::quantize_8bit(x, Int8Options().symmetric(false).granularity(Granularity::per_tensor));
   const float scale = 4.0f / 255.0f;
   EXPECT_FLOAT_EQ(q.scale.item<float>(), scale);
   const float z = std::nearbyint(-128.0f - (-1.0f) / scale);  // -64
@@ -74,11 +73,56 @@ TEST(Statistics, AsymmetricInt8Formula) {
   EXPECT_EQ(msbnb::dequantize_8bit(q)[1].item<float>(), 0.0f);
 }
 
+// Options speak libtorch's dialect (TORCH_ARG): name(value) sets and chains, name() reads.
+TEST(Options, TorchArgSettersAndGetters) {
+  const auto o = Quantize4bitOptions().quant_type("nf4").blocksize(256).compress_statistics(true);
+  EXPECT_EQ(o.quant_type(), "nf4");
+  EXPECT_EQ(o.blocksize(), std::optional<int64_t>(256));
+  EXPECT_TRUE(o.compress_statistics());
+  EXPECT_TRUE(o.symmetric());
+  const Quantize4bitOptions d;
+  EXPECT_EQ(d.quant_type(), "fp4");  // bitsandbytes.functional.quantize_4bit's default
+  EXPECT_FALSE(d.blocksize().has_value());
+  EXPECT_FALSE(d.compress_statistics());
+  const auto i8 = Int8Options().symmetric(false).granularity(Granularity::per_block).blocksize(64);
+  EXPECT_FALSE(i8.symmetric());
+  EXPECT_EQ(i8.granularity(), Granularity::per_block);
+  EXPECT_EQ(i8.blocksize(), 64);
+  const Int8Options d8;
+  EXPECT_TRUE(d8.symmetric());
+  EXPECT_EQ(d8.granularity(), Granularity::per_channel);
+}
+
+// An unset blocksize is the format's default_block in formats.def: int4 groups of 128, nf4 / fp4
+// blocks of 64 (bitsandbytes); an explicit one wins.
+TEST(Options, UnsetBlocksizeIsTheFormatsDefault) {
+  const torch::Tensor w = randn({4, 512}, 21);
+  for (auto [type, expected] : {std::pair<const char*, int64_t>{"int4", 128}, {"nf4", 64}, {"fp4", 64}}) {
+    SCOPED_TRACE(type);
+    const auto o = Quantize4bitOptions().quant_type(type);
+    EXPECT_EQ(o.effective_blocksize(), expected);
+    EXPECT_EQ(o.effective_blocksize(),
+              msbnb::kernels::format_info(msbnb::kernels::format_from_name(type)).default_block);
+    const auto q = msbnb::quantize_4bit(w, o);
+    EXPECT_EQ(q.state.blocksize, expected);
+    const auto explicit_q = msbnb::quantize_4bit(w, Quantize4bitOptions(o).blocksize(expected));
+    EXPECT_TRUE(torch::equal(q.data, explicit_q.data));
+    EXPECT_TRUE(torch::equal(q.state.absmax, explicit_q.state.absmax));
+    EXPECT_EQ(Quantize4bitOptions(o).blocksize(32).effective_blocksize(), 32);
+    EXPECT_EQ(msbnb::quantize_4bit(w, Quantize4bitOptions(o).blocksize(32)).state.blocksize, 32);
+  }
+  // int4: one scale per row and group of 128 columns.
+  EXPECT_EQ(msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type("int4")).state.absmax.sizes(),
+            (std::vector<int64_t>{4, 4}));
+  // The default options (fp4) too.
+  EXPECT_EQ(msbnb::quantize_4bit(w).state.blocksize, 64);
+}
+
 TEST(Statistics, Int4RelativeErrorIsAboutTwelvePercent) {
   // Round-to-nearest int4 on Gaussian weights, groups of 128: scale ~ absmax / 7 with absmax ~ 2.8
   // sigma gives RMS error ~ 0.4 / sqrt(12) ~ 11.5 % (DESIGN.md: the seed's "< 3 %" is not true).
   const torch::Tensor w = randn({256, 1024}, 3);
-  auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("int4").set_blocksize(128));
+  auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type("int4").blocksize(128));
   const auto e = msbnb::estimate_quantization_error(w, msbnb::dequantize_4bit(q.data, q.state));
   EXPECT_GT(e.relative_error, 9.0);
   EXPECT_LT(e.relative_error, 14.0);
@@ -90,8 +134,8 @@ TEST(Statistics, Int4RelativeErrorIsAboutTwelvePercent) {
 TEST(Int4, ShortLastGroupAndOddColumns) {
   const torch::Tensor w = randn({5, 37}, 4);  // groups of 16: 16, 16, 5; 37 columns -> 19 bytes
   for (bool symmetric : {true, false}) {
-    auto q = msbnb::quantize_4bit(
-        w, Quantize4bitOptions().set_quant_type("int4").set_blocksize(16).set_symmetric(symmetric));
+    auto q =
+        msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type("int4").blocksize(16).symmetric(symmetric));
     ASSERT_EQ(q.data.sizes(), (std::vector<int64_t>{5, 19}));
     ASSERT_EQ(q.state.absmax.sizes(), (std::vector<int64_t>{5, 3}));
     // The last group's scale comes from its own 5 columns.
@@ -122,15 +166,14 @@ TEST(RoundTrip, QuantizeDequantizeQuantizeIsFixedPoint) {
   const torch::Tensor w = randn({33, 130}, 5);
   for (const char* type : {"nf4", "fp4", "int4"})
     for (bool nested : {false, true}) {
-      const auto o =
-          Quantize4bitOptions().set_quant_type(type).set_blocksize(64).set_compress_statistics(nested);
+      const auto o = Quantize4bitOptions().quant_type(type).blocksize(64).compress_statistics(nested);
       auto q1 = msbnb::quantize_4bit(w, o);
       auto q2 = msbnb::quantize_4bit(msbnb::dequantize_4bit(q1.data, q1.state), o);
       EXPECT_TRUE(torch::equal(codes_modulo_zero_sign(q1.data, type), codes_modulo_zero_sign(q2.data, type)))
           << type << " nested=" << nested;
     }
   for (bool symmetric : {true, false}) {
-    const auto o = Int8Options().set_symmetric(symmetric);
+    const auto o = Int8Options().symmetric(symmetric);
     auto q1 = msbnb::quantize_8bit(w, o);
     auto q2 = msbnb::quantize_8bit(msbnb::dequantize_8bit(q1), o);
     EXPECT_TRUE(torch::equal(q1.weight_int8, q2.weight_int8)) << "int8 symmetric=" << symmetric;
@@ -147,7 +190,7 @@ TEST(DTypes, HalfInputsMatchTheirFloatValues) {
   for (auto dt : {torch::kFloat16, torch::kBFloat16}) {
     const torch::Tensor h = w.to(dt), f = h.to(torch::kFloat32);
     for (const char* type : {"nf4", "fp4", "int4"}) {
-      const auto o = Quantize4bitOptions().set_quant_type(type).set_blocksize(32);
+      const auto o = Quantize4bitOptions().quant_type(type).blocksize(32);
       auto qh = msbnb::quantize_4bit(h, o), qf = msbnb::quantize_4bit(f, o);
       EXPECT_TRUE(torch::equal(qh.data, qf.data)) << type << " " << dt;
       EXPECT_TRUE(torch::equal(qh.state.absmax, qf.state.absmax)) << type << " " << dt;
@@ -167,14 +210,13 @@ TEST(Threads, OneAndTwoThreadsGiveIdenticalResults) {
     msbnb::kernels::set_num_threads(threads);
     std::vector<torch::Tensor> out;
     for (const char* type : {"nf4", "fp4", "int4"}) {
-      auto q =
-          msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(true));
+      auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type(type).compress_statistics(true));
       out.push_back(q.data);
       out.push_back(q.state.absmax);
       out.push_back(msbnb::dequantize_4bit(q.data, q.state));
     }
     for (Granularity g : {Granularity::per_tensor, Granularity::per_channel, Granularity::per_block}) {
-      auto q = msbnb::quantize_8bit(w, Int8Options().set_granularity(g).set_symmetric(false));
+      auto q = msbnb::quantize_8bit(w, Int8Options().granularity(g).symmetric(false));
       out.push_back(q.weight_int8);
       out.push_back(msbnb::dequantize_8bit(q));
     }
@@ -198,9 +240,8 @@ TEST(DoubleQuant, AbsmaxWithinMapResolution) {
   const torch::Tensor g = randn({64, 4096}, 8);
   const torch::Tensor w = g * torch::rand({64, 1}) * 10;
   for (const char* type : {"nf4", "fp4"}) {
-    auto plain = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type));
-    auto nested =
-        msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type(type).set_compress_statistics(true));
+    auto plain = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type(type));
+    auto nested = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type(type).compress_statistics(true));
     EXPECT_TRUE(torch::equal(plain.data, nested.data)) << "codes are quantized with the exact absmax";
     ASSERT_TRUE(nested.state.nested());
     EXPECT_EQ(nested.state.absmax.scalar_type(), torch::kUInt8);
@@ -237,7 +278,7 @@ TEST(DoubleQuant, AbsmaxWithinMapResolution) {
 
 TEST(Info, BitsPerWeightAndCompression) {
   const torch::Tensor w = randn({1024, 1024}, 9);
-  auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("nf4").set_compress_statistics(true));
+  auto q = msbnb::quantize_4bit(w, Quantize4bitOptions().quant_type("nf4").compress_statistics(true));
   const auto info = msbnb::get_quantization_info(q.data, q.state);
   // 4 + 8/64 + 32/(64*256) bits, plus the fixed code tables (16 + 256 floats, the offset).
   const double expected = 4.0 + 8.0 / 64 + 32.0 / (64 * 256) + 8.0 * (16 + 256 + 1) * 4 / (1024.0 * 1024);

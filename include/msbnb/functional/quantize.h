@@ -6,10 +6,12 @@
 // device (CPU), empty tensors, NaN / Inf, block or group sizes, and states that do not match the
 // data. Non-contiguous inputs are accepted (copied once). Inputs are never modified.
 #pragma once
+#include <torch/arg.h>
 #include <torch/types.h>
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,26 +23,20 @@ namespace msbnb {
 /// Which elements share one scale.
 enum class Granularity { per_tensor, per_channel, per_block };
 
-/// Options of quantize_8bit. Per channel means per row of dim 0 (the output channel of a
+/// Options of quantize_8bit, in libtorch's dialect (TORCH_ARG: `o.symmetric(false)` sets,
+/// `o.symmetric()` reads). Per channel means per row of dim 0 (the output channel of a
 /// [out_features, in_features] weight); per block means blocks of `blocksize` elements of the
-/// flattened tensor (the last one may be short).
+/// flattened tensor (the last one may be short; `blocksize` is used only per block).
+/// Example:
+///   auto q = msbnb::quantize_8bit(w, msbnb::Int8Options().symmetric(false).granularity(
+///                                        msbnb::Granularity::per_tensor));
 struct Int8Options {
-  bool symmetric = true;
-  Granularity granularity = Granularity::per_channel;
-  int64_t blocksize = 4096;
-
-  Int8Options& set_symmetric(bool v) {
-    symmetric = v;
-    return *this;
-  }
-  Int8Options& set_granularity(Granularity v) {
-    granularity = v;
-    return *this;
-  }
-  Int8Options& set_blocksize(int64_t v) {
-    blocksize = v;
-    return *this;
-  }
+  /// true: q in [-127, 127], no offset; false: [-128, 127] with a zero point.
+  TORCH_ARG(bool, symmetric) = true;
+  /// Which elements share one scale.
+  TORCH_ARG(Granularity, granularity) = Granularity::per_channel;
+  /// Elements per block for Granularity::per_block (> 0).
+  TORCH_ARG(int64_t, blocksize) = 4096;
 };
 
 /// Result of quantize_8bit.
@@ -92,30 +88,31 @@ struct QuantState {
   int64_t numel() const;
 };
 
-/// Options of quantize_4bit; defaults are bitsandbytes' (blocksize 64, no double quantization;
-/// bitsandbytes' functional default quant_type is fp4, ours too).
+/// Options of quantize_4bit, in libtorch's dialect (TORCH_ARG: `o.quant_type("nf4")` sets,
+/// `o.quant_type()` reads). Names and defaults are bitsandbytes' quantize_4bit (quant_type
+/// "fp4", no double quantization) where it has them.
+///  quant_type           "nf4" | "fp4" (bitsandbytes layout) | "int4" (MindSpore qint4x2).
+///  blocksize            nf4 / fp4: elements per block of the flattened tensor, a power of two in
+///                       [32, 4096]; int4: group size along the last dimension, even, >= 2.
+///                       Unset (std::nullopt): the format's default_block in formats.def, i.e.
+///                       128 for int4 and 64 for nf4 / fp4 (bitsandbytes). See
+///                       effective_blocksize().
+///  compress_statistics  double-quantize absmax / scales (blockwise 8-bit, blocks of 256).
+///  symmetric            int4 only: false gives uint4 with a zero point. nf4 / fp4 are symmetric
+///                       codebooks: symmetric(false) with them throws.
+/// Example:
+///   auto q = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("int4"));  // group 128
+///   auto n = msbnb::quantize_4bit(w,
+///   msbnb::Quantize4bitOptions().quant_type("nf4").compress_statistics(true));
 struct Quantize4bitOptions {
-  std::string quant_type = "fp4";    // "nf4" | "fp4" | "int4"
-  int64_t blocksize = 64;            // nf4 / fp4: a power of two in [32, 4096]; int4: even group size >= 2
-  bool compress_statistics = false;  // double-quantize absmax / scales (blockwise 8-bit, 256)
-  bool symmetric = true;             // int4 only: false gives uint4 with a zero point
+  /// The block or group size quantize_4bit uses: blocksize() if set, else the format's default
+  /// (int4: 128, nf4 / fp4: 64). Throws c10::Error for an unknown quant_type.
+  int64_t effective_blocksize() const;
 
-  Quantize4bitOptions& set_quant_type(std::string v) {
-    quant_type = std::move(v);
-    return *this;
-  }
-  Quantize4bitOptions& set_blocksize(int64_t v) {
-    blocksize = v;
-    return *this;
-  }
-  Quantize4bitOptions& set_compress_statistics(bool v) {
-    compress_statistics = v;
-    return *this;
-  }
-  Quantize4bitOptions& set_symmetric(bool v) {
-    symmetric = v;
-    return *this;
-  }
+  TORCH_ARG(std::string, quant_type) = "fp4";
+  TORCH_ARG(std::optional<int64_t>, blocksize) = std::nullopt;
+  TORCH_ARG(bool, compress_statistics) = false;
+  TORCH_ARG(bool, symmetric) = true;
 };
 
 struct Quantized4bit {
@@ -126,7 +123,7 @@ struct Quantized4bit {
 };
 
 /// Quantizes to 4 bits. Example:
-///   auto [packed, state] = msbnb::quantize_4bit(w, Quantize4bitOptions().set_quant_type("nf4"));
+///   auto [packed, state] = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("nf4"));
 ///   torch::Tensor w2 = msbnb::dequantize_4bit(packed, state);
 Quantized4bit quantize_4bit(const torch::Tensor& x, const Quantize4bitOptions& options = {});
 /// Inverse of quantize_4bit: a tensor of state.shape and state.dtype.
