@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: install, build with -Werror, check formatting, run every test (each ISA
-# path this CPU has; the others are reported SKIPPED), then build the kernels and their tests
-# with AddressSanitizer + UndefinedBehaviorSanitizer and run them.
+# tier this CPU has; the others are reported SKIPPED), check the per-ISA objects for weak symbols,
+# install the package and build an out-of-tree consumer against it, cross-build the kernels for
+# aarch64 and run their tests under qemu, then the sanitizer stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,6 +13,12 @@ for f in avx2 avx512f avx512_vnni avx512_bf16; do
 done
 echo "== tests (Release, -Werror)"
 ctest --test-dir build/release --output-on-failure -j "$(nproc)"
+echo "== weak symbols in the per-ISA objects (Release)"
+bash scripts/check_weak_symbols.sh build/release
+echo "== cmake --install + find_package(msbnb CONFIG) consumer"
+bash scripts/test_install.sh build/release
+echo "== aarch64: cross-built kernels and their tests under qemu-aarch64-static"
+bash scripts/test_aarch64.sh
 echo "== kernels under AddressSanitizer + UndefinedBehaviorSanitizer"
 cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug -DMSBNB_SANITIZE=ON -DMSBNB_WERROR=ON \
   -DMSBNB_WITH_TORCH=OFF -DMSBNB_BUILD_BENCH=OFF -DMSBNB_BUILD_EXAMPLES=OFF -DMSBNB_FORMAT_CHECK=OFF >/dev/null

@@ -20,7 +20,7 @@ int main() {
       }
     }
   }
-  auto q = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().set_quant_type("nf4"));
+  auto q = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("nf4"));
   const torch::Tensor w2 = msbnb::dequantize_4bit(q.data, q.state);
   if (!torch::equal(w2, w)) {
     std::printf("consumer_torch: dequantize_4bit differs from the weight (max |diff| %g)\n",
