@@ -144,8 +144,8 @@ void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path = MatmulPat
 /// |x| >= threshold (threshold <= 0: none; NaN throws). A NaN is no outlier (as in
 /// bitsandbytes): it stays in its row's absmax, so that row's outputs are NaN. Integer products
 /// scaled by row_absmax * SCB / 127² (w.scale = SCB / 127, symmetric); the outlier columns
-/// multiplied in fp32 with the dequantized weight columns and added. `outlier_cols` (optional) receives those
-/// columns.
+/// multiplied in fp32 with the dequantized weight columns and added. `outlier_cols` (optional)
+/// receives those columns.
 void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
                      std::vector<int64_t>* outlier_cols = nullptr, const KernelTable& k = active_kernels());
 
