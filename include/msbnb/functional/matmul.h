@@ -17,7 +17,8 @@ namespace msbnb {
 /// exact: fp32 activations, weights decoded exactly as dequantize gives them.
 /// fast:  4-bit weights multiply in bf16 (~0.2 % error), int8 weights with activations
 ///        quantized per row to int8 (LLM.int8() numerics, ~0.9 % error on Gaussian rows).
-/// automatic: exact for up to 8 rows (memory-bound), fast above.
+/// automatic: exact for every batch size (the fast paths change the class of error: opt in);
+///        LLM.int8() with a threshold is int8_matmul. docs/matmul.md has the bounds per format.
 using MatmulPath = kernels::MatmulPath;
 
 /// A 2-D quantized weight [out_features, in_features] repacked once into the kernels' private

@@ -18,14 +18,19 @@
 //   exact  fp32 activations; each weight is decoded to exactly the float dequantize() gives and
 //          multiplied in fp32. Differs from "dequantize, then matmul" by summation order only.
 //   fast   int8 weights: activations quantized per row to int8 (q = rne(x * 127 / absmax)),
-//          int32 dot products, exact across ISAs and thread counts (LLM.int8()'s numerics);
+//          integer dot products (int32 kernels over chunks of 2^17 columns, summed in int64:
+//          exact for any k), exact across ISAs and thread counts (LLM.int8()'s numerics);
 //          error <= absmax(x) / 254 * scale * sum |q| per output, typically
 //          absmax / (127 √12 rms(x)) relative: about 0.9 % for Gaussian rows of 4096.
 //          4-bit weights, more than kGemvMaxRows rows (fewer run the exact GEMV, which is as
 //          fast): weights and activations rounded to bf16, products summed in fp32;
 //          error <= (2^-7 + 2^-16) sum |x w| per output (two roundings of at most 2^-8),
 //          typically about 0.23 % relative.
-//   auto   exact for n <= kGemvMaxRows (memory-bound, exact costs nothing), fast above.
+//   auto   exact for every n: the fast paths change the class of error (bf16 operands; int8
+//          activations without outlier handling lose 10-15 % on rows with an LLM outlier
+//          feature), so they are opt-in; LLM.int8() with a threshold is matmul_llm_int8.
+// NaN / Inf in an activation row give NaN / Inf outputs for that row on every path (as fp32).
+// Padding columns decode to 0 whatever the statistics after a row's end hold.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -136,9 +141,11 @@ void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path = MatmulPat
             const KernelTable& k = active_kernels());
 
 /// LLM.int8(): x rows quantized per row to int8 after taking out every input column holding an
-/// |x| >= threshold (threshold <= 0: none); int32 products scaled by row_absmax * SCB / 127²
-/// (w.scale = SCB / 127, symmetric); the outlier columns multiplied in fp32 with the
-/// dequantized weight columns and added. `outlier_cols` (optional) receives those columns.
+/// |x| >= threshold (threshold <= 0: none; NaN throws). A NaN is no outlier (as in
+/// bitsandbytes): it stays in its row's absmax, so that row's outputs are NaN. Integer products
+/// scaled by row_absmax * SCB / 127² (w.scale = SCB / 127, symmetric); the outlier columns
+/// multiplied in fp32 with the dequantized weight columns and added. `outlier_cols` (optional)
+/// receives those columns.
 void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
                      std::vector<int64_t>* outlier_cols = nullptr, const KernelTable& k = active_kernels());
 
@@ -149,7 +156,8 @@ void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTabl
 void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k = active_kernels());
 
 /// Per-row int8 quantization of activations as bitsandbytes' int8_vectorwise_quant does it:
-/// absmax[i] = max |x[i][j]| over the elements below `threshold` (all when threshold <= 0),
+/// absmax[i] = max |x[i][j]| over the elements not >= `threshold` (all when threshold <= 0; a
+/// NaN is kept, so a row with a NaN has absmax NaN and codes 0),
 /// q = rne(x * (127 / absmax)); the columns in `zero_cols`, elements at or above the threshold
 /// and an all-zero row give 0. q rows are `ldq` bytes (tail zero-filled).
 void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
