@@ -137,12 +137,21 @@ struct FormatCase {
   bool tile;   // has a tile variant
 };
 
-const FormatCase kFormats[] = {
-    {"nf4", Format::nf4, false, true, true},           {"fp4", Format::fp4, false, false, true},
-    {"int4_sym", Format::int4, false, true, true},     {"int4_asym", Format::int4, true, false, true},
-    {"int8_sym", Format::int8, false, true, true},     {"int8_asym", Format::int8, true, false, true},
-    {"dynamic8", Format::dynamic8, false, true, true},
-};
+// Every 16-value codebook row of formats.def (the first in the --quick run), then the integer
+// and dynamic formats with their variants.
+const std::vector<FormatCase> kFormats = [] {
+  std::vector<FormatCase> v;
+  int count = 0;
+  const mk::FormatInfo* rows = mk::all_formats(&count);
+  for (int i = 0; i < count; ++i)
+    if (mk::has_codebook16(rows[i])) v.push_back({rows[i].name, rows[i].format, false, v.empty(), true});
+  v.insert(v.end(), {{"int4_sym", Format::int4, false, true, true},
+                     {"int4_asym", Format::int4, true, false, true},
+                     {"int8_sym", Format::int8, false, true, true},
+                     {"int8_asym", Format::int8, true, false, true},
+                     {"dynamic8", Format::dynamic8, false, true, true}});
+  return v;
+}();
 
 int bits_of(const FormatCase& f) { return mk::format_info(f.format).bits; }
 // Block (group) size: the format table's default, or one row (per channel) where that is 0.
@@ -206,8 +215,7 @@ View view_of(const Encoded& e, Shape s) { return {e.codes.data(), e.stats.data()
 void quantize(const FormatCase& f, const KernelTable& k, const float* w, Shape s, Encoded& e) {
   const int64_t n = s.n(), bs = block_of(f, s), count = stat_count(f, s);
   switch (f.format) {
-    case Format::nf4:
-    case Format::fp4:
+    default:  // the 16-value codebook rows of formats.def
       mk::absmax_blocks(w, DType::f32, n, bs, e.stats.data(), k);
       mk::quantize_lut4(w, DType::f32, n, bs, e.stats.data(), lut4_of(f.format), e.codes.data(), k);
       break;
@@ -243,8 +251,7 @@ void dequantize(const FormatCase& f, const KernelTable& k, const View& v, float*
   const int64_t n = s.n(), bs = block_of(f, s);
   const int32_t* zp = f.asym ? v.zp : nullptr;
   switch (f.format) {
-    case Format::nf4:
-    case Format::fp4:
+    default:  // the 16-value codebook rows of formats.def
       mk::dequantize_lut4(v.codes, n, bs, v.stats, code16_of(f.format), out, k);
       break;
     case Format::int4:
@@ -266,8 +273,7 @@ inline void decode_tile(const FormatCase& f, const KernelTable& k, const View& v
   const int64_t bs = block_of(f, s);
   const int32_t* zp = f.asym ? v.zp : nullptr;
   switch (f.format) {
-    case Format::nf4:
-    case Format::fp4:
+    default:  // the 16-value codebook rows of formats.def
       k.dequantize_lut4(v.codes + s0 / 2, s0, kTile, bs, v.stats, code16_of(f.format), tile);
       break;
     case Format::int4: {

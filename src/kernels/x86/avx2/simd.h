@@ -8,39 +8,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/walk.h"  // dispatch_dtype, for_each_block (shared by every ISA)
 #include "msbnb/kernels/types.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
-
-// Calls f(std::integral_constant<DType, dt>{}): one instantiation of a kernel per input type.
-template <class F>
-inline void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::f32:
-      return f(std::integral_constant<DType, DType::f32>{});
-    case DType::f16:
-      return f(std::integral_constant<DType, DType::f16>{});
-    case DType::bf16:
-      return f(std::integral_constant<DType, DType::bf16>{});
-  }
-}
-
-// The segment loops walk blocks b = start / bs, b + 1, ...: no division per block (it would cost
-// as much as a short block). End of block b's segment of the range [0, n) that starts at `start`:
-inline int64_t block_end(int64_t start, int64_t b, int64_t n, int64_t bs) {
-  return std::min(n, (b + 1) * bs - start);
-}
-
-// f(b, i, end) for each block b's segment [i, end) of the range [0, n) that starts at `start`.
-template <class F>
-inline void for_each_block(int64_t start, int64_t n, int64_t bs, F&& f) {
-  for (int64_t i = 0, b = start / bs; i < n; ++b) {
-    const int64_t end = block_end(start, b, n, bs);
-    f(b, i, end);
-    i = end;
-  }
-}
 
 // 8 elements from x + i as float (exact for every f16 / bf16 value, denormals included).
 template <DType DT>

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels/isa_kernels.h"
+#include "kernels/walk.h"
 #include "kernels/x86/avx512/simd.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
@@ -211,27 +212,6 @@ void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int
   int8_gemv_rows<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
 
-template <template <int> class K, class W, class... Args>
-void gemv_n(int64_t n, const W& w, const float* x, int64_t ldx, Args... args) {
-  switch (n) {
-    case 1:
-      return K<1>::run(w, x, ldx, args...);
-    case 2:
-      return K<2>::run(w, x, ldx, args...);
-    case 3:
-      return K<3>::run(w, x, ldx, args...);
-    case 4:
-      return K<4>::run(w, x, ldx, args...);
-    case 5:
-      return K<5>::run(w, x, ldx, args...);
-    case 6:
-      return K<6>::run(w, x, ldx, args...);
-    case 7:
-      return K<7>::run(w, x, ldx, args...);
-    default:
-      return K<8>::run(w, x, ldx, args...);
-  }
-}
 template <int N>
 struct Lut4Gemv {
   static void run(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,

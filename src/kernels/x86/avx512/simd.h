@@ -14,32 +14,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/walk.h"  // dispatch_dtype, for_each_block (shared by every ISA)
 #include "msbnb/kernels/types.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
-
-// Calls f(std::integral_constant<DType, dt>{}): one instantiation of a kernel per input type.
-template <class F>
-inline void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::f32:
-      return f(std::integral_constant<DType, DType::f32>{});
-    case DType::f16:
-      return f(std::integral_constant<DType, DType::f16>{});
-    case DType::bf16:
-      return f(std::integral_constant<DType, DType::bf16>{});
-  }
-}
-
-// f(b, i, end) for each block b's segment [i, end) of the range [0, n) that starts at element
-// `start` of blocks of bs elements; a division only for the first block.
-template <class F>
-inline void for_each_block(int64_t start, int64_t n, int64_t bs, F&& f) {
-  for (int64_t b = start / bs, i = 0, end = std::min(n, (b + 1) * bs - start); i < n;
-       i = end, ++b, end = std::min(n, end + bs))
-    f(b, i, end);
-}
 
 // Masks of the first k lanes (k < 16, k < 32), and of min(k, 16) lanes.
 inline __mmask16 tail_mask16(int64_t k) { return static_cast<__mmask16>((1u << k) - 1u); }
