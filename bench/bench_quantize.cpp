@@ -156,23 +156,21 @@ int64_t code_bytes(const FormatCase& f, Shape s) { return bits_of(f) == 4 ? s.n(
 int64_t stat_bytes(const FormatCase& f, Shape s) { return stat_count(f, s) * (f.asym ? 8 : 4); }
 
 struct Codebooks {
-  mk::Lut4 nf4, fp4;
   std::array<float, 256> dynamic;
   mk::Lut8 dynamic_lut;
 };
 const Codebooks& codebooks() {
   static const Codebooks c = [] {
     Codebooks b;
-    b.nf4 = mk::make_lut4(mk::kCodeNF4);
-    b.fp4 = mk::make_lut4(mk::kCodeFP4);
     b.dynamic = mk::create_dynamic_map(true);
     b.dynamic_lut = mk::make_lut8(b.dynamic.data());
     return b;
   }();
   return c;
 }
-const mk::Lut4& lut4_of(Format f) { return f == Format::nf4 ? codebooks().nf4 : codebooks().fp4; }
-const float* code16_of(Format f) { return f == Format::nf4 ? mk::kCodeNF4 : mk::kCodeFP4; }
+// The codebook of the format's formats.def row.
+const mk::Lut4& lut4_of(Format f) { return mk::format_lut4(f); }
+const float* code16_of(Format f) { return mk::format_info(f).codebook; }
 
 // Codes and stats of one format for one weight.
 struct Encoded {

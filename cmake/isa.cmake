@@ -1,19 +1,44 @@
-# Reads include/msbnb/kernels/isa.def (THE ISA list) and builds one object library per ISA from
-# the sources in its folder, compiled with that row's flags.
+# Reads include/msbnb/kernels/isa.def (THE ISA list) and builds one object library per row of the
+# target architecture (arch `any` or the target's), from the sources of the row's folder compiled
+# with its flags and -DMSBNB_ISA_NS=<id> (so a folder built for several rows never defines a
+# symbol twice). ISA objects never contract a * b + c into an FMA: their scalar tails must give
+# the reference's bits.
+function(msbnb_target_arch out_var)
+  string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" p)
+  if(p MATCHES "^(x86_64|amd64)$")
+    set(${out_var} x86_64 PARENT_SCOPE)
+  elseif(p MATCHES "^(aarch64|arm64)$")
+    set(${out_var} aarch64 PARENT_SCOPE)
+  else()
+    set(${out_var} "${p}" PARENT_SCOPE)
+  endif()
+endfunction()
+
 function(msbnb_add_isa_objects out_var)
   file(READ "${PROJECT_SOURCE_DIR}/include/msbnb/kernels/isa.def" isa_def)
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/include/msbnb/kernels/isa.def")
   string(REGEX MATCHALL "\nMSBNB_ISA\\([^\n]*\\)" rows "${isa_def}")
+  msbnb_target_arch(target_arch)
   set(objects)
+  set(built)
   foreach(row IN LISTS rows)
-    string(REGEX MATCH "MSBNB_ISA\\(([a-z0-9_]+), *([^,]+), *\"([^\"]*)\", *\"([^\"]*)\"\\)" _ "${row}")
+    string(REGEX MATCH "MSBNB_ISA\\(([a-z0-9_]+), *([a-z0-9_]+), *([^,]+), *\"([^\"]*)\", *\"([^\"]*)\"\\)" _ "${row}")
     set(id "${CMAKE_MATCH_1}")
-    string(STRIP "${CMAKE_MATCH_2}" folder)
-    separate_arguments(flags UNIX_COMMAND "${CMAKE_MATCH_4}")
+    set(arch "${CMAKE_MATCH_2}")
+    string(STRIP "${CMAKE_MATCH_3}" folder)
+    separate_arguments(flags UNIX_COMMAND "${CMAKE_MATCH_5}")
+    if(id STREQUAL "")
+      message(FATAL_ERROR "isa.def: cannot parse row '${row}'")
+    endif()
+    if(NOT (arch STREQUAL "any" OR arch STREQUAL target_arch))
+      continue()
+    endif()
     file(GLOB srcs CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/src/kernels/${folder}/*.cpp")
     add_library(msbnb_kernels_${id} OBJECT ${srcs})
-    target_compile_options(msbnb_kernels_${id} PRIVATE ${flags})
-    # GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_*, GCC bug 105593).
+    target_compile_definitions(msbnb_kernels_${id} PRIVATE MSBNB_ISA_NS=${id})
+    target_compile_options(msbnb_kernels_${id} PRIVATE ${flags} -ffp-contract=off)
     if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+      # GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_*, GCC bug 105593).
       target_compile_options(msbnb_kernels_${id} PRIVATE -Wno-maybe-uninitialized -Wno-uninitialized)
       # The decode loops run at +-25 % depending on where they land (measured with the bench's
       # dequantize_tile); 64-byte loop alignment makes that placement fixed.
@@ -23,6 +48,8 @@ function(msbnb_add_isa_objects out_var)
     set_target_properties(msbnb_kernels_${id} PROPERTIES POSITION_INDEPENDENT_CODE ON)
     target_link_libraries(msbnb_kernels_${id} PRIVATE OpenMP::OpenMP_CXX msbnb_warnings)
     list(APPEND objects $<TARGET_OBJECTS:msbnb_kernels_${id}>)
+    list(APPEND built ${id})
   endforeach()
+  message(STATUS "msbnb: ISA tables for ${target_arch}: ${built}")
   set(${out_var} ${objects} PARENT_SCOPE)
 endfunction()

@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages msbnb builds with, only those missing (as root, or via sudo).
 set -euo pipefail
 packages=(g++ cmake ninja-build clang-format libtorch-dev libopenblas0-pthread libgtest-dev libgmock-dev
-          libbenchmark-dev nlohmann-json3-dev libcli11-dev clang libclang-rt-14-dev)
+          libbenchmark-dev nlohmann-json3-dev libcli11-dev clang libclang-rt-14-dev
+          g++-aarch64-linux-gnu qemu-user-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

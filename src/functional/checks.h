@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "msbnb/functional/quantize.h"
+#include "msbnb/kernels/formats.h"
 #include "msbnb/kernels/types.h"
 
 namespace msbnb::detail {
@@ -91,5 +92,10 @@ inline bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 /// Float32 per-block statistics of a 4-bit / blockwise state (double quantization undone),
 /// checked to hold `expected` finite values. Defined in quantize_4bit.cpp.
 torch::Tensor resolved_absmax(const QuantState& s, int64_t expected);
+
+/// The 4-bit format named `quant_type`: a row of formats.def with 4 bits (int4 and every
+/// 16-value codebook format); else an error naming `arg` and the accepted names. Defined in
+/// quantize_4bit.cpp.
+kernels::Format format_4bit(const std::string& quant_type, const char* arg);
 
 }  // namespace msbnb::detail

@@ -128,8 +128,7 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
     impl->lut4 = kernels::pack_int4(packed.data_ptr<uint8_t>(), rows, cols, gs, scale.data_ptr<float>(),
                                     zp.empty() ? nullptr : zp.data());
   } else {
-    TORCH_CHECK(s.quant_type == "nf4" || s.quant_type == "fp4",
-                "state.quant_type: expected \"nf4\", \"fp4\" or \"int4\", got \"", s.quant_type, "\"");
+    detail::format_4bit(s.quant_type, "state.quant_type");  // a codebook row of formats.def
     TORCH_CHECK(detail::is_pow2(s.blocksize) && s.blocksize >= 32 && s.blocksize <= 4096,
                 "state.blocksize: expected a power of two in [32, 4096], got ", s.blocksize);
     detail::check_numel(data, (rows * cols + 1) / 2, "data");

@@ -26,9 +26,7 @@ void check_block_pow2(int64_t bs, const char* arg) {
 }
 
 kernels::Format format_of(const std::string& quant_type, const char* arg) {
-  for (const char* name : {"nf4", "fp4", "int4"})
-    if (quant_type == name) return kernels::format_from_name(name);
-  TORCH_CHECK(false, arg, ": expected \"nf4\", \"fp4\" or \"int4\", got \"", quant_type, "\"");
+  return detail::format_4bit(quant_type, arg);
 }
 
 // Replaces float32 statistics by their blockwise 8-bit codes (bitsandbytes' compress_statistics:
@@ -169,6 +167,26 @@ torch::Tensor dequantize_int4(const torch::Tensor& data, const QuantState& s) {
 }  // namespace
 
 namespace detail {
+// The 4-bit rows of formats.def, codebook formats first (as bitsandbytes lists them), then int4.
+kernels::Format format_4bit(const std::string& quant_type, const char* arg) {
+  int count = 0;
+  const kernels::FormatInfo* rows = kernels::all_formats(&count);
+  std::vector<const kernels::FormatInfo*> accepted;
+  for (int i = 0; i < count; ++i)
+    if (kernels::has_codebook16(rows[i])) accepted.push_back(&rows[i]);
+  for (int i = 0; i < count; ++i)
+    if (rows[i].bits == 4 && !kernels::has_codebook16(rows[i])) accepted.push_back(&rows[i]);
+  std::string known;
+  for (size_t i = 0; i < accepted.size(); ++i) {
+    if (quant_type == accepted[i]->name) return accepted[i]->format;
+    known += std::string(i == 0                     ? ""
+                         : i + 1 == accepted.size() ? " or "
+                                                    : ", ") +
+             "\"" + accepted[i]->name + "\"";
+  }
+  TORCH_CHECK(false, arg, ": expected ", known, ", got \"", quant_type, "\"");
+}
+
 torch::Tensor resolved_absmax(const QuantState& s, int64_t expected) {
   return resolved_absmax_impl(s, expected);
 }
@@ -192,9 +210,7 @@ Quantized4bit quantize_4bit(const torch::Tensor& input, const Quantize4bitOption
   if (fmt == kernels::Format::int4) return quantize_int4(x, dt, o);
   check_block_pow2(o.effective_blocksize(), "blocksize");
   const kernels::FormatInfo& info = kernels::format_info(fmt);
-  static const kernels::Lut4 luts[] = {kernels::make_lut4(kernels::kCodeNF4),
-                                       kernels::make_lut4(kernels::kCodeFP4)};
-  const kernels::Lut4& lut = luts[fmt == kernels::Format::nf4 ? 0 : 1];
+  const kernels::Lut4& lut = kernels::format_lut4(fmt);  // the codebook of fmt's formats.def row
   const int64_t n = x.numel(), bs = o.effective_blocksize(), nb = kernels::ceil_div(n, bs);
   Quantized4bit out;
   QuantState& s = out.state;

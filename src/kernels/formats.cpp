@@ -65,6 +65,20 @@ Lut4 make_lut4(const float* code16) {
   return lut;
 }
 
+const Lut4& format_lut4(Format f) {
+  static const auto luts = [] {
+    std::array<Lut4, kNumFormats> out{};
+    for (int i = 0; i < kNumFormats; ++i)
+      if (has_codebook16(kFormats[i])) out[static_cast<size_t>(i)] = make_lut4(kFormats[i].codebook);
+    return out;
+  }();
+  const FormatInfo& info = format_info(f);
+  if (!has_codebook16(info))
+    throw std::invalid_argument(std::string("format: expected a format with a 16-value codebook, got '") +
+                                info.name + "'");
+  return luts[static_cast<size_t>(f)];
+}
+
 Lut8 make_lut8(const float* code256) {
   Lut8 lut{};
   std::copy(code256, code256 + 256, lut.code);

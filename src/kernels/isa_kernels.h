@@ -1,44 +1,27 @@
-// Declarations of every ISA's kernels. Each ISA folder defines the same function names in its
-// own namespace msbnb::kernels::<isa> and one `table`; an entry left null falls back to scalar.
+// Declarations of the ISA kernels, generated from kernels.def: each ISA folder defines these names
+// in its own namespace msbnb::kernels::MSBNB_ISA_NS (CMake passes -DMSBNB_ISA_NS=<isa.def id>, so a
+// folder compiled for several rows never defines one symbol twice) and one `table` (isa_table.h).
+// The scalar reference is declared everywhere: SIMD files fall back to it for odd layouts.
 #pragma once
 #include "msbnb/kernels/kernel_table.h"
 
-#define MSBNB_DECLARE_ISA_KERNELS(ns)                                                                     \
-  namespace msbnb::kernels::ns {                                                                          \
-  void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out);                         \
-  void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs);           \
-  void quantize_int8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* scale,   \
-                     const int32_t* zero_point, int32_t lo, int32_t hi, int8_t* q);                       \
-  void dequantize_int8(const int8_t* q, int64_t start, int64_t n, int64_t bs, const float* scale,         \
-                       const int32_t* zero_point, float* out);                                            \
-  void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale, \
-                     const int32_t* zero_point, uint8_t* packed);                                         \
-  void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t gs, const float* scale, \
-                       const int32_t* zero_point, float* out);                                            \
-  void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,  \
-                     const Lut4* lut, uint8_t* packed);                                                   \
-  void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs, const float* absmax,  \
-                       const float* code16, float* out);                                                  \
-  void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,  \
-                     const Lut8* lut, uint8_t* q);                                                        \
-  void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, const float* absmax,       \
-                       const float* code256, float* out);                                                 \
-  void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,      \
-                float* y, int64_t ldy);                                                                   \
-  void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,      \
-                float* y, int64_t ldy);                                                                   \
-  void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,  \
-                 float* y, int64_t ldy);                                                                  \
-  void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,    \
-               int32_t* acc, int64_t ldy);                                                                \
-  void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,   \
-                  float* gx, int64_t ldx, bool accumulate);                                               \
-  void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,   \
-                  float* gx, int64_t ldx, bool accumulate);                                               \
-  void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu);                             \
-  extern const KernelTable table;                                                                         \
-  }
+#define MSBNB_KERNEL(name, params) void name params;
+#define MSBNB_MATMUL_KERNEL(name, params) void name params;
+namespace msbnb::kernels::scalar {
+#include "msbnb/kernels/kernels.def"
+}  // namespace msbnb::kernels::scalar
+#if defined(MSBNB_ISA_NS)
+namespace msbnb::kernels::MSBNB_ISA_NS {
+#include "msbnb/kernels/kernels.def"
+}  // namespace msbnb::kernels::MSBNB_ISA_NS
+#endif
+#undef MSBNB_KERNEL
+#undef MSBNB_MATMUL_KERNEL
 
-MSBNB_DECLARE_ISA_KERNELS(scalar)
-MSBNB_DECLARE_ISA_KERNELS(avx2)
-MSBNB_DECLARE_ISA_KERNELS(avx512)
+// Every row's table (only the rows of the target architecture are built; see dispatch.cpp).
+#define MSBNB_ISA(id, arch, folder, features, flags) \
+  namespace msbnb::kernels::id {                     \
+  extern const KernelTable table;                    \
+  }
+#include "msbnb/kernels/isa.def"
+#undef MSBNB_ISA

@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/parallel_errors.h"
 #include "kernels/scalar_math.h"
 #include "msbnb/kernels/kernel_table.h"
 #include "msbnb/kernels/ops.h"
@@ -64,19 +65,23 @@ void parallel_split(int64_t n, int64_t unit, Fn fn) {
   const int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), ceil_div(n, unit))));
   if (threads == 1) return fn(int64_t{0}, n);
+  ParallelErrors errors;
 #pragma omp parallel num_threads(threads)
   {
     const auto [b, e] = split(n, unit, omp_get_thread_num(), omp_get_num_threads());
-    if (b < e) fn(b, e);
+    if (b < e) errors.run([&, b = b, e = e] { fn(b, e); });
   }
+  errors.rethrow();
 }
 
 // Runs fn(i) for the n activation rows, in parallel when there are several.
 template <class Fn>
 void parallel_rows(int64_t n, Fn fn) {
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), n)));
+  ParallelErrors errors;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) fn(i);
+  for (int64_t i = 0; i < n; ++i) errors.run([&] { fn(i); });
+  errors.rethrow();
 }
 
 // Activations (or output gradients) as float32 rows of kpad (zero tail).
@@ -95,9 +100,16 @@ std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
   return x;
 }
 
+// The most elements of one buffer: byte offsets (and their sums) stay far from int64 overflow.
+constexpr int64_t kMaxElems = std::numeric_limits<int64_t>::max() / 16;
+
 void check_io(const char* what, const MatmulIO& io, int64_t in_cols, int64_t out_cols) {
   auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": " + m); };
   if (io.n < 0) fail("n: expected >= 0, got " + std::to_string(io.n));
+  if (io.x_dtype != DType::f32 && io.x_dtype != DType::f16 && io.x_dtype != DType::bf16)
+    fail("x_dtype: expected f32 or bf16, got DType(" + std::to_string(int(io.x_dtype)) + ")");
+  if (io.y_dtype != DType::f32 && io.y_dtype != DType::f16 && io.y_dtype != DType::bf16)
+    fail("y_dtype: expected f32 or bf16, got DType(" + std::to_string(int(io.y_dtype)) + ")");
   if (io.n > 0 && (!io.x || !io.y)) fail("x and y: expected buffers, got null");
   if (io.x_dtype == DType::f16 || io.y_dtype == DType::f16)
     fail("dtype: expected float32 or bfloat16 activations and outputs, got float16");
@@ -105,6 +117,41 @@ void check_io(const char* what, const MatmulIO& io, int64_t in_cols, int64_t out
     fail("ldx: expected >= " + std::to_string(in_cols) + " (input columns), got " + std::to_string(io.ldx));
   if (io.ldy < out_cols)
     fail("ldy: expected >= " + std::to_string(out_cols) + " (output columns), got " + std::to_string(io.ldy));
+  const int64_t widest = std::max({io.ldx, io.ldy, in_cols, out_cols, int64_t{1}});
+  if (io.n > kMaxElems / widest)
+    fail("n * ldx, n * ldy: expected <= " + std::to_string(kMaxElems) +
+         " elements, got n = " + std::to_string(io.n) + " rows of up to " + std::to_string(widest));
+}
+
+// A weight view a caller may have built by hand: sizes, padding and buffers consistent.
+template <class W>
+void check_common(const char* what, const W& w, int64_t chunk) {
+  auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": w." + m); };
+  if (w.rows < 0 || w.cols < 0 || w.rows > kMaxElems || w.cols > kMaxElems)
+    fail("rows, cols: expected in [0, " + std::to_string(kMaxElems) + "], got " + std::to_string(w.rows) +
+         " x " + std::to_string(w.cols));
+  if (w.kpad != round_up(w.cols, chunk))
+    fail("kpad: expected cols rounded up to " + std::to_string(chunk) + " = " +
+         std::to_string(round_up(w.cols, chunk)) + ", got " + std::to_string(w.kpad));
+  if (w.kpad > 0 && w.rows > kMaxElems / w.kpad)
+    fail("rows * kpad: expected <= " + std::to_string(kMaxElems) + ", got " + std::to_string(w.rows) + " * " +
+         std::to_string(w.kpad));
+  if (w.rows > 0 && w.cols > 0 && (!w.codes || !w.scale)) fail("codes, scale: expected buffers, got null");
+}
+void check_weight(const char* what, const Lut4Matrix& w) {
+  check_common(what, w, kLut4Chunk);
+  if (w.group <= 0)
+    throw std::invalid_argument(std::string(what) + ": w.group: expected > 0, got " +
+                                std::to_string(w.group));
+  if (w.row_stride < w.cols || (w.rows > 1 && w.row_stride > kMaxElems / w.rows))
+    throw std::invalid_argument(std::string(what) +
+                                ": w.row_stride: expected in [cols = " + std::to_string(w.cols) + ", " +
+                                std::to_string(kMaxElems) + " / rows], got " + std::to_string(w.row_stride));
+}
+void check_weight(const char* what, const Int8Matrix& w) {
+  check_common(what, w, kInt8Chunk);
+  if (w.rows > 0 && w.cols > 0 && !w.row_sum)
+    throw std::invalid_argument(std::string(what) + ": w.row_sum: expected a buffer, got null");
 }
 
 // Writes acc (float32 [n][ld_acc]) plus bias to io.y in its dtype.
@@ -143,7 +190,7 @@ void quantize_rows_biased(const void* x, DType dt, int64_t n, int64_t cols, int6
     if (c < 0 || c >= cols)
       throw std::invalid_argument("quantize_rows_int8: zero_cols: expected columns in [0, " +
                                   std::to_string(cols) + "), got " + std::to_string(c));
-  // Elements at or above the threshold are masked out (+inf never passes v < limit).
+  // Elements at or above the threshold are masked out.
   const float limit = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
   parallel_rows(n, [&](int64_t i) {
     std::vector<float> row(static_cast<size_t>(cols));
@@ -151,8 +198,10 @@ void quantize_rows_biased(const void* x, DType dt, int64_t n, int64_t cols, int6
       std::memcpy(row.data(), static_cast<const float*>(x) + i * ldx, static_cast<size_t>(cols) * 4);
     else
       for (int64_t j = 0; j < cols; ++j) row[j] = load_elem(x, dt, i * ldx + j);
+    // As bitsandbytes (|x| >= threshold is an outlier): NaN is no outlier, so it stays in the row
+    // and its absmax, and the row's outputs are NaN.
     if (threshold > 0.0f)
-      for (float& v : row) v = std::fabs(v) < limit ? v : 0.0f;
+      for (float& v : row) v = std::fabs(v) >= limit ? 0.0f : v;
     // The row absmax (of the elements below the threshold), before zeroing columns.
     float a = 0.0f;
     k.absmax_blocks(row.data(), DType::f32, cols, cols, &a);
@@ -175,6 +224,53 @@ void quantize_rows_biased(const void* x, DType dt, int64_t n, int64_t cols, int6
   });
 }
 
+// Columns per int8 product: |sum (xq - 128) q| <= 2^17 * 127 * 128 < 2^31, so a kernel's int32
+// result is exact; longer rows are summed chunk by chunk in int64 (exact for any k here).
+constexpr int64_t kInt8MaxK = int64_t{1} << 17;
+
+// acc[i * rows + r] = sum_j (xu[i][j] - 128) q[r][j], exactly.
+std::vector<int64_t> int8_products(const Int8Matrix& w, const uint8_t* xu, int64_t n, const KernelTable& k) {
+  const size_t count = static_cast<size_t>(n * w.rows);
+  if (w.kpad <= kInt8MaxK) {
+    std::vector<int32_t> acc(count);
+    parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+      k.matmul.int8_i8(w, xu, n, w.kpad, r0, r1, acc.data(), w.rows);
+    });
+    return std::vector<int64_t>(acc.begin(), acc.end());
+  }
+  // Long rows: each thread copies chunks of 16 of its weight rows into a chunk-wide matrix
+  // (with its own row sums) and adds the kernel's exact int32 results in int64.
+  std::vector<int64_t> acc(count, 0);
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    constexpr int64_t kRows = 16;
+    const std::shared_ptr<int8_t> buf = aligned_buffer<int8_t>(kRows * kInt8MaxK);
+    std::vector<int32_t> sums(kRows), part(static_cast<size_t>(n * kRows));
+    for (int64_t c0 = 0; c0 < w.kpad; c0 += kInt8MaxK) {
+      const int64_t len = std::min(kInt8MaxK, w.kpad - c0);  // a multiple of kInt8Chunk
+      for (int64_t b = r0; b < r1; b += kRows) {
+        const int64_t m = std::min(kRows, r1 - b);
+        for (int64_t t = 0; t < m; ++t) {
+          int8_t* dst = buf.get() + t * len;
+          std::memcpy(dst, w.codes + (b + t) * w.kpad + c0, static_cast<size_t>(len));
+          int32_t s = 0;
+          for (int64_t j = 0; j < len; ++j) s += dst[j];
+          sums[t] = s;
+        }
+        Int8Matrix v;
+        v.rows = m;
+        v.cols = v.kpad = len;
+        v.codes = buf.get();
+        v.scale = w.scale + b;
+        v.row_sum = sums.data();
+        k.matmul.int8_i8(v, xu + c0, n, w.kpad, 0, m, part.data(), kRows);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t t = 0; t < m; ++t) acc[i * w.rows + b + t] += part[i * kRows + t];
+      }
+    }
+  });
+  return acc;
+}
+
 // y[i][r] = acc * (absmax_i * scale_r / 127) (+ offset_r * scale_r * sum_j x[i][j]).
 void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k, float threshold,
                        const std::vector<int64_t>& skip, std::vector<float>& y) {
@@ -182,18 +278,19 @@ void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTabl
   std::vector<float> absmax(static_cast<size_t>(io.n));
   quantize_rows_biased(io.x, io.x_dtype, io.n, w.cols, io.ldx, threshold, skip, xu.data(), w.kpad,
                        absmax.data(), k);
-  std::vector<int32_t> acc(static_cast<size_t>(io.n * w.rows));
-  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
-    k.matmul.int8_i8(w, xu.data(), io.n, w.kpad, r0, r1, acc.data(), w.rows);
-  });
+  const std::vector<int64_t> acc = int8_products(w, xu.data(), io.n, k);
   y.assign(acc.size(), 0.0f);
   for (int64_t i = 0; i < io.n; ++i) {
     const float sx = absmax[i] * (1.0f / 127.0f);
+    // A denormal sx would round away up to 2^-149 / sx of itself: scale such rows in double.
+    const bool tiny = absmax[i] < 127.0f * std::numeric_limits<float>::min();
     float xsum = 0.0f;
     if (w.offset)
       for (int64_t j = 0; j < w.cols; ++j) xsum += load_elem(io.x, io.x_dtype, i * io.ldx + j);
     for (int64_t r = 0; r < w.rows; ++r) {
-      float v = static_cast<float>(acc[i * w.rows + r]) * (sx * w.scale[r]);
+      const int64_t a = acc[i * w.rows + r];
+      float v = tiny ? static_cast<float>(double(a) * (double(absmax[i]) / 127.0) * w.scale[r])
+                     : static_cast<float>(a) * (sx * w.scale[r]);
       if (w.offset) v += w.offset[r] * w.scale[r] * xsum;
       y[i * w.rows + r] = v;
     }
@@ -332,12 +429,31 @@ void unpack_int8_codes(const Int8Matrix& w, int8_t* q) {
 }
 
 MatmulPath resolve_path(MatmulPath path, int64_t n) {
+  // automatic is exact for every batch size: the fast paths change the class of error (bf16
+  // operands, int8 activations without outlier handling), so they are only taken when asked.
   if (path != MatmulPath::automatic) return path;
-  return n <= kGemvMaxRows ? MatmulPath::exact : MatmulPath::fast;
+  return MatmulPath::exact;
 }
 
 void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
                         const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax) {
+  const std::string fn = "quantize_rows_int8: ";
+  if (dt != DType::f32 && dt != DType::f16 && dt != DType::bf16)
+    throw std::invalid_argument(fn + "dt: expected f32, f16 or bf16, got DType(" + std::to_string(int(dt)) +
+                                ")");
+  if (n < 0 || cols < 0)
+    throw std::invalid_argument(fn + "n, cols: expected >= 0, got " + std::to_string(n) + ", " +
+                                std::to_string(cols));
+  if (ldx < cols)
+    throw std::invalid_argument(fn + "ldx: expected >= " + std::to_string(cols) + ", got " +
+                                std::to_string(ldx));
+  if (n > 0 && std::max(ldx, ldq) > 0 && n > kMaxElems / std::max(ldx, ldq))
+    throw std::invalid_argument(fn + "n * ldx, n * ldq: expected <= " + std::to_string(kMaxElems) +
+                                ", got n = " + std::to_string(n) + " rows of " +
+                                std::to_string(std::max(ldx, ldq)));
+  if (n > 0 && cols > 0 && (!x || !q || !absmax))
+    throw std::invalid_argument(fn + "x, q, absmax: expected buffers, got null");
+  if (std::isnan(threshold)) throw std::invalid_argument(fn + "threshold: expected a number, got NaN");
   if (ldq < cols)
     throw std::invalid_argument("quantize_rows_int8: ldq: expected >= " + std::to_string(cols) + ", got " +
                                 std::to_string(ldq));
@@ -347,6 +463,7 @@ void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_
 }
 
 void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {
+  check_weight("matmul", w);
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
   // Up to kGemvMaxRows rows the exact GEMV is also the fastest 4-bit path (decode-bound either
@@ -371,6 +488,7 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
 }
 
 void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path, const KernelTable& k) {
+  check_weight("matmul", w);
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
   if (resolve_path(path, io.n) == MatmulPath::exact) return forward_exact(w, io, k.matmul.int8_f32);
@@ -381,7 +499,10 @@ void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
 
 void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
                      std::vector<int64_t>* outlier_cols, const KernelTable& k) {
+  check_weight("matmul_llm_int8", w);
   check_io("matmul_llm_int8", io, w.cols, w.rows);
+  if (std::isnan(threshold))
+    throw std::invalid_argument("matmul_llm_int8: threshold: expected a number, got NaN");
   if (w.offset) throw std::invalid_argument("matmul_llm_int8: weight: expected symmetric int8 (no offset)");
   std::vector<int64_t> cols;
   if (threshold > 0.0f) {
@@ -419,6 +540,7 @@ void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
 namespace {
 template <class W, class Kernel>
 void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel) {
+  check_weight("matmul_transposed", w);
   check_io("matmul_transposed", io, w.rows, w.cols);
   if (io.bias) throw std::invalid_argument("matmul_transposed: bias: expected null (no bias in grad_x)");
   if (io.n == 0) return;

@@ -81,6 +81,18 @@ inline constexpr float kAbsmaxFloor = 1e-38f;
 // Full blocks multiply by this float32 reciprocal, as bitsandbytes does.
 inline float inverse_absmax(float a) { return 1.0f / std::fmax(a, kAbsmaxFloor); }
 
+// Blockwise 8-bit normalises x as fl(fl(x * pre) * inv). Below the floor the float reciprocal
+// of absmax overflows (or the floor leaves x / absmax near 0, a 99 % error): x and absmax are
+// scaled by 2^64 first, exactly, so x * pre * inv = fl(x * fl(1 / absmax)) where that reciprocal
+// is finite (bitsandbytes' own value) and the correctly scaled value where it is not.
+struct Lut8Scale {
+  float pre, inv;
+};
+inline Lut8Scale lut8_scale(float a) {
+  if (a > 0.0f && a < kAbsmaxFloor) return {0x1p64f, 1.0f / (a * 0x1p64f)};
+  return {1.0f, inverse_absmax(a)};
+}
+
 // Sorted position of x among a codebook's midpoints: #{i < count : x > mid[i]}.
 inline int sorted_position16(float x, const float* mid) {
   int p = 0;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "msbnb/kernels/formats.h"
 #include "msbnb/kernels/kernel_table.h"
 
 namespace msbnb::kernels {
@@ -137,10 +138,28 @@ inline Input make_input(size_t n, DType dt, Fill fill, uint32_t seed) {
   return in;
 }
 
-/// Every ISA of isa.def; tests over them skip (never pass) the ones this CPU lacks.
+/// Every ISA of isa.def.
 inline std::vector<Isa> all_isas() {
   std::vector<Isa> v;
   for (int i = 0; i < kernels::kNumIsas; ++i) v.push_back(static_cast<Isa>(i));
+  return v;
+}
+/// The ISAs a test compares with the scalar reference: every row of isa.def but scalar (which
+/// compared with itself would pass without testing anything). Tests over them skip (never pass)
+/// the ones this CPU lacks or this architecture does not build.
+inline std::vector<Isa> simd_isas() {
+  std::vector<Isa> v;
+  for (int i = 1; i < kernels::kNumIsas; ++i) v.push_back(static_cast<Isa>(i));
+  return v;
+}
+/// The rows of formats.def with a 16-value codebook: tests of the 4-bit codebook kernels run
+/// every one (a new codebook row is tested without editing the tests).
+inline std::vector<kernels::FormatInfo> codebook_formats() {
+  int count = 0;
+  const kernels::FormatInfo* rows = kernels::all_formats(&count);
+  std::vector<kernels::FormatInfo> v;
+  for (int i = 0; i < count; ++i)
+    if (kernels::has_codebook16(rows[i])) v.push_back(rows[i]);
   return v;
 }
 inline std::string isa_param_name(const testing::TestParamInfo<Isa>& info) {

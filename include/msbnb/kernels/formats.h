@@ -76,6 +76,11 @@ struct Lut4 {
   uint8_t zero_code;  // code of x = 0: an odd count is padded with it (bitsandbytes pads x with 0)
 };
 Lut4 make_lut4(const float* code16);
+/// True for the rows of formats.def with a 16-value codebook (nf4, fp4, ...).
+inline bool has_codebook16(const FormatInfo& info) { return info.bits == 4 && info.codebook != nullptr; }
+/// The prepared codebook of a codebook row, built once per format from its formats.def row;
+/// throws std::invalid_argument (naming the format) for a format without one.
+const Lut4& format_lut4(Format f);
 
 /// A 256-entry codebook prepared the same way; mid[255] = +inf.
 struct Lut8 {

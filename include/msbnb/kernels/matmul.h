@@ -160,26 +160,12 @@ void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_
 /// (or columns [c0, c1) of W for the transposed product, multiples of kLut4Chunk / kInt8Chunk
 /// except at cols). Activations are already padded to kpad with zeros.
 struct MatmulKernels {
-  /// y[i * ldy + r] = sum_j x[i * ldx + j] * value(r, j) (exact path, no bias).
-  void (*lut4_f32)(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
-                   float* y, int64_t ldy);
-  void (*int8_f32)(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
-                   float* y, int64_t ldy);
-  /// Fast 4-bit path: x in bf16 [n][ldx]; y = sum_j x * bf16(value(r, j)) in fp32.
-  void (*lut4_bf16)(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
-                    float* y, int64_t ldy);
-  /// acc[i * ldy + r] = sum_j (xu[i][j] - 128) * q[r][j], exactly (int32); xu holds int8
-  /// activations biased by +128 (the unsigned operand VNNI multiplies).
-  void (*int8_i8)(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
-                  int32_t* acc, int64_t ldy);
-  /// gx[i * ldx + j] (+)= sum_r gy[i * ldy + r] * value(r, j) for j in [c0, c1).
-  void (*lut4_t_f32)(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
-                     float* gx, int64_t ldx, bool accumulate);
-  void (*int8_t_f32)(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
-                     float* gx, int64_t ldx, bool accumulate);
-  /// xu[j] = rne(x[j] * inv) + 128 for j < cols (|x * inv| <= 127): one activation row for the
-  /// int8 kernels, exactly (the product is rounded to float first).
-  void (*quantize_row_u8)(const float* x, int64_t cols, float inv, uint8_t* xu);
+  // One field per MSBNB_MATMUL_KERNEL row of kernels.def (contracts documented there).
+#define MSBNB_KERNEL(name, params)
+#define MSBNB_MATMUL_KERNEL(name, params) void(*name) params;
+#include "msbnb/kernels/kernels.def"
+#undef MSBNB_KERNEL
+#undef MSBNB_MATMUL_KERNEL
 };
 
 }  // namespace msbnb::kernels

@@ -2,7 +2,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 void quantize_int4(const void* x, DType dt, int64_t rows, int64_t cols, int64_t gs, const float* scale,
                    const int32_t* zero_point, uint8_t* packed) {
@@ -41,4 +41,4 @@ void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
   }
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

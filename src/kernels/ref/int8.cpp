@@ -2,7 +2,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 void quantize_int8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* scale,
                    const int32_t* zero_point, int32_t lo, int32_t hi, int8_t* q) {
@@ -23,4 +23,4 @@ void dequantize_int8(const int8_t* q, int64_t start, int64_t n, int64_t bs, cons
   }
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -3,7 +3,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 void quantize_lut4(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut4* lut, uint8_t* packed) {
@@ -33,7 +33,8 @@ void dequantize_lut4(const uint8_t* packed, int64_t start, int64_t n, int64_t bs
 void quantize_lut8(const void* x, DType dt, int64_t start, int64_t n, int64_t bs, const float* absmax,
                    const Lut8* lut, uint8_t* q) {
   for (int64_t i = 0; i < n; ++i) {
-    const float xn = load_elem(x, dt, i) * inverse_absmax(absmax[(start + i) / bs]);
+    const Lut8Scale s = lut8_scale(absmax[(start + i) / bs]);
+    const float xn = (load_elem(x, dt, i) * s.pre) * s.inv;
     q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
   }
 }
@@ -43,4 +44,4 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
   for (int64_t i = 0; i < n; ++i) out[i] = code256[q[i]] * absmax[(start + i) / bs];
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

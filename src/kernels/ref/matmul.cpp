@@ -8,7 +8,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -90,9 +90,9 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* q = w.codes + r * w.kpad;
     for (int64_t i = 0; i < n; ++i) {
-      int32_t sum = 0;
+      int64_t sum = 0;  // fits int32 for k <= 2^17 (the driver's chunks); no signed overflow inside
       for (int64_t j = 0; j < w.kpad; ++j) sum += (static_cast<int32_t>(xu[i * ldx + j]) - 128) * q[j];
-      acc[i * ldy + r] = sum;
+      acc[i * ldy + r] = static_cast<int32_t>(sum);
     }
   }
 }
@@ -114,4 +114,4 @@ void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu) {
     xu[j] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(x[j] * inv)) + 128);
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

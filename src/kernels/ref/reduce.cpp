@@ -4,7 +4,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/scalar_math.h"
 
-namespace msbnb::kernels::scalar {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out) {
   for (int64_t b = 0; b * bs < n; ++b) {
@@ -29,4 +29,4 @@ void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, 
   }
 }
 
-}  // namespace msbnb::kernels::scalar
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -7,7 +7,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 // 16 int32 codes (elements 0-7 in a, 8-15 in b) -> 8 bytes, element 2j in the low nibble.
@@ -109,4 +109,4 @@ void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
   }
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

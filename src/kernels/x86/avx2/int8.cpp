@@ -7,7 +7,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 // Low bytes of 32 int32 (a: elements 0-7, b: 8-15, ...), in element order.
@@ -74,4 +74,4 @@ void dequantize_int8(const int8_t* q, int64_t start, int64_t n, int64_t bs, cons
   });
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

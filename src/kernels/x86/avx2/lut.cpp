@@ -9,7 +9,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 // #{k < 15 : xn > mid[k]} per lane; a compare mask is -1, so subtracting it counts.
@@ -107,7 +107,15 @@ void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
                      const Lut8* lut, uint8_t* q) {
   const Lut8Search search(lut);
   for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
-    const float inv_s = inverse_absmax(absmax[b]);
+    const Lut8Scale sc = lut8_scale(absmax[b]);
+    if (sc.pre != 1.0f) {  // a block of denormals: rare, in scalar (ref/lut.cpp's operations)
+      for (; i < end; ++i) {
+        const float xn = (load_elem(x, DT, i) * sc.pre) * sc.inv;
+        q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
+      }
+      return;
+    }
+    const float inv_s = sc.inv;
     const __m256 inv = _mm256_set1_ps(inv_s);
     for (; i + 16 <= end; i += 16) {  // two independent searches overlap their gather latencies
       const __m256i c0 = search.codes(_mm256_mul_ps(load8<DT>(x, i), inv));
@@ -198,4 +206,4 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
   });
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

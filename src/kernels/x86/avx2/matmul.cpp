@@ -28,7 +28,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -86,6 +86,12 @@ struct Lut4Row {
     build();
   }
   void build() {
+    // Padding columns past the row's own segments (nf4 blocks of the next row) decode to 0
+    // whatever that segment's scale is: 0 * Inf there would make the whole row NaN.
+    if (next - w.group >= w.row_stride) {
+      lo = hi = _mm256_setzero_ps();
+      return;
+    }
     __m256 a = base_lo, b = base_hi;
     if (w.zero_point) {
       const __m256 zp = _mm256_set1_ps(w.zero_point[seg]);
@@ -577,4 +583,4 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                  [&](int64_t r, int64_t cb, int64_t ce, float* out) { decode_int8_cols(w, r, cb, ce, out); });
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -13,7 +13,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 inline __m256i load_si256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
@@ -167,4 +167,4 @@ void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, 
   }
 }
 
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

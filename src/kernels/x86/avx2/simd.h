@@ -10,7 +10,7 @@
 
 #include "msbnb/kernels/types.h"
 
-namespace msbnb::kernels::avx2 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 // Calls f(std::integral_constant<DType, dt>{}): one instantiation of a kernel per input type.
@@ -106,4 +106,4 @@ inline __m128i pack_nibbles(__m128i e) {
 }
 
 }  // namespace
-}  // namespace msbnb::kernels::avx2
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -1,15 +1,3 @@
-#include "kernels/isa_kernels.h"
-
-namespace msbnb::kernels::avx2 {
-
-// Null entries fall back to the scalar reference (dispatch.cpp).
-const KernelTable table = {
-    Isa::avx2,       absmax_blocks,
-    minmax_blocks,   quantize_int8,
-    dequantize_int8, quantize_int4,
-    dequantize_int4, quantize_lut4,
-    dequantize_lut4, quantize_lut8,
-    dequantize_lut8, {lut4_f32, int8_f32, lut4_bf16, int8_i8, lut4_t_f32, int8_t_f32, nullptr},
-};
-
-}  // namespace msbnb::kernels::avx2
+// AVX2 table: every entry of kernels.def but these (dispatch.cpp fills them from the tier below).
+#define MSBNB_LACKS_quantize_row_u8 MSBNB_LACKS
+#include "kernels/isa_table.h"

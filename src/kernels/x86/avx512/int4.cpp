@@ -5,7 +5,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -79,4 +79,4 @@ void dequantize_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
   }
 }
 
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

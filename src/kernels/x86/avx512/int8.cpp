@@ -5,7 +5,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -74,4 +74,4 @@ void dequantize_int8(const int8_t* q, int64_t start, int64_t n, int64_t bs, cons
   });
 }
 
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

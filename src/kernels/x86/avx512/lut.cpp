@@ -7,7 +7,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -123,7 +123,15 @@ void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const 
                      const Lut8* lut, uint8_t* q) {
   const Search8 search(lut->mid);
   for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
-    code_segment8<D>(x, i, end - i, inverse_absmax(absmax[b]), search, lut, q + i);
+    const Lut8Scale sc = lut8_scale(absmax[b]);
+    if (sc.pre != 1.0f) {  // a block of denormals: rare, in scalar (ref/lut.cpp's operations)
+      for (; i < end; ++i) {
+        const float xn = (load_elem(x, D, i) * sc.pre) * sc.inv;
+        q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
+      }
+      return;
+    }
+    code_segment8<D>(x, i, end - i, sc.inv, search, lut, q + i);
   });
 }
 
@@ -191,4 +199,4 @@ void dequantize_lut8(const uint8_t* q, int64_t start, int64_t n, int64_t bs, con
   });
 }
 
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -15,7 +15,7 @@
 #include "kernels/isa_kernels.h"
 #include "kernels/x86/avx512/simd.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -46,6 +46,12 @@ struct Lut4Row {
     build();
   }
   void build() {
+    // Padding columns past the row's own segments (nf4 blocks of the next row) decode to 0
+    // whatever that segment's scale is: 0 * Inf there would make the whole row NaN.
+    if (next - w.group >= w.row_stride) {
+      table_ = _mm512_setzero_ps();
+      return;
+    }
     __m512 t = lut;
     if (w.zero_point) t = _mm512_sub_ps(t, _mm512_set1_ps(w.zero_point[seg]));
     table_ = _mm512_mul_ps(t, _mm512_set1_ps(w.scale[seg]));
@@ -90,6 +96,7 @@ inline void decode_lut4_row_f32(const Lut4Matrix& w, int64_t r, float* out) {
   }
 }
 
+#if defined(__AVX512BF16__)
 inline void decode_lut4_row_bf16(const Lut4Matrix& w, int64_t r, uint16_t* out) {
   Lut4Row row(w, r, _mm512_loadu_ps(w.lut));
   const uint8_t* codes = w.codes + r * (w.kpad / 2);
@@ -106,6 +113,7 @@ inline void decode_lut4_row_bf16(const Lut4Matrix& w, int64_t r, uint16_t* out) 
     });
   }
 }
+#endif
 
 inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
   const int8_t* q = w.codes + r * w.kpad;
@@ -255,6 +263,7 @@ struct F32Dot {
   }
   static Out reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
+#if defined(__AVX512BF16__)
 struct Bf16Dot {
   using X = uint16_t;
   using W = uint16_t;
@@ -267,6 +276,8 @@ struct Bf16Dot {
   static Acc step(Acc a, __m512i x, __m512i w) { return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w); }
   static Out reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
+#endif
+#if defined(__AVX512VNNI__)
 struct I8Dot {
   using X = uint8_t;
   using W = int8_t;
@@ -279,6 +290,7 @@ struct I8Dot {
   static Acc step(Acc a, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(a, x, w); }
   static Out reduce(Acc a) { return _mm512_reduce_add_epi32(a); }
 };
+#endif
 
 // y[i * ldy + m] = dot(x row i, w row m) over len elements (a multiple of Op::kStep).
 template <class Op, int NR, int MR>
@@ -343,8 +355,12 @@ void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t
       for (int m = 0; m < 4; ++m) y[i * ldy + m] = OP::reduce(r[i][m]);                                  \
   }
 
+#if defined(__AVX512VNNI__)
 MSBNB_ASM_TILE(I8Dot, "vpdpbusd")
+#endif
+#if defined(__AVX512BF16__)
 MSBNB_ASM_TILE(Bf16Dot, "vdpbf16ps")
+#endif
 MSBNB_ASM_TILE(F32Dot, "vfmadd231ps")
 #undef MSBNB_ASM_TILE
 #undef MSBNB_ASM_HALF
@@ -490,13 +506,16 @@ void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64
                        [&](int64_t r, float* out) { decode_int8_row_f32(w, r, out); });
 }
 
+#if defined(__AVX512BF16__)
 void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
                float* y, int64_t ldy) {
   if (!w.simd_friendly()) return scalar::lut4_bf16(w, x, n, ldx, r0, r1, y, ldy);
   decoded_gemm<Bf16Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
                         [&](int64_t r, uint16_t* out) { decode_lut4_row_bf16(w, r, out); });
 }
+#endif
 
+#if defined(__AVX512VNNI__)
 void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
              int32_t* acc, int64_t ldy) {
   // Codes are used as stored; blocks of rows keep the weights in L2 across activation tiles.
@@ -505,10 +524,14 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
     const int64_t rows = std::min(mb, r1 - b);
     block_gemm<I8Dot>(xu, n, ldx, w.codes + b * w.kpad, rows, w.kpad, w.kpad, acc + b, ldy);
     // sum (xu - 128) q = sum xu q - 128 sum q.
+    // In uint32: the biased sum may wrap; the true value fits (the driver keeps k <= 2^17).
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t m = 0; m < rows; ++m) acc[i * ldy + b + m] -= 128 * w.row_sum[b + m];
+      for (int64_t m = 0; m < rows; ++m)
+        acc[i * ldy + b + m] = static_cast<int32_t>(static_cast<uint32_t>(acc[i * ldy + b + m]) -
+                                                    128u * static_cast<uint32_t>(w.row_sum[b + m]));
   }
 }
+#endif
 
 void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,
                 float* gx, int64_t ldx, bool accumulate) {
@@ -573,4 +596,4 @@ void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu) {
   }
 }
 
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

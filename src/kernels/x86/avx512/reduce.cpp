@@ -16,7 +16,7 @@
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
@@ -183,4 +183,4 @@ void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, 
   }
 }
 
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

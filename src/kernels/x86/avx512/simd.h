@@ -16,7 +16,7 @@
 
 #include "msbnb/kernels/types.h"
 
-namespace msbnb::kernels::avx512 {
+namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 // Calls f(std::integral_constant<DType, dt>{}): one instantiation of a kernel per input type.
@@ -172,4 +172,4 @@ inline void lookup_nibbles(const uint8_t* packed, int64_t i, int64_t end, __m512
 }
 
 }  // namespace
-}  // namespace msbnb::kernels::avx512
+}  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -1,15 +1,10 @@
-#include "kernels/isa_kernels.h"
-
-namespace msbnb::kernels::avx512 {
-
-// Null entries fall back to the scalar reference (dispatch.cpp).
-const KernelTable table = {
-    Isa::avx512,     absmax_blocks,
-    minmax_blocks,   quantize_int8,
-    dequantize_int8, quantize_int4,
-    dequantize_int4, quantize_lut4,
-    dequantize_lut4, quantize_lut8,
-    dequantize_lut8, {lut4_f32, int8_f32, lut4_bf16, int8_i8, lut4_t_f32, int8_t_f32, quantize_row_u8},
-};
-
-}  // namespace msbnb::kernels::avx512
+// One folder, three rows of isa.def (avx512, avx512_vnni, avx512_bf16): the kernels that need
+// VNNI or BF16 are compiled only with those flags and left null below them (dispatch.cpp fills
+// them from the tier below: avx512's int8_i8 is avx2's).
+#if !defined(__AVX512VNNI__)
+#define MSBNB_LACKS_int8_i8 MSBNB_LACKS
+#endif
+#if !defined(__AVX512BF16__)
+#define MSBNB_LACKS_lut4_bf16 MSBNB_LACKS
+#endif
+#include "kernels/isa_table.h"
