@@ -24,9 +24,8 @@ int main() {
       w, msbnb::Quantize4bitOptions().quant_type("nf4").blocksize(64).compress_statistics(true));
   const torch::Tensor w4 = msbnb::dequantize_4bit(nf4.data, nf4.state);
 
-  // int4 per group of 128 (MindSpore qint4x2).
-  const msbnb::Quantized4bit i4 =
-      msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("int4").blocksize(128));
+  // int4 per group of 128 (MindSpore qint4x2; 128 is int4's default group, blocksize(n) changes it).
+  const msbnb::Quantized4bit i4 = msbnb::quantize_4bit(w, msbnb::Quantize4bitOptions().quant_type("int4"));
   const torch::Tensor wi4 = msbnb::dequantize_4bit(i4.data, i4.state);
 
   example::print_header();

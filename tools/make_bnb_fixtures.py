@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generate bit-exact test fixtures from the real bitsandbytes (PyPI) CPU path.
 
-Writes JSON files under tests/fixtures/bnb/ (relative to the repo root). Deterministic:
+Writes JSON files under tests/fixtures/bnb/ (relative to the repo root), and raw little-endian
+*.bin arrays for the large LLM.int8 cases (int8_vectorwise_large.json says which). Deterministic:
 fixed seeds, no timestamps, sorted keys.  Every float is a float32 value converted to a
 Python float and written with json (repr round-trips the double, exact for float32;
 the sign of -0.0 is preserved).  uint8/int8 arrays are integer lists, row-major/flattened.
@@ -70,6 +71,11 @@ def meta():
 
 
 def dump(path, obj):
+    if isinstance(obj, bytes):  # raw little-endian arrays (*.bin)
+        with open(path, "wb") as f:
+            f.write(obj)
+        print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+        return
     with open(path, "w") as f:
         json.dump(obj, f, sort_keys=True, separators=(",", ":"), allow_nan=False)
         f.write("\n")
@@ -308,6 +314,133 @@ def gen_int8(outdir):
     return {"int8_vectorwise.json": {"meta": meta(), "inputs": inputs, "cases": cases}}
 
 
+# ----------------------------------------------------------------------------- LLM.int8, large
+SEED_INT8_TIES = 16
+SEED_INT8_RANDOM = 2048
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+
+
+def fnv1a64(b):
+    """FNV-1a 64 of a byte string, as 16 hex digits (the C++ test hashes the same bytes)."""
+    h = 0xCBF29CE484222325
+    for byte in b:  # sequential by definition; about 1 s per MiB
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def splitmix64(seed, n):
+    """z_i = mix(seed + (i + 1) * gamma), i = 0..n-1 (splitmix64's sequence), as uint64."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(SPLITMIX_GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+SPLITMIX_NOTE = (
+    "element i (row-major) from z = splitmix64 output i (z_i = mix(seed + (i+1)*0x9E3779B97F4A7C15), "
+    "mix: z ^= z>>30; z *= 0xBF58476D1CE4E5B9; z ^= z>>27; z *= 0x94D049BB133111EB; z ^= z>>31): "
+    "m = z & 0xFFFFFF; k = ((z >> 25) % 5) - 2; mag = ldexp(m, k - 24) (in [0, 4)); if ((z >> 32) & 0xFFFF) "
+    "== 0: mag = 6 + ldexp(m, -21) (an outlier in [6, 14)); x = float32(bit 24 of z ? -mag : mag) "
+    "(the double is exact; one rounding to float32)")
+
+
+def splitmix_input(seed, rows, cols):
+    """A random float32 matrix from integer arithmetic only (no torch / libm RNG), so the C++
+    test regenerates it bit for bit; its FNV-1a hash is stored to prove that."""
+    z = splitmix64(seed, rows * cols)
+    m = (z & np.uint64(0xFFFFFF)).astype(np.float64)
+    k = ((z >> np.uint64(25)) % np.uint64(5)).astype(np.int64) - 2
+    mag = np.ldexp(m, (k - 24).astype(np.int32))
+    outl = ((z >> np.uint64(32)) & np.uint64(0xFFFF)) == 0
+    mag = np.where(outl, 6.0 + np.ldexp(m, -21), mag)
+    neg = ((z >> np.uint64(24)) & np.uint64(1)).astype(bool)
+    return np.where(neg, -mag, mag).astype(f32).reshape(rows, cols)
+
+
+def ties_fp16_input(rows=128, cols=256):
+    """float16 rows built around the two roundings of bitsandbytes' scale (1/absmax, then *127):
+    each row's absmax a (in [1, 6)) is one where fl(fl(1/a)*127) != fl(127/a), placed at column
+    r % 200; the row holds the float16 values x <= a whose codes rne(x*scale) differ between the
+    two scales, values whose x*scale lies within 2 float32 ulps of a .5 tie (or on it), and random
+    float16 values below a; random signs. Rows r % 4 == 0 get an outlier (>= 6, column 255 - r % 16,
+    exactly 6.0 when r % 16 == 0) for threshold 6."""
+    rng = np.random.default_rng(SEED_INT8_TIES)
+    allh = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(f32)  # positive finite fp16
+    cand_a = allh[(allh >= 1) & (allh < 6)]
+    s2 = ref_int8_scale(cand_a)
+    s1 = ref_int8_scale(cand_a, one_division=True)
+    cand_a = cand_a[s1 != s2]
+    X = np.zeros((rows, cols), f32)
+    for r in range(rows):
+        a = cand_a[(r * 37) % cand_a.size]
+        sb, sd = ref_int8_scale(np.array([a]))[0], ref_int8_scale(np.array([a]), True)[0]
+        xs = allh[allh < a]
+        pb, pd = (xs * sb).astype(f32), (xs * sd).astype(f32)
+        differ = xs[np.rint(pb) != np.rint(pd)]
+        frac = np.abs(pb - np.floor(pb) - f32(0.5))
+        near = xs[frac <= 2 * np.spacing(pb)]
+        pick = np.concatenate([differ[:96], rng.permutation(near)[:96]])
+        rest = cols - 1 - pick.size
+        fill = rng.choice(xs, size=rest) if rest > 0 else np.zeros(0, f32)
+        row = rng.permutation(np.concatenate([pick, fill]))[: cols - 1]
+        row = np.where(rng.random(row.size) < 0.5, -row, row).astype(f32)
+        c = r % 200
+        X[r, :c], X[r, c], X[r, c + 1:] = row[:c], (a if r % 3 else -a), row[c:]
+        if r % 4 == 0:
+            X[r, 255 - r % 16] = 6.0 if r % 16 == 0 else f32(np.float16(6.0 + 0.25 * (r % 13)))
+    assert np.array_equal(X.astype(np.float16).astype(f32), X)
+    return X.astype(np.float16)
+
+
+def int8_large_case(name, A, threshold, input_record_, files, full_rows):
+    At = torch.from_numpy(A.copy())
+    Ac = At.clone()
+    CB, SCB, cols = F.int8_vectorwise_quant(Ac, threshold=threshold)
+    assert torch.equal(Ac, At)
+    cb = CB.numpy().astype(np.int8)
+    out = {
+        "CB_shape": list(cb.shape),
+        "CB_fnv1a64": fnv1a64(cb.tobytes()),
+        "SCB": fl(SCB),
+        "outlier_cols": None if cols is None else il(cols),
+    }
+    if full_rows is None:
+        fname = f"int8_{name}.CB.bin"
+        files[fname] = cb.tobytes()
+        out["CB_file"], out["CB_rows"] = fname, None
+    else:  # only these rows in full (the hash covers all)
+        fname = f"int8_{name}.CB_rows.bin"
+        files[fname] = cb[full_rows].tobytes()
+        out["CB_file"], out["CB_rows"] = fname, [int(r) for r in full_rows]
+    return {"name": name, "op": "int8_vectorwise_quant", "input": input_record_,
+            "params": {"threshold": threshold}, "outputs": out}
+
+
+def gen_int8_large(outdir):
+    files, inputs, cases = {}, {}, []
+    T = ties_fp16_input()
+    files["int8_ties_fp16.input.bin"] = T.tobytes()
+    inputs["T_fp16"] = {"file": "int8_ties_fp16.input.bin", "dtype": "float16", "shape": list(T.shape),
+                        "fnv1a64": fnv1a64(T.tobytes()), "seed": SEED_INT8_TIES,
+                        "note": "raw little-endian float16, row-major; " + ties_fp16_input.__doc__.split("\n")[0]
+                        + " (see ties_fp16_input in tools/make_bnb_fixtures.py)"}
+    inputs["T_fp32"] = dict(inputs["T_fp16"], dtype="float32",
+                            note="T_fp16's values converted to float32 (exact)")
+    for th in (0.0, 6.0):
+        cases.append(int8_large_case(f"ties_fp16_t{int(th)}", T, th, "T_fp16", files, None))
+        cases.append(int8_large_case(f"ties_fp32_t{int(th)}", T.astype(f32), th, "T_fp32", files, None))
+    R = splitmix_input(SEED_INT8_RANDOM, 2048, 1024)
+    inputs["R_fp32"] = {"file": None, "generator": "splitmix64", "seed": SEED_INT8_RANDOM, "dtype": "float32",
+                        "shape": list(R.shape), "fnv1a64": fnv1a64(R.tobytes()), "note": SPLITMIX_NOTE}
+    cases.append(int8_large_case("random_fp32_2048x1024_t0", R, 0.0, "R_fp32", files, None))
+    # threshold 6: rows with an outlier change their absmax; those rows in full, all rows hashed
+    rows6 = np.nonzero((np.abs(R) >= 6).any(axis=1))[0]
+    cases.append(int8_large_case("random_fp32_2048x1024_t6", R, 6.0, "R_fp32", files, rows6))
+    files["int8_vectorwise_large.json"] = {"meta": meta(), "inputs": inputs, "cases": cases}
+    return files
+
+
 # ----------------------------------------------------------------------------- maps
 def gen_maps(outdir):
     maps = {
@@ -510,7 +643,17 @@ def ref_dequant_blocks(vals, absmax, blocksize):
     return (vals * sc).astype(f32)
 
 
-def ref_int8(A, threshold, dtype):
+def ref_int8_scale(rs, one_division=False):
+    """bitsandbytes' `127.0 / row_stats`: a python scalar over a tensor is Tensor.__rdiv__, i.e.
+    row_stats.reciprocal() * 127, two float32 roundings.  one_division=True is the single
+    rounding of 127 / absmax (what msbnb computed before, and what this model used to say)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if one_division:
+            return (f32(127.0) / rs).astype(f32)
+        return ((f32(1.0) / rs).astype(f32) * f32(127.0)).astype(f32)
+
+
+def ref_int8(A, threshold, dtype, one_division=False):
     A = np.array(A, f32)  # values of the fp16/fp32 input (exact)
     cols = None
     outl = None
@@ -520,9 +663,9 @@ def ref_int8(A, threshold, dtype):
         A = A.copy()
         A[outl] = 0
     rs = np.max(np.abs(A), axis=1).astype(f32)  # fp16 max is exact in fp32
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = (f32(127.0) / rs).astype(f32)
-        y = (A * scale[:, None]).astype(f32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scale = ref_int8_scale(rs, one_division)
+        y = (A * scale[:, None]).astype(f32)  # fp16 * fp32 tensor promotes to fp32: one rounding
     y = np.rint(y)  # round half to even
     y = np.where(np.isnan(y), 0, y).astype(np.int64).astype(np.int8)
     if cols is not None and A.shape[0] > 1:
@@ -610,6 +753,26 @@ def verify(files):
         check(f"int8:{c['name']} outlier_cols",
               (cols is None and o["outlier_cols"] is None) or
               (cols is not None and list(map(int, cols)) == o["outlier_cols"]))
+    d = files["int8_vectorwise_large.json"]
+    for c in d["cases"]:
+        inp = d["inputs"][c["input"]]
+        if inp["file"]:
+            A = np.frombuffer(files[inp["file"]], np.float16).astype(f32).reshape(inp["shape"])
+        else:
+            A = splitmix_input(inp["seed"], *inp["shape"])
+        o = c["outputs"]
+        th = c["params"]["threshold"]
+        y, rs, cols = ref_int8(A, th, inp["dtype"])
+        check(f"int8 large:{c['name']} CB hash", fnv1a64(y.tobytes()) == o["CB_fnv1a64"])
+        stored = np.frombuffer(files[o["CB_file"]], np.int8)
+        rows = slice(None) if o["CB_rows"] is None else o["CB_rows"]
+        check(f"int8 large:{c['name']} CB file", np.array_equal(y[rows].reshape(-1), stored))
+        check(f"int8 large:{c['name']} SCB", np.array_equal(rs, np.array(o["SCB"], f32)))
+        check(f"int8 large:{c['name']} outlier_cols",
+              (cols is None and o["outlier_cols"] is None) or
+              (cols is not None and list(map(int, cols)) == o["outlier_cols"]))
+        y1, _, _ = ref_int8(A, th, inp["dtype"], one_division=True)
+        print(f"    info: {int((y1 != y).sum())} codes of {y.size} differ under one rounding of 127 / absmax")
     print("ALL REFERENCE MODELS MATCH" if ok else "SOME REFERENCE MODELS DID NOT MATCH")
     return ok
 
@@ -624,11 +787,11 @@ def main():
     torch.set_num_threads(1)
 
     files = {}
-    for gen in (gen_maps, gen_q4, gen_q8, gen_int8):
+    for gen in (gen_maps, gen_q4, gen_q8, gen_int8, gen_int8_large):
         files.update(gen(args.out))
     for name, obj in sorted(files.items()):
         dump(os.path.join(args.out, name), obj)
-    total = sum(os.path.getsize(os.path.join(args.out, n)) for n in files)
+    total = sum(os.path.getsize(os.path.join(args.out, n)) for n in files)  # noqa: E501
     print(f"total {total} bytes")
     if not args.no_verify:
         if not verify(files):

@@ -208,7 +208,8 @@ void quantize_rows_biased(const void* x, DType dt, int64_t n, int64_t cols, int6
     absmax[i] = a;
     for (int64_t c : zero_cols) row[c] = 0.0f;
     uint8_t* out = xu + i * kpad;
-    const float inv = a > 0.0f ? 127.0f / a : 0.0f;
+    // bitsandbytes' `127.0 / row_stats` is row_stats.reciprocal() * 127: two roundings.
+    const float inv = a > 0.0f ? (1.0f / a) * 127.0f : 0.0f;
     if (!std::isfinite(a)) {
       // NaN or Inf in the row: codes 0, and the non-finite absmax carries into the output.
       std::memset(out, 128, static_cast<size_t>(cols));

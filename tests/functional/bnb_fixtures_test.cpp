@@ -1,9 +1,12 @@
 // Bit-compatibility with bitsandbytes 0.50.2 (CPU), against fixtures that
-// tools/make_bnb_fixtures.py wrote from the real library (tests/fixtures/bnb/).
+// tools/make_bnb_fixtures.py wrote from the real library (tests/fixtures/bnb/): JSON, and raw
+// little-endian *.bin arrays for the large LLM.int8 cases.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "msbnb/msbnb.h"
@@ -179,5 +182,103 @@ TEST(Bitsandbytes, QuantizeBlockwiseDynamic) {
         std::to_string(100 * (q.data == theirs_q).to(torch::kFloat64).mean().item<double>()));
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// LLM.int8 row codes, large: int8_vectorwise_large.json and its *.bin files.
+
+std::string read_bytes(const std::string& name) {
+  const std::string path = std::string(MSBNB_FIXTURES_DIR) + "/bnb/" + name;
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot open fixture " + path);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+// FNV-1a 64 as 16 hex digits, the script's fnv1a64.
+std::string fnv1a64(const void* p, size_t n) {
+  uint64_t h = 0xCBF29CE484222325ull;
+  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 0x100000001B3ull;
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+std::string fnv1a64(const torch::Tensor& t) {
+  const torch::Tensor c = t.contiguous();
+  return fnv1a64(c.data_ptr(), static_cast<size_t>(c.numel() * c.element_size()));
+}
+
+// The script's splitmix_input: integer arithmetic and one exact double -> float rounding, so no
+// dependence on torch's or the C library's random numbers (SPLITMIX_NOTE in the fixture).
+torch::Tensor splitmix_input(uint64_t seed, int64_t rows, int64_t cols) {
+  torch::Tensor x = torch::empty({rows, cols}, torch::kFloat32);
+  float* p = x.data_ptr<float>();
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    uint64_t z = seed + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const double m = static_cast<double>(z & 0xFFFFFF);
+    const int k = static_cast<int>((z >> 25) % 5) - 2;
+    double mag = std::ldexp(m, k - 24);
+    if (((z >> 32) & 0xFFFF) == 0) mag = 6.0 + std::ldexp(m, -21);
+    p[i] = static_cast<float>((z >> 24) & 1 ? -mag : mag);
+  }
+  return x;
+}
+
+// A large input, its bytes checked against the hash bitsandbytes was given.
+torch::Tensor large_input(const json& in) {
+  const std::vector<int64_t> shape = shape_of(in["shape"]);
+  torch::Tensor x;
+  if (!in["file"].is_null()) {
+    const std::string raw = read_bytes(in["file"].get<std::string>());
+    x = torch::empty(shape, torch::kFloat16);
+    if (raw.size() != static_cast<size_t>(x.numel() * 2)) throw std::runtime_error("bad fixture size");
+    std::memcpy(x.data_ptr(), raw.data(), raw.size());
+    EXPECT_EQ(fnv1a64(x), in["fnv1a64"].get<std::string>()) << "input file";
+  } else {
+    x = splitmix_input(in["seed"].get<uint64_t>(), shape[0], shape[1]);
+    EXPECT_EQ(fnv1a64(x), in["fnv1a64"].get<std::string>()) << "regenerated input";
+  }
+  return x.to(dtype_of(in["dtype"].get<std::string>()));
+}
+
+// Our int8_vectorwise_quant against bitsandbytes' codes, scales and outlier columns, bit for bit.
+// The fixtures hold codes that one rounding of 127 / absmax gets wrong (bitsandbytes evaluates
+// `127.0 / row_stats` as row_stats.reciprocal() * 127: two roundings); the script prints how many.
+void check_int8_large_n(const std::string& prefix, int expected) {
+  const json f = load("int8_vectorwise_large.json");
+  int checked = 0;
+  for (const json& c : f["cases"]) {
+    const std::string name = c["name"].get<std::string>();
+    if (name.rfind(prefix, 0) != 0) continue;
+    SCOPED_TRACE(name);
+    ++checked;
+    const json& o = c["outputs"];
+    const torch::Tensor x = large_input(f["inputs"][c["input"].get<std::string>()]);
+    const auto r = msbnb::int8_vectorwise_quant(x, c["params"]["threshold"].get<double>());
+    ASSERT_EQ(r.CB.sizes().vec(), shape_of(o["CB_shape"]));
+    EXPECT_EQ(fnv1a64(r.CB), o["CB_fnv1a64"].get<std::string>()) << "CB hash (all rows)";
+    const std::string raw = read_bytes(o["CB_file"].get<std::string>());
+    torch::Tensor ours = r.CB;
+    if (!o["CB_rows"].is_null())
+      ours = r.CB.index_select(0, torch::tensor(o["CB_rows"].get<std::vector<int64_t>>(), torch::kInt64));
+    ASSERT_EQ(raw.size(), static_cast<size_t>(ours.numel()));
+    const torch::Tensor theirs =
+        torch::from_blob(const_cast<char*>(raw.data()), ours.sizes(), torch::kInt8).clone();
+    EXPECT_EQ((ours != theirs).sum().item<int64_t>(), 0) << "codes that differ from bitsandbytes'";
+    EXPECT_TRUE(torch::equal(r.SCB, floats(o["SCB"]))) << "SCB";
+    const std::vector<int64_t> cols =
+        o["outlier_cols"].is_null() ? std::vector<int64_t>{} : o["outlier_cols"].get<std::vector<int64_t>>();
+    EXPECT_EQ(r.outlier_cols, cols);
+  }
+  EXPECT_EQ(checked, expected) << prefix;
+}
+
+// float16 (and the same values in float32) rows whose codes sit on, next to, or across the
+// two-rounding boundary; thresholds 0 and 6 (outlier columns, one exactly 6.0).
+TEST(Bitsandbytes, Int8VectorwiseQuantNearTies) { check_int8_large_n("ties_", 4); }
+
+// Random float32 2048 x 1024 with sparse outliers in [6, 14), thresholds 0 and 6.
+TEST(Bitsandbytes, Int8VectorwiseQuantRandom2048x1024) { check_int8_large_n("random_", 2); }
 
 }  // namespace

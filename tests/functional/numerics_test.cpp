@@ -14,7 +14,7 @@ using msbnb::PackedWeight;
 TEST(Numerics, AutomaticMatmulIsExactAtEveryBatchSize) {
   torch::manual_seed(3);
   const int64_t out = 24, in = 256;
-  const auto q = msbnb::quantize_8bit(torch::randn({out, in}), msbnb::Int8Options().set_symmetric(true));
+  const auto q = msbnb::quantize_8bit(torch::randn({out, in}), msbnb::Int8Options().symmetric(true));
   const PackedWeight pw = PackedWeight::from_8bit(q);
   const torch::Tensor wd = msbnb::dequantize_8bit(q).to(torch::kFloat64);
   for (int64_t n : {8, 9, 40}) {

@@ -27,12 +27,12 @@
 //             x~ w~ in float32) the exact path's bound holds with P~ = sum |x~ w~|; both are
 //             checked (the second one catches truncation instead of rounding to bf16).
 // fast int8   weights w_j = (q_j + o) s (o = 0 symmetric), activations of a row quantized with
-//             a = max_j |x_j|: t_j = fl(x_j fl(127 / a)) = x_j (127 / a) (1 + e), |e| <= 2u + u^2,
-//             xq_j = rne(t_j), |xq_j - t_j| <= 1/2, so x^_j = xq_j a / 127 has
-//             |x^_j - x_j| <= a / 254 + 2.0001 u |x_j| (half a quantization step). The driver
+//             a = max_j |x_j|: t_j = fl(x_j fl(fl(1 / a) 127)) = x_j (127 / a) (1 + e),
+//             |e| <= 3u + 3u^2 + u^3, xq_j = rne(t_j), |xq_j - t_j| <= 1/2, so x^_j = xq_j a / 127 has
+//             |x^_j - x_j| <= a / 254 + 3.0001 u |x_j| (half a quantization step). The driver
 //             computes y = fl(fl(acc) fl(fl(a fl(1/127)) s)) + fl(fl(o s) fl(sum_j x_j)) with
 //             acc = sum_j xq_j q_j exact (int32), so against sum_j x_j w_j:
-//               quantization  s sum_j |q_j| (a / 254 + 2.0001 u |x_j|)
+//               quantization  s sum_j |q_j| (a / 254 + 3.0001 u |x_j|)
 //               scaling       5 u |acc| a s / 127 <= 5 u a s sum_j |q_j|   (|xq_j| <= 127)
 //               offset term   (k + 1) u |o s| sum_j |x_j|   (float sum of k values, 2 products)
 //               adds          u |y| + u (|y| + |b|)   (offset add, bias add)
@@ -968,7 +968,7 @@ TEST_P(Matmul, TransposedRawColumnRanges) {
 // ---- 5. LLM.int8() ------------------------------------------------------------------------------
 
 // quantize_rows_int8 as matmul.h documents it, written out independently: absmax over the
-// elements below the threshold (all when threshold <= 0), q = rne(x * (127 / absmax)) in float,
+// elements below the threshold (all when threshold <= 0), q = rne(x * fl(fl(1 / absmax) * 127)) in float,
 // 0 for zeroed columns, elements at or above the threshold and all-zero rows. q is [n][cols].
 void ref_quantize_rows(const Acts& x, float threshold, const std::vector<int64_t>& zero_cols,
                        std::vector<int8_t>& q, std::vector<float>& absmax) {
@@ -980,7 +980,7 @@ void ref_quantize_rows(const Acts& x, float threshold, const std::vector<int64_t
       if (threshold <= 0.0f || std::fabs(x.at(i, j)) < threshold) a = std::max(a, std::fabs(x.at(i, j)));
     absmax[sz(i)] = a;
     if (a == 0.0f) continue;
-    const float inv = 127.0f / a;
+    const float inv = (1.0f / a) * 127.0f;  // bitsandbytes: row_stats.reciprocal() * 127
     for (int64_t j = 0; j < x.cols; ++j) {
       const bool zeroed = std::find(zero_cols.begin(), zero_cols.end(), j) != zero_cols.end();
       const bool outlier = threshold > 0.0f && std::fabs(x.at(i, j)) >= threshold;

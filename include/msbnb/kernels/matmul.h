@@ -158,7 +158,8 @@ void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTabl
 /// Per-row int8 quantization of activations as bitsandbytes' int8_vectorwise_quant does it:
 /// absmax[i] = max |x[i][j]| over the elements not >= `threshold` (all when threshold <= 0; a
 /// NaN is kept, so a row with a NaN has absmax NaN and codes 0),
-/// q = rne(x * (127 / absmax)); the columns in `zero_cols`, elements at or above the threshold
+/// q = rne(x * s), s = fl(fl(1 / absmax) * 127) (bitsandbytes' `127.0 / row_stats` is
+/// row_stats.reciprocal() * 127); the columns in `zero_cols`, elements at or above the threshold
 /// and an all-zero row give 0. q rows are `ldq` bytes (tail zero-filled).
 void quantize_rows_int8(const void* x, DType dt, int64_t n, int64_t cols, int64_t ldx, float threshold,
                         const std::vector<int64_t>& zero_cols, int8_t* q, int64_t ldq, float* absmax);
