@@ -30,12 +30,16 @@
 //                    (default 0: no waiting; other_cpu is reported either way)
 //   --list           print the planned cases (stderr) and exit
 //
+// Before it is timed, every case runs once and is checked against the scalar kernel table on the
+// first, middle and last rows of W (see "validation" below); a mismatch prints MISMATCH lines,
+// sets "check":"FAIL" in its JSON and makes the exit status 1 (after the summary).
+//
 // Output: one JSON object per line on stdout; progress and a summary table on stderr.
 //   {"op":"info", ...}                               the machine and the settings
 //   {"op":"read_bandwidth","threads":T,"GB_s":..}    per thread count, at startup: best of 3 read
 //                                                    passes (after one warm-up) over a 1 GiB buffer
 //   {"op","format","path","isa","m","k","n","threads","median_us","min_us","samples","copies",
-//    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu"}  one per case
+//    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu","check"}  one per case
 // op: matmul (path exact / fast), matmul_transposed (exact; nf4 and int8_sym, n in {1, 16, 128}),
 // matmul_llm_int8 (int8_sym weights; path thr0 = threshold 0, thr6 = threshold 6.0 with 0.1 % of
 // the activation columns planted as outliers; also "threshold" and "outlier_cols"), torch_linear
@@ -44,7 +48,8 @@
 // GB_s = weight_bytes / median; GFLOP_s = 2 m k n / median; bw_GB_s: read bandwidth with the same
 // thread count measured just before the case (best of 2 passes over 256 MiB; bw_after_GB_s: one pass
 // just after, to see drift); pct_bw = 100 GB_s / bw_GB_s; other_cpu: CPUs' worth of time other
-// processes used during the case (from /proc; >= 0.1 means the timing shared the machine).
+// processes used during the case (from /proc; >= 0.1 means the timing shared the machine);
+// check: ok / FAIL, the output against the scalar kernels (none for torch).
 //
 // Method. For each shape and weight format one random weight is made (random codes and positive
 // statistics: the speed does not depend on the values), packed once, and copied into enough distinct
