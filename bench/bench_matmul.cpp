@@ -29,6 +29,7 @@
 //                    and rerun a case they disturbed anyway (other_cpu >= 0.1) up to --retries times
 //                    (default 0: no waiting; other_cpu is reported either way)
 //   --list           print the planned cases (stderr) and exit
+//   --check-only     only the checks against the scalar kernels (below), no timing (for ctest)
 //
 // Before it is timed, every case runs once and is checked against the scalar kernel table on the
 // first, middle and last rows of W (see "validation" below); a mismatch prints MISMATCH lines,
@@ -180,9 +181,10 @@ struct Options {
   double case_seconds = 1.0;
   bool torch = true;
   bool huge = true;
-  bool list = false;     // print the planned cases and exit
-  double wait_idle = 0;  // seconds to wait for an idle machine before each case (0: do not wait)
-  int retries = 2;       // reruns of a case disturbed by other processes (with wait_idle)
+  bool list = false;        // print the planned cases and exit
+  bool check_only = false;  // run the checks against the scalar kernels, time nothing
+  double wait_idle = 0;     // seconds to wait for an idle machine before each case (0: do not wait)
+  int retries = 2;          // reruns of a case disturbed by other processes (with wait_idle)
   bool has_op(const char* op) const { return std::find(ops.begin(), ops.end(), op) != ops.end(); }
 };
 
@@ -225,7 +227,7 @@ void usage() {
                "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,auto]\n"
                "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
                "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
-               "                   [--wait-idle=SECONDS] [--retries=2] [--list]\n"
+               "                   [--wait-idle=SECONDS] [--retries=2] [--list] [--check-only]\n"
                "formats: nf4 fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
                "JSON lines on stdout, progress and a summary on stderr; see the top of bench_matmul.cpp.\n");
 }
@@ -244,6 +246,8 @@ Options parse_options(int argc, char** argv) {
       o.torch = false;
     } else if (a == "--list") {
       o.list = true;
+    } else if (a == "--check-only") {
+      o.check_only = true;
     } else if (a == "--no-hugepages") {
       o.huge = false;
     } else if (a == "--help" || a == "-h") {
@@ -1070,12 +1074,12 @@ int main(int argc, char** argv) {
 
   // Read bandwidth: 1 GiB at startup (best of 3 after one warm-up pass), 256 MiB before each case.
   const bool avx2 = mk::isa_supported(Isa::avx2);
-  const int64_t bw_elems = int64_t{1} << 28, bw_case_elems = int64_t{1} << 26;
+  const int64_t bw_elems = o.check_only ? 16 : int64_t{1} << 28, bw_case_elems = int64_t{1} << 26;
   mb::Buffer<float> bw_buffer(static_cast<size_t>(bw_elems));
   mb::fill_weights(bw_buffer.data(), bw_elems, 3, 1.0f);
   std::map<int, double> startup_bw;
   for (int t : o.threads) {
-    if (startup_bw.count(t)) continue;
+    if (startup_bw.count(t) || o.check_only) continue;
     startup_bw[t] = mb::read_bandwidth(bw_buffer.data(), bw_elems, t, avx2, 3, 1);
     std::printf("{\"op\":\"read_bandwidth\",\"threads\":%d,\"bytes\":%lld,\"GB_s\":%s}\n", t,
                 static_cast<long long>(bw_elems * 4), num(startup_bw[t]).c_str());
@@ -1164,6 +1168,7 @@ int main(int argc, char** argv) {
             r.check = bad == 0 ? "ok" : "FAIL";
             if (bad) ++failed;
           }
+          if (o.check_only) continue;
           for (int attempt = 0;; ++attempt) {
             if (o.wait_idle > 0) wait_idle(o.wait_idle, 0.3);
             const CpuSnapshot snap0 = cpu_snapshot();
