@@ -17,8 +17,9 @@
 //                    both variants, all every format (default all)
 //   --isa=..         kernel table: active (default, active_kernels()), scalar, avx2, avx512, or all
 //                    (every ISA this CPU runs; scalar only at n = 1)
-//   --paths=..       MatmulPath of op matmul: exact, fast, auto (default exact, fast; auto is exact
-//                    for n <= kGemvMaxRows and fast above, so it adds nothing by default)
+//   --paths=..       MatmulPath of op matmul: exact, fast, auto (default exact, fast; auto is the
+//                    library's default, MatmulPath::automatic, which resolves to one of the two:
+//                    see resolve_path in matmul.h)
 //   --ops=..         restrict the ops (default all of them)
 //   --min-bytes=N    DRAM footprint of each weight set, suffix K / M / G (default 1G)
 //   --case-seconds=S time cap of a case (default 1.0; 0.5 with --quick)
