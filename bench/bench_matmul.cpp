@@ -17,8 +17,9 @@
 //                    both variants, all every format (default all)
 //   --isa=..         kernel table: active (default, active_kernels()), scalar, avx2, avx512, or all
 //                    (every ISA this CPU runs; scalar only at n = 1)
-//   --paths=..       MatmulPath of op matmul: exact, fast, auto (default exact, fast; auto is exact
-//                    for n <= kGemvMaxRows and fast above, so it adds nothing by default)
+//   --paths=..       MatmulPath of op matmul: exact, fast, auto (default exact, fast; auto is the
+//                    library's default, MatmulPath::automatic, which resolves to one of the two:
+//                    see resolve_path in matmul.h)
 //   --ops=..         restrict the ops (default all of them)
 //   --min-bytes=N    DRAM footprint of each weight set, suffix K / M / G (default 1G)
 //   --case-seconds=S time cap of a case (default 1.0; 0.5 with --quick)
@@ -29,13 +30,18 @@
 //                    and rerun a case they disturbed anyway (other_cpu >= 0.1) up to --retries times
 //                    (default 0: no waiting; other_cpu is reported either way)
 //   --list           print the planned cases (stderr) and exit
+//   --check-only     only the checks against the scalar kernels (below), no timing (for ctest)
+//
+// Before it is timed, every case runs once and is checked against the scalar kernel table on the
+// first, middle and last rows of W (see "validation" below); a mismatch prints MISMATCH lines,
+// sets "check":"FAIL" in its JSON and makes the exit status 1 (after the summary).
 //
 // Output: one JSON object per line on stdout; progress and a summary table on stderr.
 //   {"op":"info", ...}                               the machine and the settings
 //   {"op":"read_bandwidth","threads":T,"GB_s":..}    per thread count, at startup: best of 3 read
 //                                                    passes (after one warm-up) over a 1 GiB buffer
 //   {"op","format","path","isa","m","k","n","threads","median_us","min_us","samples","copies",
-//    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu"}  one per case
+//    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu","check"}  one per case
 // op: matmul (path exact / fast), matmul_transposed (exact; nf4 and int8_sym, n in {1, 16, 128}),
 // matmul_llm_int8 (int8_sym weights; path thr0 = threshold 0, thr6 = threshold 6.0 with 0.1 % of
 // the activation columns planted as outliers; also "threshold" and "outlier_cols"), torch_linear
@@ -44,7 +50,8 @@
 // GB_s = weight_bytes / median; GFLOP_s = 2 m k n / median; bw_GB_s: read bandwidth with the same
 // thread count measured just before the case (best of 2 passes over 256 MiB; bw_after_GB_s: one pass
 // just after, to see drift); pct_bw = 100 GB_s / bw_GB_s; other_cpu: CPUs' worth of time other
-// processes used during the case (from /proc; >= 0.1 means the timing shared the machine).
+// processes used during the case (from /proc; >= 0.1 means the timing shared the machine);
+// check: ok / FAIL, the output against the scalar kernels (none for torch).
 //
 // Method. For each shape and weight format one random weight is made (random codes and positive
 // statistics: the speed does not depend on the values), packed once, and copied into enough distinct
@@ -76,6 +83,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "bench_util.h"
@@ -174,9 +182,10 @@ struct Options {
   double case_seconds = 1.0;
   bool torch = true;
   bool huge = true;
-  bool list = false;     // print the planned cases and exit
-  double wait_idle = 0;  // seconds to wait for an idle machine before each case (0: do not wait)
-  int retries = 2;       // reruns of a case disturbed by other processes (with wait_idle)
+  bool list = false;        // print the planned cases and exit
+  bool check_only = false;  // run the checks against the scalar kernels, time nothing
+  double wait_idle = 0;     // seconds to wait for an idle machine before each case (0: do not wait)
+  int retries = 2;          // reruns of a case disturbed by other processes (with wait_idle)
   bool has_op(const char* op) const { return std::find(ops.begin(), ops.end(), op) != ops.end(); }
 };
 
@@ -219,7 +228,7 @@ void usage() {
                "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,auto]\n"
                "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
                "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
-               "                   [--wait-idle=SECONDS] [--retries=2] [--list]\n"
+               "                   [--wait-idle=SECONDS] [--retries=2] [--list] [--check-only]\n"
                "formats: nf4 fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
                "JSON lines on stdout, progress and a summary on stderr; see the top of bench_matmul.cpp.\n");
 }
@@ -238,6 +247,8 @@ Options parse_options(int argc, char** argv) {
       o.torch = false;
     } else if (a == "--list") {
       o.list = true;
+    } else if (a == "--check-only") {
+      o.check_only = true;
     } else if (a == "--no-hugepages") {
       o.huge = false;
     } else if (a == "--help" || a == "-h") {
@@ -653,6 +664,232 @@ Timing time_calls(int64_t copies, double cap, Fn&& call) {
   return t;
 }
 
+// ---- validation --------------------------------------------------------------------------------
+//
+// Before a case is timed its op runs once on copy 0 of the weights and is compared with the
+// scalar kernel table (kernels_for(Isa::scalar)) on three ranges of the output: the first, the
+// middle (where two threads split the rows) and the last rows of W (columns of W for the
+// transposed product; the scalar table on all of a 4096 x 4096 GEMM would take seconds). The
+// bounds are the ones tests/kernels/matmul_test.cpp derives ("Tolerances"), u = 2^-24:
+//   exact path (also fast 4-bit at n <= kGemvMaxRows, which runs the exact GEMV) and the
+//     transposed product: each result is within (k + 4) u P + (k + 4) 2^-149 of the exact sum,
+//     P = sum_j |x_j w_j| over its k terms, so the two results are within twice that;
+//   fast 4-bit, n > kGemvMaxRows: both sum the same products bf16(x) bf16(w) (exact in fp32) in
+//     fp32, so they are within 2 ((k + 4) u P~ + (k + 4) 2^-126), P~ = sum_j |bf16(x_j) bf16(w_j)|
+//     (VDPBF16PS flushes denormal inputs and outputs: 2^-126 per operation);
+//   fast int8: int32 products and the same float scaling: bit-identical;
+//   LLM.int8(): the int8 part bit-identical; the fp32 sum over the c outlier columns and the add
+//     of the two parts: within 2 (c + 4) u (P_o + |y|), P_o = sum over the outlier columns.
+// Every output element must also be written and finite (the output starts as NaN).
+
+struct Range {
+  int64_t lo = 0, hi = 0;
+};
+
+// [0, len), about [total / 2 - len / 2, ..) and [total - len, total): starts moved down to a
+// multiple of `align` (0 always is one; the last range still ends at total), overlaps merged.
+std::vector<Range> check_ranges(int64_t total, int64_t len, int64_t align) {
+  len = std::min(len, total);
+  std::vector<Range> out;
+  const int64_t starts[3] = {0, std::max<int64_t>(0, total / 2 - len / 2), total - len};
+  for (int t = 0; t < 3; ++t) {
+    const int64_t lo = starts[t] - starts[t] % align;
+    const Range r{lo, t == 2 ? total : std::min(total, lo + len)};
+    if (!out.empty() && r.lo <= out.back().hi)
+      out.back().hi = std::max(out.back().hi, r.hi);
+    else
+      out.push_back(r);
+  }
+  return out;
+}
+
+// Rows [r0, r1) of a packed weight as a weight of its own (r0 row_stride a multiple of group).
+mk::Lut4Matrix rows_of(const mk::Lut4Matrix& w, int64_t r0, int64_t r1) {
+  mk::Lut4Matrix v = w;
+  v.rows = r1 - r0;
+  v.codes = w.codes + r0 * w.kpad / 2;
+  const int64_t s0 = r0 * w.row_stride / w.group;
+  v.scale = w.scale + s0;
+  if (w.zero_point) v.zero_point = w.zero_point + s0;
+  return v;
+}
+mk::Int8Matrix rows_of(const mk::Int8Matrix& w, int64_t r0, int64_t r1) {
+  mk::Int8Matrix v = w;
+  v.rows = r1 - r0;
+  v.codes = w.codes + r0 * w.kpad;
+  v.scale = w.scale + r0;
+  if (w.offset) v.offset = w.offset + r0;
+  v.row_sum = w.row_sum + r0;
+  return v;
+}
+int64_t row_align(const mk::Lut4Matrix& w) {
+  int64_t a = 1;
+  while ((a * w.row_stride) % w.group != 0) ++a;
+  return a;
+}
+int64_t row_align(const mk::Int8Matrix&) { return 1; }
+int64_t col_chunk(const mk::Lut4Matrix&) { return mk::kLut4Chunk; }
+int64_t col_chunk(const mk::Int8Matrix&) { return mk::kInt8Chunk; }
+
+// The float value of element (r, j), as dequantize() gives it (see matmul.h).
+float value_at(const mk::Lut4Matrix& w, int64_t r, int64_t j) {
+  const int64_t s = (r * w.row_stride + j) / w.group;
+  const float v = w.lut[mk::lut4_index(w.codes + r * w.kpad / 2, j)];
+  return (w.zero_point ? v - w.zero_point[s] : v) * w.scale[s];
+}
+float value_at(const mk::Int8Matrix& w, int64_t r, int64_t j) {
+  const float q = static_cast<float>(w.codes[r * w.kpad + j]);
+  return (w.offset ? q + w.offset[r] : q) * w.scale[r];
+}
+float round_bf16(float f) {  // round to nearest even (finite f)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+constexpr double kU = 0x1p-24;
+
+// op matmul (path), or matmul_llm_int8 (threshold) when llm.
+void run_forward(const mk::Lut4Matrix& w, const mk::MatmulIO& io, mk::MatmulPath path, bool, float,
+                 std::vector<int64_t>*, const KernelTable& k) {
+  mk::matmul(w, io, path, k);
+}
+void run_forward(const mk::Int8Matrix& w, const mk::MatmulIO& io, mk::MatmulPath path, bool llm,
+                 float threshold, std::vector<int64_t>* outlier_cols, const KernelTable& k) {
+  if (llm)
+    mk::matmul_llm_int8(w, io, threshold, outlier_cols, k);
+  else
+    mk::matmul(w, io, path, k);
+}
+
+// Counts the mismatches of one case; prints the first few.
+struct Checker {
+  std::string name;
+  int64_t bad = 0;
+  void compare(const char* what, int64_t i, int64_t c, double got, double ref, double bound) {
+    const double err = std::fabs(got - ref);
+    if (err <= bound && std::isfinite(got)) return;
+    if (++bad <= 5)
+      std::fprintf(
+          stderr, "MISMATCH %s: %s[%lld][%lld] = %.9g, scalar reference %.9g, |diff| %.3g > bound %.3g\n",
+          name.c_str(), what, static_cast<long long>(i), static_cast<long long>(c), got, ref, err, bound);
+  }
+  void finite(const float* y, int64_t n, int64_t cols, int64_t ld) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < cols; ++c)
+        if (!std::isfinite(y[i * ld + c]) && ++bad <= 5)
+          std::fprintf(stderr, "MISMATCH %s: y[%lld][%lld] = %g (not written, or not finite)\n", name.c_str(),
+                       static_cast<long long>(i), static_cast<long long>(c),
+                       static_cast<double>(y[i * ld + c]));
+  }
+};
+
+// op matmul (path) or matmul_llm_int8 (threshold, llm) on w: returns the number of mismatches.
+template <class W>
+int64_t check_forward(const std::string& name, const W& w, const float* x, int64_t n, mk::MatmulPath path,
+                      bool llm, float threshold, float* y, const KernelTable& k) {
+  const int64_t m = w.rows, kk = w.cols;
+  Checker ck{name};
+  mk::MatmulIO io;
+  io.x = x;
+  io.n = n;
+  io.ldx = kk;
+  io.y = y;
+  io.ldy = m;
+  std::fill(y, y + n * m, std::nanf(""));
+  run_forward(w, io, path, llm, threshold, nullptr, k);
+  ck.finite(y, n, m, m);
+  const KernelTable& scalar = mk::kernels_for(Isa::scalar);
+  const bool int8 = std::is_same_v<W, mk::Int8Matrix>;
+  const mk::MatmulPath resolved = mk::resolve_path(path, n);
+  const bool bf16 = !llm && !int8 && resolved == mk::MatmulPath::fast && n > mk::kGemvMaxRows;
+  const bool same_bits = !llm && int8 && resolved == mk::MatmulPath::fast;
+  std::vector<float> wrow(static_cast<size_t>(kk));
+  for (const Range& rg : check_ranges(m, 16, row_align(w))) {
+    const int64_t len = rg.hi - rg.lo;
+    std::vector<float> ref(static_cast<size_t>(n * len));
+    std::vector<int64_t> outliers;
+    mk::MatmulIO rio = io;
+    rio.y = ref.data();
+    rio.ldy = len;
+    const W sub = rows_of(w, rg.lo, rg.hi);
+    run_forward(sub, rio, path, llm, threshold, &outliers, scalar);
+    std::vector<char> is_outlier(static_cast<size_t>(kk), 0);
+    for (int64_t c : outliers) is_outlier[static_cast<size_t>(c)] = 1;
+    for (int64_t r = rg.lo; r < rg.hi; ++r) {
+      for (int64_t j = 0; j < kk; ++j) wrow[static_cast<size_t>(j)] = value_at(w, r, j);
+      for (int64_t i = 0; i < n; ++i) {
+        const double got = y[i * m + r], want = ref[static_cast<size_t>(i * len + r - rg.lo)];
+        double bound = 0;
+        if (same_bits) {
+          bound = 0;
+        } else if (llm) {
+          double p = 0;
+          for (int64_t c : outliers) p += std::fabs(double(x[i * kk + c]) * wrow[static_cast<size_t>(c)]);
+          bound = 2 * (static_cast<double>(outliers.size()) + 4) * kU * (p + std::fabs(want));
+        } else {
+          double p = 0;
+          for (int64_t j = 0; j < kk; ++j) {
+            const float xv = x[i * kk + j], wv = wrow[static_cast<size_t>(j)];
+            p += bf16 ? std::fabs(double(round_bf16(xv)) * round_bf16(wv)) : std::fabs(double(xv) * wv);
+          }
+          const double kd = static_cast<double>(kk) + 4;
+          bound = 2 * (kd * kU * p + kd * (bf16 ? 0x1p-126 : 0x1p-149));
+        }
+        ck.compare("y", i, r, got, want, bound);
+      }
+    }
+  }
+  if (ck.bad > 5)
+    std::fprintf(stderr, "MISMATCH %s: %lld bad elements in all\n", name.c_str(),
+                 static_cast<long long>(ck.bad));
+  return ck.bad;
+}
+
+// op matmul_transposed on w: gx = gy w with gy [n, rows]; returns the number of mismatches.
+template <class W>
+int64_t check_transposed(const std::string& name, const W& w, const float* gy, int64_t n, float* gx,
+                         const KernelTable& k) {
+  const int64_t m = w.rows, kk = w.cols;
+  Checker ck{name};
+  mk::MatmulIO io;
+  io.x = gy;
+  io.n = n;
+  io.ldx = m;
+  io.y = gx;
+  io.ldy = kk;
+  std::fill(gx, gx + n * kk, std::nanf(""));
+  mk::matmul_transposed(w, io, k);
+  ck.finite(gx, n, kk, kk);
+  const KernelTable& scalar = mk::kernels_for(Isa::scalar);
+  const auto entry = [&] {
+    if constexpr (std::is_same_v<W, mk::Int8Matrix>)
+      return scalar.matmul.int8_t_f32;
+    else
+      return scalar.matmul.lut4_t_f32;
+  }();
+  std::vector<float> ref(static_cast<size_t>(n * kk)), wcol(static_cast<size_t>(m));
+  for (const Range& rg : check_ranges(kk, col_chunk(w), col_chunk(w))) {
+    entry(w, gy, n, m, rg.lo, rg.hi, ref.data(), kk, false);
+    for (int64_t j = rg.lo; j < rg.hi; ++j) {
+      for (int64_t r = 0; r < m; ++r) wcol[static_cast<size_t>(r)] = value_at(w, r, j);
+      for (int64_t i = 0; i < n; ++i) {
+        double p = 0;
+        for (int64_t r = 0; r < m; ++r) p += std::fabs(double(gy[i * m + r]) * wcol[static_cast<size_t>(r)]);
+        const double kd = static_cast<double>(m) + 4;
+        ck.compare("gx", i, j, gx[i * kk + j], ref[static_cast<size_t>(i * kk + j)],
+                   2 * (kd * kU * p + kd * 0x1p-149));
+      }
+    }
+  }
+  if (ck.bad > 5)
+    std::fprintf(stderr, "MISMATCH %s: %lld bad elements in all\n", name.c_str(),
+                 static_cast<long long>(ck.bad));
+  return ck.bad;
+}
+
 // ---- results -----------------------------------------------------------------------------------
 
 struct Result {
@@ -667,6 +904,7 @@ struct Result {
   bool llm = false;
   float threshold = 0;
   int64_t outlier_cols = 0;
+  const char* check = "none";  // ok / FAIL: the output against the scalar table (see "validation")
   double gb_s() const { return static_cast<double>(weight_bytes) / median_us / 1e3; }
   double gflop_s() const {
     return 2.0 * static_cast<double>(shape.m) * static_cast<double>(shape.k) * static_cast<double>(n) /
@@ -701,7 +939,7 @@ void emit(const Result& r) {
                      ",\"weight_bytes\":" + std::to_string(r.weight_bytes) + ",\"GB_s\":" + num(r.gb_s()) +
                      ",\"GFLOP_s\":" + num(r.gflop_s()) + ",\"bw_GB_s\":" + num(r.bw) +
                      ",\"bw_after_GB_s\":" + num(r.bw_after) + ",\"pct_bw\":" + num(r.pct_bw(), 2) +
-                     ",\"other_cpu\":" + num(r.other_cpu, 3);
+                     ",\"other_cpu\":" + num(r.other_cpu, 3) + ",\"check\":\"" + r.check + "\"";
   if (r.llm)
     line += ",\"threshold\":" + num(r.threshold, 1) +
             ",\"outlier_cols\":" + std::to_string(r.threshold > 0 ? r.outlier_cols : 0);
@@ -837,12 +1075,12 @@ int main(int argc, char** argv) {
 
   // Read bandwidth: 1 GiB at startup (best of 3 after one warm-up pass), 256 MiB before each case.
   const bool avx2 = mk::isa_supported(Isa::avx2);
-  const int64_t bw_elems = int64_t{1} << 28, bw_case_elems = int64_t{1} << 26;
+  const int64_t bw_elems = o.check_only ? 16 : int64_t{1} << 28, bw_case_elems = int64_t{1} << 26;
   mb::Buffer<float> bw_buffer(static_cast<size_t>(bw_elems));
   mb::fill_weights(bw_buffer.data(), bw_elems, 3, 1.0f);
   std::map<int, double> startup_bw;
   for (int t : o.threads) {
-    if (startup_bw.count(t)) continue;
+    if (startup_bw.count(t) || o.check_only) continue;
     startup_bw[t] = mb::read_bandwidth(bw_buffer.data(), bw_elems, t, avx2, 3, 1);
     std::printf("{\"op\":\"read_bandwidth\",\"threads\":%d,\"bytes\":%lld,\"GB_s\":%s}\n", t,
                 static_cast<long long>(bw_elems * 4), num(startup_bw[t]).c_str());
@@ -853,7 +1091,7 @@ int main(int argc, char** argv) {
 
   std::vector<Result> results;
   std::map<ScalarKey, double> scalar_us;
-  int done = 0;
+  int done = 0, failed = 0;
   for (const Shape& s : o.shapes) {
     Activations act(s, nmax);
     for (const Group& g : plan_shape(o, tables, all_isas, torch)) {
@@ -910,6 +1148,28 @@ int main(int argc, char** argv) {
         io.ldy = c.op == Op::transposed ? s.k : s.m;
         Timing t;
         try {
+          if (c.table) {  // validate before timing
+            mk::set_num_threads(c.threads);
+            char name[160];
+            std::snprintf(name, sizeof name, "%s %s %s %s %lldx%lld n=%lld t=%d", r.op.c_str(),
+                          r.format.c_str(), r.path.c_str(), r.isa.c_str(), static_cast<long long>(s.m),
+                          static_cast<long long>(s.k), static_cast<long long>(c.n), c.threads);
+            const float* x = static_cast<const float*>(io.x);
+            int64_t bad = 0;
+            if (c.op == Op::transposed)
+              bad = is_lut4(g.weight)
+                        ? check_transposed(name, ws.lut4[0].view, x, c.n, act.y.data(), *c.table)
+                        : check_transposed(name, ws.int8[0].view, x, c.n, act.y.data(), *c.table);
+            else if (is_lut4(g.weight))
+              bad = check_forward(name, ws.lut4[0].view, x, c.n, path_of(c.path), false, 0.0f, act.y.data(),
+                                  *c.table);
+            else
+              bad = check_forward(name, ws.int8[0].view, x, c.n, path_of(c.path), c.op == Op::llm,
+                                  c.threshold, act.y.data(), *c.table);
+            r.check = bad == 0 ? "ok" : "FAIL";
+            if (bad) ++failed;
+          }
+          if (o.check_only) continue;
           for (int attempt = 0;; ++attempt) {
             if (o.wait_idle > 0) wait_idle(o.wait_idle, 0.3);
             const CpuSnapshot snap0 = cpu_snapshot();
@@ -1001,5 +1261,11 @@ int main(int argc, char** argv) {
   mk::set_num_threads(0);
   print_summary(results, startup_bw);
   std::fprintf(stderr, "\ntotal %.1f s\n", seconds_since(t_start));
+  if (failed) {
+    std::fprintf(stderr, "%d case%s FAILED the check against the scalar kernels (MISMATCH lines above)\n",
+                 failed, failed == 1 ? "" : "s");
+    return 1;
+  }
+  std::fprintf(stderr, "every case matched the scalar kernels within its derived bound\n");
   return 0;
 }

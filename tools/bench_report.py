@@ -8,7 +8,8 @@
 One table per shape: each msbnb case (median µs, GB/s of weight bytes, % of the read bandwidth
 measured just before it, GFLOP/s) with its speedup over torch fp32 Linear and torch.mv from the
 same run, and over the fastest bitsandbytes CPU variant of the same format, n and threads in the
-peers file. Standard library only.
+peers file; "check" is the bench's comparison with the scalar kernels before timing (ok / FAIL;
+- for files written before it existed). Cases that failed it are listed first. Standard library only.
 """
 import json
 import sys
@@ -37,6 +38,10 @@ def main():
                 continue
             k = (fmt,) + key(r)
             bnb[k] = min(bnb.get(k, float("inf")), r["median_us"])
+    failed = [r for r in ours if r.get("check") == "FAIL"]
+    for r in failed:
+        print(f"- **check FAILED**: {r['op']} {r['format']} {r['path']} {r['m']}x{r['k']} n={r['n']} "
+              f"threads={r['threads']} (its timing is of a wrong result)")
     for r in ours:
         if r.get("op") == "read_bandwidth":
             print(f"- read bandwidth at start, {r['threads']} thread(s): {r['GB_s']:.1f} GB/s")
@@ -44,8 +49,8 @@ def main():
     shapes = sorted({(r["m"], r["k"]) for r in ours if "m" in r}, key=lambda s: (s[0] * s[1], s))
     for m, k in shapes:
         print(f"\n#### {m} x {k} (out x in)\n")
-        print("| op | format | path | n | thr | µs | GB/s | % read bw | GFLOP/s | × torch Linear | × torch.mv | × bnb |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| op | format | path | n | thr | µs | GB/s | % read bw | GFLOP/s | × torch Linear | × torch.mv | × bnb | check |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in ours:
             if r.get("m") != m or r.get("k") != k or not r.get("op", "").startswith("matmul"):
                 continue
@@ -56,7 +61,8 @@ def main():
             b = bnb.get((fam,) + key(r)) if fam else None
             f = lambda v: f"{v / t:.2f}" if v else "-"
             print(f"| {r['op']} | {r['format']} | {r['path']} | {r['n']} | {r['threads']} | {t:.0f} | "
-                  f"{r['GB_s']:.1f} | {r.get('pct_bw', 0):.0f} | {r['GFLOP_s']:.0f} | {f(lin)} | {f(mv)} | {f(b)} |")
+                  f"{r['GB_s']:.1f} | {r.get('pct_bw', 0):.0f} | {r['GFLOP_s']:.0f} | {f(lin)} | {f(mv)} | {f(b)} | "
+                  f"{r.get('check', '-')} |")
 
 
 if __name__ == "__main__":
