@@ -1,10 +1,16 @@
 // Fused quantized matmul on tensors: checks, packing, output allocation (msbnb/functional/matmul.h).
 #include "msbnb/functional/matmul.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/core/ivalue.h>
+#include <torch/autograd.h>
+
 #include <cmath>
+#include <limits>
 
 #include "checks.h"
 #include "msbnb/kernels/kernel_table.h"
+#include "msbnb/kernels/ops.h"
 
 namespace msbnb {
 
@@ -13,8 +19,9 @@ struct PackedWeight::Impl {
   kernels::PackedLut4 lut4;
   kernels::PackedInt8 int8;
   bool is_4bit = false;
-  QuantState state;  // 4-bit: the interchange statistics, kept as given
-  Int8Quantized q8;  // int8: scale / offset / options as given (weight_int8 undefined)
+  QuantState state;   // 4-bit: the interchange statistics, kept as given
+  Int8Quantized q8;   // int8: scale / offset / options as given (weight_int8 undefined)
+  torch::Tensor scb;  // from_int8_scb: SCB as given (SCB / 127 * 127 is not always SCB)
 };
 
 namespace {
@@ -35,7 +42,8 @@ kernels::DType io_dtype(const torch::Tensor& t, const char* arg) {
   detail::check_cpu(t, arg);
   if (t.scalar_type() == torch::kFloat32) return kernels::DType::f32;
   if (t.scalar_type() == torch::kBFloat16) return kernels::DType::bf16;
-  TORCH_CHECK(false, arg, ": expected dtype float32 or bfloat16, got ", t.scalar_type());
+  if (t.scalar_type() == torch::kFloat16) return kernels::DType::f16;
+  TORCH_CHECK(false, arg, ": expected dtype float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
 // x [..., cols] as a contiguous [rows, cols] matrix.
@@ -76,6 +84,17 @@ kernels::MatmulIO make_io(const torch::Tensor& in, kernels::DType dt, int64_t in
   return io;
 }
 
+// The kernels' thread count follows torch's (at::set_num_threads), read at each call.
+void sync_threads() { kernels::set_num_threads(at::get_num_threads()); }
+
+// rows * cols of a weight shape, refused when it overflows int64 (a checkpoint's shape is data);
+// the kernels cap a buffer at 2^59 elements, so that is the bound here too.
+int64_t checked_numel(int64_t rows, int64_t cols, const char* arg) {
+  TORCH_CHECK(rows <= (std::numeric_limits<int64_t>::max() / 16) / cols, arg,
+              ": expected out_features * in_features <= 2^59, got ", rows, " x ", cols);
+  return rows * cols;
+}
+
 template <class W>
 torch::Tensor run_forward(const torch::Tensor& x, const W& w, const torch::Tensor& bias, MatmulPath path) {
   const kernels::DType dt = io_dtype(x, "x");
@@ -103,6 +122,7 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
               detail::shape_str(s.shape));
   const int64_t rows = checked_dim(s.shape[0], "state.shape[0] (out_features)");
   const int64_t cols = checked_dim(s.shape[1], "state.shape[1] (in_features)");
+  const int64_t numel = checked_numel(rows, cols, "state.shape");
   auto impl = std::make_shared<Impl>();
   impl->is_4bit = true;
   impl->format = s.quant_type;
@@ -112,7 +132,7 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
     const int64_t gs = s.blocksize;
     TORCH_CHECK(gs >= 2 && gs % 2 == 0, "state.blocksize: expected an even int4 group size >= 2, got ", gs);
     const int64_t groups = kernels::ceil_div(cols, gs);
-    detail::check_numel(data, rows * ((cols + 1) / 2), "data");
+    detail::check_numel(data, rows * (cols / 2 + cols % 2), "data");
     const torch::Tensor scale = detail::resolved_absmax(s, rows * groups);
     std::vector<int32_t> zp;
     if (s.zero_point.defined()) {
@@ -131,12 +151,12 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
     detail::format_4bit(s.quant_type, "state.quant_type");  // a codebook row of formats.def
     TORCH_CHECK(detail::is_pow2(s.blocksize) && s.blocksize >= 32 && s.blocksize <= 4096,
                 "state.blocksize: expected a power of two in [32, 4096], got ", s.blocksize);
-    detail::check_numel(data, (rows * cols + 1) / 2, "data");
+    detail::check_numel(data, numel / 2 + numel % 2, "data");
     detail::check_dtype(s.code, torch::kFloat32, "state.code");
     detail::check_numel(s.code, 16, "state.code");
     detail::check_all_finite(s.code, "state.code");
     const torch::Tensor code = detail::dense(s.code);
-    const torch::Tensor absmax = detail::resolved_absmax(s, kernels::ceil_div(rows * cols, s.blocksize));
+    const torch::Tensor absmax = detail::resolved_absmax(s, kernels::ceil_div(numel, s.blocksize));
     impl->lut4 = kernels::pack_lut4_bnb(packed.data_ptr<uint8_t>(), rows, cols, s.blocksize,
                                         absmax.data_ptr<float>(), code.data_ptr<float>());
   }
@@ -152,6 +172,7 @@ PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
               detail::shape_str(q.weight_int8.sizes()));
   const int64_t rows = checked_dim(q.weight_int8.size(0), "q.weight_int8.size(0) (out_features)");
   const int64_t cols = checked_dim(q.weight_int8.size(1), "q.weight_int8.size(1) (in_features)");
+  checked_numel(rows, cols, "q.weight_int8");
   TORCH_CHECK(q.options.granularity() != Granularity::per_block,
               "q.options.granularity: expected per_channel or per_tensor for a matmul weight, got per_block");
   const int64_t nscale = q.options.granularity() == Granularity::per_channel ? rows : 1;
@@ -187,7 +208,10 @@ PackedWeight PackedWeight::from_int8_scb(const torch::Tensor& CB, const torch::T
   q.weight_int8 = CB;
   q.scale = detail::dense(SCB).reshape({-1}) / 127.0f;
   q.options = Int8Options().symmetric(true).granularity(Granularity::per_channel);
-  return from_8bit(q);
+  PackedWeight w = from_8bit(q);
+  // Sole owner of the fresh Impl: keep SCB itself for to_int8_scb.
+  std::const_pointer_cast<Impl>(w.impl_)->scb = detail::dense(SCB).reshape({-1}).clone();
+  return w;
 }
 
 int64_t PackedWeight::out_features() const {
@@ -223,6 +247,12 @@ Quantized4bit PackedWeight::to_4bit() const {
   return out;
 }
 
+std::pair<torch::Tensor, torch::Tensor> PackedWeight::to_int8_scb() const {
+  const Impl& p = impl_of(impl_);
+  TORCH_CHECK(p.scb.defined(), "to_int8_scb: expected a weight made by from_int8_scb, got format ", p.format);
+  return {to_8bit().weight_int8, p.scb.clone()};
+}
+
 Int8Quantized PackedWeight::to_8bit() const {
   const Impl& p = impl_of(impl_);
   TORCH_CHECK(!p.is_4bit, "to_8bit: expected an int8 packed weight, got format ", p.format);
@@ -232,17 +262,101 @@ Int8Quantized PackedWeight::to_8bit() const {
   return out;
 }
 
-torch::Tensor quantized_matmul(const torch::Tensor& x, const PackedWeight& w, const torch::Tensor& bias,
-                               MatmulPath path) {
-  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+namespace {
+
+torch::Tensor forward_impl(const torch::Tensor& x, const PackedWeight& w, const torch::Tensor& bias,
+                           MatmulPath path) {
+  sync_threads();
   if (const auto* m = w.lut4()) return run_forward(x, *m, bias, path);
   return run_forward(x, *w.int8(), bias, path);
 }
 
-torch::Tensor quantized_matmul_transposed(const torch::Tensor& grad_y, const PackedWeight& w) {
-  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+torch::Tensor transposed_impl(const torch::Tensor& grad_y, const PackedWeight& w) {
+  sync_threads();
   if (const auto* m = w.lut4()) return run_transposed(grad_y, *m);
   return run_transposed(grad_y, *w.int8());
+}
+
+torch::Tensor llm_int8_impl(const torch::Tensor& x, const PackedWeight& w, double threshold,
+                            const torch::Tensor& bias, std::vector<int64_t>* outlier_cols) {
+  sync_threads();
+  const kernels::Int8Matrix* m = w.int8();
+  const kernels::DType dt = io_dtype(x, "x");
+  const torch::Tensor x2 = as_matrix(x, m->cols, "x", "in_features");
+  const torch::Tensor b = bias_f32(bias, m->rows);
+  torch::Tensor y = torch::empty({x2.size(0), m->rows}, x.options());
+  const kernels::MatmulIO io = make_io(x2, dt, m->cols, y, m->rows, b);
+  kernels::matmul_llm_int8(*m, io, static_cast<float>(threshold), outlier_cols);
+  return y.reshape(out_shape(x, m->rows));
+}
+
+// The packed weight rides in the autograd context (saved_data holds IValues; a capsule is the
+// IValue for an opaque C++ object). It never gets a gradient: it is not a tensor input.
+struct WeightHolder : torch::CustomClassHolder {
+  explicit WeightHolder(PackedWeight weight) : w(std::move(weight)) {}
+  PackedWeight w;
+};
+
+// y = x · dequant(W)ᵀ + bias with the fused kernels (quantized_matmul's path, or LLM.int8 when
+// llm_int8); backward: grad_x = grad_y · dequant(W) (fused transposed product, exact path),
+// grad_bias = sum of grad_y over the rows.
+class QuantizedMatmulFunction : public torch::autograd::Function<QuantizedMatmulFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& bias, bool has_bias, const PackedWeight& w,
+                               MatmulPath path, bool llm_int8, double threshold,
+                               std::vector<int64_t>* outlier_cols) {
+    ctx->saved_data["w"] = c10::IValue::make_capsule(c10::make_intrusive<WeightHolder>(w));
+    ctx->saved_data["bias_dtype"] = bias.scalar_type();
+    // An empty bias stands for none (libtorch 1.13's Function::apply refuses undefined inputs).
+    const torch::Tensor b = has_bias ? bias : torch::Tensor();
+    return llm_int8 ? llm_int8_impl(x, w, threshold, b, outlier_cols) : forward_impl(x, w, b, path);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto holder = c10::static_intrusive_pointer_cast<WeightHolder>(ctx->saved_data["w"].toCapsule());
+    const PackedWeight& w = holder->w;
+    const torch::Tensor& gy = grads[0];
+    torch::Tensor gx, gb;
+    if (ctx->needs_input_grad(0)) gx = transposed_impl(gy, w);
+    if (ctx->needs_input_grad(1))
+      gb = gy.reshape({-1, w.out_features()})
+               .to(torch::kFloat32)
+               .sum(0)
+               .to(ctx->saved_data["bias_dtype"].toScalarType());
+    return {gx,
+            gb,
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
+torch::Tensor bias_or_empty(const torch::Tensor& bias) {
+  return bias.defined() ? bias : torch::empty({0}, torch::kFloat32);
+}
+
+bool wants_grad(const torch::Tensor& x, const torch::Tensor& bias) {
+  return torch::GradMode::is_enabled() && (x.requires_grad() || (bias.defined() && bias.requires_grad()));
+}
+
+}  // namespace
+
+torch::Tensor quantized_matmul(const torch::Tensor& x, const PackedWeight& w, const torch::Tensor& bias,
+                               MatmulPath path) {
+  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+  if (wants_grad(x, bias))
+    return QuantizedMatmulFunction::apply(x, bias_or_empty(bias), bias.defined(), w, path, false, 0.0,
+                                          nullptr);
+  return forward_impl(x, w, bias, path);
+}
+
+torch::Tensor quantized_matmul_transposed(const torch::Tensor& grad_y, const PackedWeight& w) {
+  TORCH_CHECK(w.defined(), "w: expected a packed weight, got an empty PackedWeight");
+  return transposed_impl(grad_y, w);
 }
 
 torch::Tensor matmul_4bit(const torch::Tensor& x, const torch::Tensor& data, const QuantState& state,
@@ -258,14 +372,11 @@ Int8MatmulResult int8_matmul(const torch::Tensor& x, const PackedWeight& w, doub
   TORCH_CHECK(!m->offset, "w: expected a symmetric int8 weight for LLM.int8(), got an asymmetric one");
   TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold: expected a finite value >= 0, got ",
               threshold);
-  const kernels::DType dt = io_dtype(x, "x");
-  const torch::Tensor x2 = as_matrix(x, m->cols, "x", "in_features");
-  const torch::Tensor b = bias_f32(bias, m->rows);
   Int8MatmulResult r;
-  torch::Tensor y = torch::empty({x2.size(0), m->rows}, x.options());
-  const kernels::MatmulIO io = make_io(x2, dt, m->cols, y, m->rows, b);
-  kernels::matmul_llm_int8(*m, io, static_cast<float>(threshold), &r.outlier_cols);
-  r.out = y.reshape(out_shape(x, m->rows));
+  r.out = wants_grad(x, bias)
+              ? QuantizedMatmulFunction::apply(x, bias_or_empty(bias), bias.defined(), w, MatmulPath::exact,
+                                               true, threshold, &r.outlier_cols)
+              : llm_int8_impl(x, w, threshold, bias, &r.outlier_cols);
   return r;
 }
 

@@ -22,6 +22,26 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t m) { return ceil_div(n, m) * m; }
 
+// IEEE half of a float, rounded to nearest even (what vcvtps2ph with imm 0 does): overflow to
+// Inf, NaN stays a quiet NaN, results below 2^-14 become half denormals.
+uint16_t float_to_half(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: Inf
+  if (a < 0x38800000u) {
+    // Below 2^-14: a denormal half, mantissa = rne(|f| * 2^24), exact in float arithmetic.
+    float v;
+    std::memcpy(&v, &a, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(v * 16777216.0f)));
+  }
+  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry moves into the exponent.
+  const uint32_t r = a - 0x38000000u;  // rebias the exponent from 127 to 15
+  return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+}
+
 template <class T>
 std::shared_ptr<T> aligned_buffer(int64_t count) {
   const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * int64_t(sizeof(T)), 64));
@@ -39,10 +59,17 @@ std::vector<float> padded_stats(const float* v, int64_t count, const Lut4Matrix&
   return out;
 }
 
+// A packer's sizes: every product it forms (rows * padded cols, the statistics count) stays
+// under 2^59 elements, so no byte offset or element count can wrap.
+constexpr int64_t kMaxPackElems = std::numeric_limits<int64_t>::max() / 16;
 void check_dims(const char* what, int64_t rows, int64_t cols) {
   if (rows < 0 || cols <= 0)
     throw std::invalid_argument(std::string(what) + ": expected rows >= 0 and cols > 0, got " +
                                 std::to_string(rows) + " x " + std::to_string(cols));
+  if (cols > kMaxPackElems - kLut4Chunk || rows > kMaxPackElems / round_up(cols, kLut4Chunk))
+    throw std::invalid_argument(
+        std::string(what) + ": rows * cols: expected <= " + std::to_string(kMaxPackElems) +
+        " elements (padded), got " + std::to_string(rows) + " x " + std::to_string(cols));
 }
 
 // Sets the nibble of element j in a packed Lut4Matrix row.
@@ -93,8 +120,7 @@ std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
     if (io.x_dtype == DType::f32) {
       std::memcpy(dst, static_cast<const float*>(io.x) + i * io.ldx, static_cast<size_t>(cols) * 4);
     } else {
-      const uint16_t* src = static_cast<const uint16_t*>(io.x) + i * io.ldx;
-      for (int64_t j = 0; j < cols; ++j) dst[j] = bf16_to_float(src[j]);
+      for (int64_t j = 0; j < cols; ++j) dst[j] = load_elem(io.x, io.x_dtype, i * io.ldx + j);
     }
   });
   return x;
@@ -107,12 +133,10 @@ void check_io(const char* what, const MatmulIO& io, int64_t in_cols, int64_t out
   auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": " + m); };
   if (io.n < 0) fail("n: expected >= 0, got " + std::to_string(io.n));
   if (io.x_dtype != DType::f32 && io.x_dtype != DType::f16 && io.x_dtype != DType::bf16)
-    fail("x_dtype: expected f32 or bf16, got DType(" + std::to_string(int(io.x_dtype)) + ")");
+    fail("x_dtype: expected f32, f16 or bf16, got DType(" + std::to_string(int(io.x_dtype)) + ")");
   if (io.y_dtype != DType::f32 && io.y_dtype != DType::f16 && io.y_dtype != DType::bf16)
-    fail("y_dtype: expected f32 or bf16, got DType(" + std::to_string(int(io.y_dtype)) + ")");
+    fail("y_dtype: expected f32, f16 or bf16, got DType(" + std::to_string(int(io.y_dtype)) + ")");
   if (io.n > 0 && (!io.x || !io.y)) fail("x and y: expected buffers, got null");
-  if (io.x_dtype == DType::f16 || io.y_dtype == DType::f16)
-    fail("dtype: expected float32 or bfloat16 activations and outputs, got float16");
   if (io.ldx < in_cols)
     fail("ldx: expected >= " + std::to_string(in_cols) + " (input columns), got " + std::to_string(io.ldx));
   if (io.ldy < out_cols)
@@ -166,7 +190,11 @@ void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& 
         std::memcpy(y, a, static_cast<size_t>(cols) * 4);
     } else {
       uint16_t* y = static_cast<uint16_t*>(io.y) + i * io.ldy;
-      for (int64_t r = 0; r < cols; ++r) y[r] = float_to_bf16(a[r] + (io.bias ? io.bias[r] : 0.0f));
+      const bool f16 = io.y_dtype == DType::f16;
+      for (int64_t r = 0; r < cols; ++r) {
+        const float v = a[r] + (io.bias ? io.bias[r] : 0.0f);
+        y[r] = f16 ? float_to_half(v) : float_to_bf16(v);
+      }
     }
   });
 }
@@ -337,6 +365,11 @@ PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t 
                      const int32_t* zero_point) {
   check_dims("pack_int4", rows, cols);
   if (group <= 0) throw std::invalid_argument("pack_int4: group: expected > 0, got " + std::to_string(group));
+  // row_stride = groups * group: the scale index r * row_stride + j must not wrap.
+  if (group > kMaxPackElems / std::max<int64_t>(rows, 1) / 2)
+    throw std::invalid_argument(
+        "pack_int4: group: expected <= " + std::to_string(kMaxPackElems / std::max<int64_t>(rows, 1) / 2) +
+        " for " + std::to_string(rows) + " rows, got " + std::to_string(group));
   PackedLut4 p;
   Lut4Matrix& w = p.view;
   const int64_t groups = ceil_div(cols, group), row_bytes = (cols + 1) / 2;
@@ -475,8 +508,8 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
     if (io.x_dtype == DType::bf16) {
       std::memcpy(dst, static_cast<const uint16_t*>(io.x) + i * io.ldx, static_cast<size_t>(w.cols) * 2);
     } else {
-      const float* src = static_cast<const float*>(io.x) + i * io.ldx;
-      for (int64_t j = 0; j < w.cols; ++j) dst[j] = float_to_bf16(src[j]);
+      for (int64_t j = 0; j < w.cols; ++j)
+        dst[j] = float_to_bf16(load_elem(io.x, io.x_dtype, i * io.ldx + j));
     }
   });
   std::vector<float> y(static_cast<size_t>(io.n * w.rows));
