@@ -16,8 +16,11 @@ namespace msbnb {
 
 struct PackedWeight::Impl {
   std::string format;
-  kernels::PackedLut4 lut4;
-  kernels::PackedInt8 int8;
+  // The packed weight lives in these tensors (torch owns the memory); lut4 / int8 are views.
+  torch::Tensor codes;                               // uint8, the kernels' layout (64-byte aligned)
+  torch::Tensor scale, zero_point, offset, row_sum;  // float32 (row_sum int32); undefined if unused
+  kernels::Lut4Matrix lut4;
+  kernels::Int8Matrix int8;
   bool is_4bit = false;
   QuantState state;   // 4-bit: the interchange statistics, kept as given
   Int8Quantized q8;   // int8: scale / offset / options as given (weight_int8 undefined)
@@ -145,8 +148,14 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
         zp.push_back(v);
       }
     }
-    impl->lut4 = kernels::pack_int4(packed.data_ptr<uint8_t>(), rows, cols, gs, scale.data_ptr<float>(),
-                                    zp.empty() ? nullptr : zp.data());
+    const kernels::Lut4Layout l = kernels::int4_layout(rows, cols, gs);
+    impl->codes = torch::empty({l.codes_bytes}, torch::kUInt8);
+    impl->scale = torch::empty({l.stats}, kF32);
+    if (!zp.empty()) impl->zero_point = torch::empty({l.stats}, kF32);
+    impl->lut4 = kernels::pack_int4_into(packed.data_ptr<uint8_t>(), rows, cols, gs, scale.data_ptr<float>(),
+                                         zp.empty() ? nullptr : zp.data(), impl->codes.data_ptr<uint8_t>(),
+                                         impl->scale.data_ptr<float>(),
+                                         zp.empty() ? nullptr : impl->zero_point.data_ptr<float>());
   } else {
     detail::format_4bit(s.quant_type, "state.quant_type");  // a codebook row of formats.def
     TORCH_CHECK(detail::is_pow2(s.blocksize) && s.blocksize >= 32 && s.blocksize <= 4096,
@@ -157,8 +166,16 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
     detail::check_all_finite(s.code, "state.code");
     const torch::Tensor code = detail::dense(s.code);
     const torch::Tensor absmax = detail::resolved_absmax(s, kernels::ceil_div(numel, s.blocksize));
-    impl->lut4 = kernels::pack_lut4_bnb(packed.data_ptr<uint8_t>(), rows, cols, s.blocksize,
-                                        absmax.data_ptr<float>(), code.data_ptr<float>());
+    const kernels::Lut4Layout l = kernels::lut4_bnb_layout(rows, cols, s.blocksize);
+    impl->codes = torch::empty({l.codes_bytes}, torch::kUInt8);
+    impl->scale = torch::empty({l.stats}, kF32);
+    impl->lut4 = kernels::pack_lut4_bnb_into(packed.data_ptr<uint8_t>(), rows, cols, s.blocksize,
+                                             absmax.data_ptr<float>(), code.data_ptr<float>(),
+                                             impl->codes.data_ptr<uint8_t>(), impl->scale.data_ptr<float>());
+    // float32 absmax: the state shares the packed scale's memory (its first stats_given floats,
+    // bit-exact copies) instead of holding the weight's statistics twice.
+    if (!s.nested() && s.absmax.scalar_type() == torch::kFloat32)
+      impl->state.absmax = impl->scale.narrow(0, 0, l.stats_given).view(s.absmax.sizes());
   }
   PackedWeight w;
   w.impl_ = std::move(impl);
@@ -191,8 +208,15 @@ PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
   impl->format = "int8";
   impl->q8 = q;
   impl->q8.weight_int8 = torch::Tensor();
-  impl->int8 = kernels::pack_int8(codes.data_ptr<int8_t>(), rows, cols, scale.data_ptr<float>(),
-                                  offset.defined() ? offset.data_ptr<float>() : nullptr);
+  impl->codes = torch::empty({kernels::int8_codes_bytes(rows, cols)}, torch::kUInt8);
+  impl->scale = torch::empty({rows}, kF32);
+  impl->row_sum = torch::empty({rows}, torch::kInt32);
+  if (offset.defined()) impl->offset = torch::empty({rows}, kF32);
+  impl->int8 = kernels::pack_int8_into(
+      codes.data_ptr<int8_t>(), rows, cols, scale.data_ptr<float>(),
+      offset.defined() ? offset.data_ptr<float>() : nullptr,
+      reinterpret_cast<int8_t*>(impl->codes.data_ptr<uint8_t>()), impl->scale.data_ptr<float>(),
+      offset.defined() ? impl->offset.data_ptr<float>() : nullptr, impl->row_sum.data_ptr<int32_t>());
   PackedWeight w;
   w.impl_ = std::move(impl);
   return w;
@@ -214,32 +238,53 @@ PackedWeight PackedWeight::from_int8_scb(const torch::Tensor& CB, const torch::T
   return w;
 }
 
+namespace {
+std::vector<std::pair<std::string, torch::Tensor>> p_tensors(const PackedWeight::Impl& p) {
+  std::vector<std::pair<std::string, torch::Tensor>> v;
+  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"codes", p.codes},
+                                {"scale", p.scale},
+                                {"zero_point", p.zero_point},
+                                {"offset", p.offset},
+                                {"row_sum", p.row_sum}})
+    if (t.defined()) v.emplace_back(name, t);
+  return v;
+}
+}  // namespace
+
+std::vector<std::pair<std::string, torch::Tensor>> PackedWeight::tensors() const {
+  return p_tensors(impl_of(impl_));
+}
+
 int64_t PackedWeight::out_features() const {
   const Impl& p = impl_of(impl_);
-  return p.is_4bit ? p.lut4.view.rows : p.int8.view.rows;
+  return p.is_4bit ? p.lut4.rows : p.int8.rows;
 }
 int64_t PackedWeight::in_features() const {
   const Impl& p = impl_of(impl_);
-  return p.is_4bit ? p.lut4.view.cols : p.int8.view.cols;
+  return p.is_4bit ? p.lut4.cols : p.int8.cols;
 }
 const std::string& PackedWeight::format() const { return impl_of(impl_).format; }
 int64_t PackedWeight::bytes() const {
   const Impl& p = impl_of(impl_);
-  return p.is_4bit ? p.lut4.bytes() : p.int8.bytes();
+  int64_t n = 0;
+  for (const auto& [name, t] : p_tensors(p)) n += t.numel() * static_cast<int64_t>(t.element_size());
+  return n;
 }
 const kernels::Lut4Matrix* PackedWeight::lut4() const {
-  return impl_of(impl_).is_4bit ? &impl_->lut4.view : nullptr;
+  return impl_of(impl_).is_4bit ? &impl_->lut4 : nullptr;
 }
 const kernels::Int8Matrix* PackedWeight::int8() const {
-  return impl_of(impl_).is_4bit ? nullptr : &impl_->int8.view;
+  return impl_of(impl_).is_4bit ? nullptr : &impl_->int8;
 }
 
 Quantized4bit PackedWeight::to_4bit() const {
   const Impl& p = impl_of(impl_);
   TORCH_CHECK(p.is_4bit, "to_4bit: expected a 4-bit packed weight, got format ", p.format);
-  const kernels::Lut4Matrix& w = p.lut4.view;
+  const kernels::Lut4Matrix& w = p.lut4;
   Quantized4bit out;
   out.state = p.state;
+  // A float32 absmax shares the packed scale's memory: hand out a copy.
+  if (!out.state.nested() && out.state.absmax.defined()) out.state.absmax = out.state.absmax.clone();
   const bool bnb = p.format != "int4";
   out.data = bnb ? torch::empty({(w.rows * w.cols + 1) / 2, 1}, torch::kUInt8)
                  : torch::empty({w.rows, (w.cols + 1) / 2}, torch::kUInt8);
@@ -257,8 +302,8 @@ Int8Quantized PackedWeight::to_8bit() const {
   const Impl& p = impl_of(impl_);
   TORCH_CHECK(!p.is_4bit, "to_8bit: expected an int8 packed weight, got format ", p.format);
   Int8Quantized out = p.q8;
-  out.weight_int8 = torch::empty({p.int8.view.rows, p.int8.view.cols}, torch::kInt8);
-  kernels::unpack_int8_codes(p.int8.view, out.weight_int8.data_ptr<int8_t>());
+  out.weight_int8 = torch::empty({p.int8.rows, p.int8.cols}, torch::kInt8);
+  kernels::unpack_int8_codes(p.int8, out.weight_int8.data_ptr<int8_t>());
   return out;
 }
 

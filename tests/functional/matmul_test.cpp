@@ -426,6 +426,19 @@ TEST(Matmul, PackedMemoryVsInterchange) {
     const int64_t interchange = nbytes(q.data) + nbytes(q.state.absmax) + nbytes(q.state.code) +
                                 (nested ? nbytes(q.state.state2->absmax) + nbytes(q.state.state2->code) : 0);
     const PackedWeight pw = PackedWeight::from_4bit(q.data, q.state);
+    // torch owns the packed weight: the kernels read the tensors() in place.
+    const auto ts = pw.tensors();
+    ASSERT_EQ(ts.size(), 2u);
+    EXPECT_EQ(ts[0].first, "codes");
+    EXPECT_EQ(ts[0].second.scalar_type(), torch::kUInt8);
+    EXPECT_EQ(ts[0].second.data_ptr(), static_cast<const void*>(pw.lut4()->codes));
+    EXPECT_EQ(ts[1].first, "scale");
+    EXPECT_EQ(ts[1].second.scalar_type(), torch::kFloat32);
+    EXPECT_EQ(ts[1].second.data_ptr(), static_cast<const void*>(pw.lut4()->scale));
+    EXPECT_EQ(pw.bytes(), ts[0].second.numel() + 4 * ts[1].second.numel());
+    const auto back = pw.to_4bit();
+    EXPECT_TRUE(torch::equal(back.data, q.data));
+    EXPECT_TRUE(torch::equal(back.state.absmax, q.state.absmax));
     const double ratio = double(pw.bytes()) / double(interchange);
     std::cout << "[ INFO     ] nf4 4096x4096 b64" << (nested ? " double quant" : "") << ": packed "
               << pw.bytes() << " B, interchange " << interchange << " B, ratio " << ratio << "\n";

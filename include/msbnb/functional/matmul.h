@@ -39,8 +39,12 @@ class PackedWeight {
   int64_t in_features() const;
   /// "nf4", "fp4", "int4" or "int8".
   const std::string& format() const;
-  /// Bytes one matmul reads: codes and float32 statistics.
+  /// Bytes of the packed tensors (tensors()): what one matmul reads.
   int64_t bytes() const;
+  /// The packed weight as torch tensors (torch owns the memory): "codes" (uint8, the kernels'
+  /// layout), "scale", and "zero_point" (asymmetric int4) / "offset" (asymmetric int8) float32,
+  /// "row_sum" int32 (int8). The kernels read them in place; do not write to them.
+  std::vector<std::pair<std::string, torch::Tensor>> tensors() const;
 
   Quantized4bit to_4bit() const;
   Int8Quantized to_8bit() const;
