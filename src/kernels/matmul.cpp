@@ -22,6 +22,26 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t m) { return ceil_div(n, m) * m; }
 
+// IEEE half of a float, rounded to nearest even (what vcvtps2ph with imm 0 does): overflow to
+// Inf, NaN stays a quiet NaN, results below 2^-14 become half denormals.
+uint16_t float_to_half(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: Inf
+  if (a < 0x38800000u) {
+    // Below 2^-14: a denormal half, mantissa = rne(|f| * 2^24), exact in float arithmetic.
+    float v;
+    std::memcpy(&v, &a, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(v * 16777216.0f)));
+  }
+  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry moves into the exponent.
+  const uint32_t r = a - 0x38000000u;  // rebias the exponent from 127 to 15
+  return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+}
+
 template <class T>
 std::shared_ptr<T> aligned_buffer(int64_t count) {
   const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * int64_t(sizeof(T)), 64));
@@ -31,18 +51,17 @@ std::shared_ptr<T> aligned_buffer(int64_t count) {
   return std::shared_ptr<T>(static_cast<T*>(p), [](T* q) { std::free(q); });
 }
 
-// Statistics padded so that a SIMD kernel may look up the scale of every padded column.
-std::vector<float> padded_stats(const float* v, int64_t count, const Lut4Matrix& w) {
-  const int64_t need = w.rows == 0 ? 0 : ((w.rows - 1) * w.row_stride + w.kpad - 1) / w.group + 1;
-  std::vector<float> out(static_cast<size_t>(std::max(count, need)), 0.0f);
-  std::copy(v, v + count, out.begin());
-  return out;
-}
-
+// A packer's sizes: every product it forms (rows * padded cols, the statistics count) stays
+// under 2^59 elements, so no byte offset or element count can wrap.
+constexpr int64_t kMaxPackElems = std::numeric_limits<int64_t>::max() / 16;
 void check_dims(const char* what, int64_t rows, int64_t cols) {
   if (rows < 0 || cols <= 0)
     throw std::invalid_argument(std::string(what) + ": expected rows >= 0 and cols > 0, got " +
                                 std::to_string(rows) + " x " + std::to_string(cols));
+  if (cols > kMaxPackElems - kLut4Chunk || rows > kMaxPackElems / round_up(cols, kLut4Chunk))
+    throw std::invalid_argument(
+        std::string(what) + ": rows * cols: expected <= " + std::to_string(kMaxPackElems) +
+        " elements (padded), got " + std::to_string(rows) + " x " + std::to_string(cols));
 }
 
 // Sets the nibble of element j in a packed Lut4Matrix row.
@@ -93,8 +112,7 @@ std::vector<float> padded_f32(const MatmulIO& io, int64_t cols, int64_t kpad) {
     if (io.x_dtype == DType::f32) {
       std::memcpy(dst, static_cast<const float*>(io.x) + i * io.ldx, static_cast<size_t>(cols) * 4);
     } else {
-      const uint16_t* src = static_cast<const uint16_t*>(io.x) + i * io.ldx;
-      for (int64_t j = 0; j < cols; ++j) dst[j] = bf16_to_float(src[j]);
+      for (int64_t j = 0; j < cols; ++j) dst[j] = load_elem(io.x, io.x_dtype, i * io.ldx + j);
     }
   });
   return x;
@@ -107,12 +125,10 @@ void check_io(const char* what, const MatmulIO& io, int64_t in_cols, int64_t out
   auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": " + m); };
   if (io.n < 0) fail("n: expected >= 0, got " + std::to_string(io.n));
   if (io.x_dtype != DType::f32 && io.x_dtype != DType::f16 && io.x_dtype != DType::bf16)
-    fail("x_dtype: expected f32 or bf16, got DType(" + std::to_string(int(io.x_dtype)) + ")");
+    fail("x_dtype: expected f32, f16 or bf16, got DType(" + std::to_string(int(io.x_dtype)) + ")");
   if (io.y_dtype != DType::f32 && io.y_dtype != DType::f16 && io.y_dtype != DType::bf16)
-    fail("y_dtype: expected f32 or bf16, got DType(" + std::to_string(int(io.y_dtype)) + ")");
+    fail("y_dtype: expected f32, f16 or bf16, got DType(" + std::to_string(int(io.y_dtype)) + ")");
   if (io.n > 0 && (!io.x || !io.y)) fail("x and y: expected buffers, got null");
-  if (io.x_dtype == DType::f16 || io.y_dtype == DType::f16)
-    fail("dtype: expected float32 or bfloat16 activations and outputs, got float16");
   if (io.ldx < in_cols)
     fail("ldx: expected >= " + std::to_string(in_cols) + " (input columns), got " + std::to_string(io.ldx));
   if (io.ldy < out_cols)
@@ -166,7 +182,11 @@ void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& 
         std::memcpy(y, a, static_cast<size_t>(cols) * 4);
     } else {
       uint16_t* y = static_cast<uint16_t*>(io.y) + i * io.ldy;
-      for (int64_t r = 0; r < cols; ++r) y[r] = float_to_bf16(a[r] + (io.bias ? io.bias[r] : 0.0f));
+      const bool f16 = io.y_dtype == DType::f16;
+      for (int64_t r = 0; r < cols; ++r) {
+        const float v = a[r] + (io.bias ? io.bias[r] : 0.0f);
+        y[r] = f16 ? float_to_half(v) : float_to_bf16(v);
+      }
     }
   });
 }
@@ -306,66 +326,159 @@ int64_t PackedInt8::bytes() const {
   return view.rows * view.kpad + int64_t(scale.size() + offset.size()) * 4 + int64_t(row_sum.size()) * 4;
 }
 
-PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
-                         const float* absmax, const float* code16) {
+namespace {
+
+// Statistics a SIMD kernel may look up: the scale of every padded column of every row.
+int64_t padded_stat_count(int64_t rows, int64_t kpad, int64_t row_stride, int64_t group, int64_t given) {
+  const int64_t need = rows == 0 ? 0 : ((rows - 1) * row_stride + kpad - 1) / group + 1;
+  return std::max(given, need);
+}
+
+void check_storage(const char* what, const char* arg, const void* p, bool needed, int64_t align) {
+  if (!needed) return;
+  if (!p) throw std::invalid_argument(std::string(what) + ": " + arg + ": expected a buffer, got null");
+  if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(align) != 0)
+    throw std::invalid_argument(
+        std::string(what) + ": " + arg + ": expected " + std::to_string(align) +
+        "-byte aligned storage, got address % " + std::to_string(align) + " = " +
+        std::to_string(reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(align)));
+}
+
+Lut4Matrix lut4_matrix(const Lut4Layout& l, int64_t rows, int64_t cols) {
+  Lut4Matrix w;
+  w.rows = rows;
+  w.cols = cols;
+  w.kpad = l.kpad;
+  w.group = l.group;
+  w.row_stride = l.row_stride;
+  return w;
+}
+
+void fill_int4_lut(Lut4Matrix& w, bool asym) {
+  // Symmetric nibbles are two's complement q in [-8, 7]: index q + 8 = nibble ^ 8.
+  for (int i = 0; i < 16; ++i) w.lut[i] = static_cast<float>(asym ? i : i - 8);
+}
+
+}  // namespace
+
+Lut4Layout lut4_bnb_layout(int64_t rows, int64_t cols, int64_t blocksize) {
   check_dims("pack_lut4_bnb", rows, cols);
   if (blocksize <= 0)
     throw std::invalid_argument("pack_lut4_bnb: blocksize: expected > 0, got " + std::to_string(blocksize));
-  PackedLut4 p;
-  Lut4Matrix& w = p.view;
-  w.rows = rows;
-  w.cols = cols;
-  w.kpad = round_up(cols, kLut4Chunk);
-  w.group = blocksize;
-  w.row_stride = cols;
+  Lut4Layout l;
+  l.kpad = round_up(cols, kLut4Chunk);
+  l.group = blocksize;
+  l.row_stride = cols;
+  l.codes_bytes = rows * (l.kpad / 2);
+  l.stats_given = ceil_div(rows * cols, blocksize);
+  l.stats = padded_stat_count(rows, l.kpad, l.row_stride, l.group, l.stats_given);
+  return l;
+}
+
+Lut4Layout int4_layout(int64_t rows, int64_t cols, int64_t group) {
+  check_dims("pack_int4", rows, cols);
+  if (group <= 0) throw std::invalid_argument("pack_int4: group: expected > 0, got " + std::to_string(group));
+  // row_stride = groups * group: the scale index r * row_stride + j must not wrap.
+  if (group > kMaxPackElems / std::max<int64_t>(rows, 1) / 2)
+    throw std::invalid_argument(
+        "pack_int4: group: expected <= " + std::to_string(kMaxPackElems / std::max<int64_t>(rows, 1) / 2) +
+        " for " + std::to_string(rows) + " rows, got " + std::to_string(group));
+  Lut4Layout l;
+  const int64_t groups = ceil_div(cols, group);
+  l.kpad = round_up(cols, kLut4Chunk);
+  l.group = group;
+  l.row_stride = groups * group;
+  l.codes_bytes = rows * (l.kpad / 2);
+  l.stats_given = rows * groups;
+  l.stats = padded_stat_count(rows, l.kpad, l.row_stride, l.group, l.stats_given);
+  return l;
+}
+
+Lut4Matrix lut4_bnb_view(int64_t rows, int64_t cols, int64_t blocksize, const float* code16,
+                         const uint8_t* codes, const float* scale) {
+  const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
+  check_storage("lut4_bnb_view", "codes", codes, l.codes_bytes > 0, 64);
+  check_storage("lut4_bnb_view", "scale", scale, l.stats > 0, 4);
+  Lut4Matrix w = lut4_matrix(l, rows, cols);
   std::copy(code16, code16 + 16, w.lut);
-  p.codes = aligned_buffer<uint8_t>(rows * w.kpad / 2);
+  w.codes = codes;
+  w.scale = scale;
+  return w;
+}
+
+Lut4Matrix int4_view(int64_t rows, int64_t cols, int64_t group, bool asym, const uint8_t* codes,
+                     const float* scale, const float* zero_point) {
+  const Lut4Layout l = int4_layout(rows, cols, group);
+  check_storage("int4_view", "codes", codes, l.codes_bytes > 0, 64);
+  check_storage("int4_view", "scale", scale, l.stats > 0, 4);
+  check_storage("int4_view", "zero_point", zero_point, asym && l.stats > 0, 4);
+  Lut4Matrix w = lut4_matrix(l, rows, cols);
+  fill_int4_lut(w, asym);
+  w.codes = codes;
+  w.scale = scale;
+  w.zero_point = asym ? zero_point : nullptr;
+  return w;
+}
+
+Lut4Matrix pack_lut4_bnb_into(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                              const float* absmax, const float* code16, uint8_t* codes, float* scale) {
+  const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
+  const Lut4Matrix w = lut4_bnb_view(rows, cols, blocksize, code16, codes, scale);
+  std::memset(codes, 0, static_cast<size_t>(l.codes_bytes));
   for (int64_t r = 0; r < rows; ++r) {
-    uint8_t* dst = p.codes.get() + r * (w.kpad / 2);
+    uint8_t* dst = codes + r * (l.kpad / 2);
     for (int64_t j = 0; j < cols; ++j) {
       const int64_t f = r * cols + j;
       const uint8_t byte = packed[f / 2];
       put_lut4(dst, j, f % 2 == 0 ? byte >> 4 : byte & 0xf);
     }
   }
-  p.scale = padded_stats(absmax, ceil_div(rows * cols, blocksize), w);
-  w.codes = p.codes.get();
-  w.scale = p.scale.data();
-  return p;
+  std::fill(std::copy(absmax, absmax + l.stats_given, scale), scale + l.stats, 0.0f);
+  return w;
 }
 
-PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
-                     const int32_t* zero_point) {
-  check_dims("pack_int4", rows, cols);
-  if (group <= 0) throw std::invalid_argument("pack_int4: group: expected > 0, got " + std::to_string(group));
-  PackedLut4 p;
-  Lut4Matrix& w = p.view;
-  const int64_t groups = ceil_div(cols, group), row_bytes = (cols + 1) / 2;
-  w.rows = rows;
-  w.cols = cols;
-  w.kpad = round_up(cols, kLut4Chunk);
-  w.group = group;
-  w.row_stride = groups * group;
-  // Symmetric nibbles are two's complement q in [-8, 7]: index q + 8 = nibble ^ 8.
-  for (int i = 0; i < 16; ++i) w.lut[i] = static_cast<float>(zero_point ? i : i - 8);
+Lut4Matrix pack_int4_into(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group,
+                          const float* scale, const int32_t* zero_point, uint8_t* codes, float* scale_out,
+                          float* zero_point_out) {
+  const Lut4Layout l = int4_layout(rows, cols, group);
+  const Lut4Matrix w = int4_view(rows, cols, group, zero_point != nullptr, codes, scale_out, zero_point_out);
+  const int64_t row_bytes = (cols + 1) / 2;
   const int flip = zero_point ? 0 : 8;
-  p.codes = aligned_buffer<uint8_t>(rows * w.kpad / 2);
+  std::memset(codes, 0, static_cast<size_t>(l.codes_bytes));
   for (int64_t r = 0; r < rows; ++r) {
-    uint8_t* dst = p.codes.get() + r * (w.kpad / 2);
+    uint8_t* dst = codes + r * (l.kpad / 2);
     for (int64_t j = 0; j < cols; ++j) {
       const uint8_t byte = packed[r * row_bytes + j / 2];
       put_lut4(dst, j, ((j % 2 == 0 ? byte : byte >> 4) & 0xf) ^ flip);
     }
   }
-  p.scale = padded_stats(scale, rows * groups, w);
+  std::fill(std::copy(scale, scale + l.stats_given, scale_out), scale_out + l.stats, 0.0f);
   if (zero_point) {
-    std::vector<float> zp(static_cast<size_t>(rows * groups));
-    for (size_t i = 0; i < zp.size(); ++i) zp[i] = static_cast<float>(zero_point[i]);
-    p.zero_point = padded_stats(zp.data(), rows * groups, w);
+    for (int64_t i = 0; i < l.stats_given; ++i) zero_point_out[i] = static_cast<float>(zero_point[i]);
+    std::fill(zero_point_out + l.stats_given, zero_point_out + l.stats, 0.0f);
   }
-  w.codes = p.codes.get();
-  w.scale = p.scale.data();
-  w.zero_point = zero_point ? p.zero_point.data() : nullptr;
+  return w;
+}
+
+PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                         const float* absmax, const float* code16) {
+  const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
+  PackedLut4 p;
+  p.codes = aligned_buffer<uint8_t>(l.codes_bytes);
+  p.scale.resize(static_cast<size_t>(l.stats));
+  p.view = pack_lut4_bnb_into(packed, rows, cols, blocksize, absmax, code16, p.codes.get(), p.scale.data());
+  return p;
+}
+
+PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
+                     const int32_t* zero_point) {
+  const Lut4Layout l = int4_layout(rows, cols, group);
+  PackedLut4 p;
+  p.codes = aligned_buffer<uint8_t>(l.codes_bytes);
+  p.scale.resize(static_cast<size_t>(l.stats));
+  if (zero_point) p.zero_point.resize(static_cast<size_t>(l.stats));
+  p.view = pack_int4_into(packed, rows, cols, group, scale, zero_point, p.codes.get(), p.scale.data(),
+                          zero_point ? p.zero_point.data() : nullptr);
   return p;
 }
 
@@ -399,27 +512,54 @@ void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed) {
     }
 }
 
-PackedInt8 pack_int8(const int8_t* q, int64_t rows, int64_t cols, const float* scale, const float* offset) {
+int64_t int8_codes_bytes(int64_t rows, int64_t cols) {
   check_dims("pack_int8", rows, cols);
-  PackedInt8 p;
-  Int8Matrix& w = p.view;
+  return rows * round_up(cols, kInt8Chunk);
+}
+
+Int8Matrix int8_view(int64_t rows, int64_t cols, const int8_t* codes, const float* scale, const float* offset,
+                     const int32_t* row_sum) {
+  const int64_t bytes = int8_codes_bytes(rows, cols);
+  check_storage("int8_view", "codes", codes, bytes > 0, 64);
+  check_storage("int8_view", "scale", scale, rows > 0, 4);
+  check_storage("int8_view", "row_sum", row_sum, rows > 0, 4);
+  Int8Matrix w;
   w.rows = rows;
   w.cols = cols;
   w.kpad = round_up(cols, kInt8Chunk);
-  p.codes = aligned_buffer<int8_t>(rows * w.kpad);
-  p.row_sum.assign(static_cast<size_t>(rows), 0);
+  w.codes = codes;
+  w.scale = scale;
+  w.offset = offset;
+  w.row_sum = row_sum;
+  return w;
+}
+
+Int8Matrix pack_int8_into(const int8_t* q, int64_t rows, int64_t cols, const float* scale,
+                          const float* offset, int8_t* codes, float* scale_out, float* offset_out,
+                          int32_t* row_sum) {
+  if (offset && rows > 0 && !offset_out)
+    throw std::invalid_argument("pack_int8_into: offset_out: expected a buffer (offset given), got null");
+  const Int8Matrix w = int8_view(rows, cols, codes, scale_out, offset ? offset_out : nullptr, row_sum);
+  std::memset(codes, 0, static_cast<size_t>(rows * w.kpad));
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(p.codes.get() + r * w.kpad, q + r * cols, static_cast<size_t>(cols));
+    std::memcpy(codes + r * w.kpad, q + r * cols, static_cast<size_t>(cols));
     int32_t s = 0;
     for (int64_t j = 0; j < cols; ++j) s += q[r * cols + j];
-    p.row_sum[r] = s;
+    row_sum[r] = s;
   }
-  p.scale.assign(scale, scale + rows);
-  if (offset) p.offset.assign(offset, offset + rows);
-  w.codes = p.codes.get();
-  w.scale = p.scale.data();
-  w.offset = offset ? p.offset.data() : nullptr;
-  w.row_sum = p.row_sum.data();
+  std::copy(scale, scale + rows, scale_out);
+  if (offset) std::copy(offset, offset + rows, offset_out);
+  return w;
+}
+
+PackedInt8 pack_int8(const int8_t* q, int64_t rows, int64_t cols, const float* scale, const float* offset) {
+  PackedInt8 p;
+  p.codes = aligned_buffer<int8_t>(int8_codes_bytes(rows, cols));
+  p.scale.resize(static_cast<size_t>(rows));
+  p.row_sum.resize(static_cast<size_t>(rows));
+  if (offset) p.offset.resize(static_cast<size_t>(rows));
+  p.view = pack_int8_into(q, rows, cols, scale, offset, p.codes.get(), p.scale.data(),
+                          offset ? p.offset.data() : nullptr, p.row_sum.data());
   return p;
 }
 
@@ -476,8 +616,8 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
     if (io.x_dtype == DType::bf16) {
       std::memcpy(dst, static_cast<const uint16_t*>(io.x) + i * io.ldx, static_cast<size_t>(w.cols) * 2);
     } else {
-      const float* src = static_cast<const float*>(io.x) + i * io.ldx;
-      for (int64_t j = 0; j < w.cols; ++j) dst[j] = float_to_bf16(src[j]);
+      for (int64_t j = 0; j < w.cols; ++j)
+        dst[j] = float_to_bf16(load_elem(io.x, io.x_dtype, i * io.ldx + j));
     }
   });
   std::vector<float> y(static_cast<size_t>(io.n * w.rows));

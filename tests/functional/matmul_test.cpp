@@ -1,6 +1,7 @@
 // Fused quantized matmul through the functional API, on the ISA this process runs (the suite runs
 // once per ISA, MSBNB_ISA): against "dequantize, then matmul" in double, round trips of the
 // packed layout, LLM.int8() against bitsandbytes' fixtures, and bad input.
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "msbnb/kernels/ops.h"
 #include "msbnb/msbnb.h"
 
 namespace {
@@ -255,15 +257,206 @@ void expect_error(const std::function<void()>& fn, std::initializer_list<const c
   }
 }
 
+// quantized_matmul and int8_matmul are differentiable in x and bias: grad_x through the fused
+// transposed product, grad_bias the row sum of grad_y, against torch autograd in double through
+// the dequantized weight. The packed weight is not an input, so it gets no gradient.
+TEST(Matmul, AutogradMatchesDequantizedWeight) {
+  std::vector<Case> cs = cases();
+  for (const Case& c : cs) {
+    const int64_t out = c.dequant.size(0), in = c.dequant.size(1);
+    torch::manual_seed(21);
+    const torch::Tensor x = torch::randn({2, 5, in}).requires_grad_(true);
+    const torch::Tensor bias = torch::randn({out}).requires_grad_(true);
+    const torch::Tensor g = torch::randn({2, 5, out});
+    const torch::Tensor y = msbnb::quantized_matmul(x, c.w, bias, MatmulPath::exact);
+    ASSERT_TRUE(y.grad_fn() != nullptr) << c.name << ": the output has no grad_fn";
+    (y * g).sum().backward();
+    ASSERT_TRUE(x.grad().defined() && bias.grad().defined()) << c.name;
+    // Reference: autograd in double through the dequantized weight.
+    const torch::Tensor xr = x.detach().to(torch::kFloat64).requires_grad_(true);
+    const torch::Tensor br = bias.detach().to(torch::kFloat64).requires_grad_(true);
+    const torch::Tensor wd = c.dequant.to(torch::kFloat64);
+    (torch::matmul(xr, wd.t()).add(br) * g.to(torch::kFloat64)).sum().backward();
+    const torch::Tensor gd = g.to(torch::kFloat64);
+    // grad_x = g · W in fp32: (out + 4) roundings of the running |sum| plus the output rounding.
+    const torch::Tensor gx_bound =
+        gd.abs().matmul(wd.abs()) * ((out + 4) * kEps32) + xr.grad().abs() * kEps32;
+    expect_close(x.grad(), xr.grad(), gx_bound, 1.0, 0.0, c.name + " grad_x");
+    // grad_bias = sum of the 10 rows of g in fp32: 10 roundings of at most eps of the running sum.
+    const torch::Tensor gb_bound = gd.abs().reshape({-1, out}).sum(0) * (11 * kEps32);
+    expect_close(bias.grad(), br.grad(), gb_bound, 1.0, 0.0, c.name + " grad_bias");
+    // Only x: no bias gradient asked, none computed.
+    const torch::Tensor x2 = x.detach().clone().requires_grad_(true);
+    msbnb::quantized_matmul(x2, c.w).sum().backward();
+    EXPECT_TRUE(x2.grad().defined()) << c.name;
+  }
+  // LLM.int8(): grad_x through CB * SCB / 127, as the weight's dequantized value.
+  torch::manual_seed(22);
+  const auto wq = msbnb::int8_vectorwise_quant(torch::randn({37, 200}));
+  const PackedWeight pw = PackedWeight::from_int8_scb(wq.CB, wq.SCB);
+  const torch::Tensor x = torch::randn({9, 200}).requires_grad_(true), g = torch::randn({9, 37});
+  const auto r = msbnb::int8_matmul(x, pw, 6.0);
+  ASSERT_TRUE(r.out.grad_fn() != nullptr) << "int8_matmul: the output has no grad_fn";
+  (r.out * g).sum().backward();
+  const torch::Tensor wd = wq.CB.to(torch::kFloat64) * (wq.SCB.to(torch::kFloat64) / 127.0).unsqueeze(1);
+  const torch::Tensor ref = g.to(torch::kFloat64).matmul(wd);
+  expect_close(x.grad(), ref,
+               g.to(torch::kFloat64).abs().matmul(wd.abs()) * (41 * kEps32) + ref.abs() * kEps32, 1.0, 0.0,
+               "int8_matmul grad_x");
+}
+
+// float16 activations give float16 outputs: the kernels widen x exactly (every half is a float)
+// and round the fp32 result once to half, so the result is the fp32 one rounded to nearest even.
+TEST(Matmul, Float16ActivationsAndOutputs) {
+  for (const Case& c : cases()) {
+    const int64_t out = c.dequant.size(0), in = c.dequant.size(1);
+    torch::manual_seed(23);
+    const torch::Tensor x = torch::randn({33, in}).to(torch::kFloat16), bias = torch::randn({out});
+    for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+      const torch::Tensor y = msbnb::quantized_matmul(x, c.w, bias, path);
+      ASSERT_EQ(y.scalar_type(), torch::kFloat16) << c.name;
+      const torch::Tensor y32 = msbnb::quantized_matmul(x.to(torch::kFloat32), c.w, bias, path);
+      EXPECT_TRUE(torch::equal(y, y32.to(torch::kFloat16))) << c.name << " path " << int(path);
+      // And against the double product: the fp32 bound plus half's rounding (2^-11 relative,
+      // 2^-25 absolute below the normal range).
+      if (path == MatmulPath::exact) {
+        const torch::Tensor xd = x.to(torch::kFloat64), wd = c.dequant.to(torch::kFloat64);
+        const torch::Tensor ref = xd.matmul(wd.t()) + bias.to(torch::kFloat64);
+        const torch::Tensor b = xd.abs().matmul(wd.abs().t()) * ((in + 4) * kEps32) * (1 + 1.0 / 2048) +
+                                ref.abs() * (1.0 / 2048 + kEps32) + std::ldexp(1.0, -25) + 1e-6;
+        expect_close(y, ref, b, 1.0, 0.0, c.name + " f16 vs double");
+      }
+    }
+    const torch::Tensor gy = torch::randn({2, 3, out}).to(torch::kFloat16);
+    const torch::Tensor gx = msbnb::quantized_matmul_transposed(gy, c.w);
+    ASSERT_EQ(gx.scalar_type(), torch::kFloat16) << c.name;
+    EXPECT_TRUE(
+        torch::equal(gx, msbnb::quantized_matmul_transposed(gy.to(torch::kFloat32), c.w).to(torch::kFloat16)))
+        << c.name << " transposed";
+  }
+  const auto wq = msbnb::int8_vectorwise_quant(torch::randn({37, 200}));
+  const PackedWeight pw = PackedWeight::from_int8_scb(wq.CB, wq.SCB);
+  torch::Tensor x = torch::randn({9, 200});
+  x.index_put_({2, 5}, 9.0f);
+  const torch::Tensor xh = x.to(torch::kFloat16);
+  const auto r = msbnb::int8_matmul(xh, pw, 6.0);
+  ASSERT_EQ(r.out.scalar_type(), torch::kFloat16);
+  EXPECT_TRUE(
+      torch::equal(r.out, msbnb::int8_matmul(xh.to(torch::kFloat32), pw, 6.0).out.to(torch::kFloat16)));
+  EXPECT_EQ(r.outlier_cols, (std::vector<int64_t>{5}));
+  // Beyond half's range the output saturates to Inf as torch's conversion does.
+  const torch::Tensor big = torch::full({1, 64}, 60000.0).to(torch::kFloat16);
+  const Case c = make_case("int8", 8, 64, 0, false, true);
+  const torch::Tensor yb = msbnb::quantized_matmul(big, c.w, {}, MatmulPath::exact);
+  EXPECT_TRUE(torch::equal(
+      yb, msbnb::quantized_matmul(big.to(torch::kFloat32), c.w, {}, MatmulPath::exact).to(torch::kFloat16)));
+}
+
+// The kernels' thread count follows at::set_num_threads at each call, and results do not depend on it.
+TEST(Matmul, ThreadCountFollowsTorch) {
+  const int saved = at::get_num_threads();
+  const Case c = make_case("nf4", 67, 257, 64, false, true);
+  const torch::Tensor x = torch::randn({33, 257}), gy = torch::randn({33, 67});
+  std::vector<torch::Tensor> ys, gxs;
+  for (int t : {1, 2, 3}) {
+    at::set_num_threads(t);
+    msbnb::kernels::set_num_threads(7);  // a stale count the call must replace
+    for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast})
+      ys.push_back(msbnb::quantized_matmul(x, c.w, {}, path));
+    EXPECT_EQ(msbnb::kernels::num_threads(), t);
+    msbnb::kernels::set_num_threads(7);
+    gxs.push_back(msbnb::quantized_matmul_transposed(gy, c.w));
+    EXPECT_EQ(msbnb::kernels::num_threads(), t);
+  }
+  at::set_num_threads(saved);
+  msbnb::kernels::set_num_threads(0);
+  for (size_t i = 2; i < ys.size(); ++i) EXPECT_TRUE(torch::equal(ys[i], ys[i % 2])) << i;
+  for (size_t i = 1; i < gxs.size(); ++i) EXPECT_TRUE(torch::equal(gxs[i], gxs[0])) << i;
+}
+
+// A checkpoint's shape is data: {2^32, 2^32} wraps rows * cols to 0 and would let empty data
+// through to the packer. Every size comes from an overflow-checked count.
+TEST(Matmul, HostileShapesAreRefused) {
+  for (const char* fmt : {"nf4", "int4"}) {
+    auto q = msbnb::quantize_4bit(
+        torch::randn({4, 64}),
+        msbnb::Quantize4bitOptions().quant_type(fmt).blocksize(64).compress_statistics(false));
+    q.state.shape = {int64_t{1} << 32, int64_t{1} << 32};
+    q.state.absmax = torch::empty({0});
+    expect_error(
+        [&] {
+          PackedWeight::from_4bit(torch::empty({0, 1}, torch::kUInt8), q.state);
+        },
+        {"state.shape", "4294967296 x 4294967296"});
+    q.state.shape = {int64_t{1} << 62, 2};
+    expect_error(
+        [&] {
+          PackedWeight::from_4bit(torch::empty({0, 1}, torch::kUInt8), q.state);
+        },
+        {"state.shape"});
+  }
+}
+
+// from_int8_scb keeps SCB: to_int8_scb gives it back bit for bit, where SCB / 127 * 127 does
+// not always (the kernels' scale stays SCB / 127, so LLM.int8 numerics are unchanged).
+TEST(Matmul, Int8ScbRoundTripsBitExact) {
+  torch::manual_seed(24);
+  const auto wq = msbnb::int8_vectorwise_quant(torch::randn({4096, 16}));
+  const PackedWeight pw = PackedWeight::from_int8_scb(wq.CB, wq.SCB);
+  const auto [cb, scb] = pw.to_int8_scb();
+  EXPECT_TRUE(torch::equal(cb, wq.CB));
+  EXPECT_TRUE(torch::equal(scb, wq.SCB));
+  // The old way loses some: this data must contain such values or the test above proves nothing.
+  const int64_t lost = (pw.to_8bit().scale * 127.0f != wq.SCB).sum().item<int64_t>();
+  EXPECT_GT(lost, 0);
+  std::cout << "[ INFO     ] SCB values SCB / 127 * 127 does not round-trip: " << lost << " of 4096\n";
+  expect_error([&] { make_case("int8", 8, 64, 0, false, true).w.to_int8_scb(); },
+               {"to_int8_scb", "from_int8_scb"});
+}
+
+// The memory of a packed 4096 x 4096 nf4 weight against bitsandbytes' interchange bytes.
+TEST(Matmul, PackedMemoryVsInterchange) {
+  const torch::Tensor w = torch::randn({4096, 4096});
+  for (bool nested : {false, true}) {
+    const auto q = msbnb::quantize_4bit(
+        w, msbnb::Quantize4bitOptions().quant_type("nf4").blocksize(64).compress_statistics(nested));
+    auto nbytes = [](const torch::Tensor& t) {
+      return t.defined() ? t.numel() * int64_t(t.element_size()) : 0;
+    };
+    const int64_t interchange = nbytes(q.data) + nbytes(q.state.absmax) + nbytes(q.state.code) +
+                                (nested ? nbytes(q.state.state2->absmax) + nbytes(q.state.state2->code) : 0);
+    const PackedWeight pw = PackedWeight::from_4bit(q.data, q.state);
+    // torch owns the packed weight: the kernels read the tensors() in place.
+    const auto ts = pw.tensors();
+    ASSERT_EQ(ts.size(), 2u);
+    EXPECT_EQ(ts[0].first, "codes");
+    EXPECT_EQ(ts[0].second.scalar_type(), torch::kUInt8);
+    EXPECT_EQ(ts[0].second.data_ptr(), static_cast<const void*>(pw.lut4()->codes));
+    EXPECT_EQ(ts[1].first, "scale");
+    EXPECT_EQ(ts[1].second.scalar_type(), torch::kFloat32);
+    EXPECT_EQ(ts[1].second.data_ptr(), static_cast<const void*>(pw.lut4()->scale));
+    EXPECT_EQ(pw.bytes(), ts[0].second.numel() + 4 * ts[1].second.numel());
+    const auto back = pw.to_4bit();
+    EXPECT_TRUE(torch::equal(back.data, q.data));
+    EXPECT_TRUE(torch::equal(back.state.absmax, q.state.absmax));
+    const double ratio = double(pw.bytes()) / double(interchange);
+    std::cout << "[ INFO     ] nf4 4096x4096 b64" << (nested ? " double quant" : "") << ": packed "
+              << pw.bytes() << " B, interchange " << interchange << " B, ratio " << ratio << "\n";
+    if (!nested) {
+      EXPECT_LE(ratio, 1.05);
+    }
+  }
+}
+
 TEST(Matmul, BadInput) {
   const Case c = make_case("nf4", 8, 64, 64, false, true);
   const Case c8 = make_case("int8", 8, 64, 0, false, true);
   const Case c8a = make_case("int8", 8, 64, 0, false, false);
   expect_error(
       [&] {
-        msbnb::quantized_matmul(torch::randn({2, 64}).to(torch::kFloat16), c.w);
+        msbnb::quantized_matmul(torch::randn({2, 64}).to(torch::kFloat64), c.w);
       },
-      {"x:", "float32 or bfloat16", "Half"});
+      {"x:", "float32, float16 or bfloat16", "Double"});
   expect_error([&] { msbnb::quantized_matmul(torch::ones({2, 64}, torch::kInt32), c.w); }, {"x:", "Int"});
   expect_error([&] { msbnb::quantized_matmul(torch::randn({2, 63}), c.w); }, {"x:", "64", "[2, 63]"});
   expect_error(

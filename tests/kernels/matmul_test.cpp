@@ -1665,11 +1665,12 @@ TEST(MatmulArgs, BadArgumentsNameTheArgument) {
     }
     {
       MatmulIO io = base(y);
-      io.x_dtype = DType::f16;
-      expect_invalid("f16 x", "dtype", [&] { fwd(io); });
+      // f16 is accepted (converted at activation prep / output store); a value outside the enum is not.
+      io.x_dtype = static_cast<DType>(7);
+      expect_invalid("bad x dtype", "x_dtype", [&] { fwd(io); });
       io.x_dtype = DType::f32;
-      io.y_dtype = DType::f16;
-      expect_invalid("f16 y", "dtype", [&] { fwd(io); });
+      io.y_dtype = static_cast<DType>(7);
+      expect_invalid("bad y dtype", "y_dtype", [&] { fwd(io); });
     }
     {
       MatmulIO io = base(y);
@@ -1726,6 +1727,29 @@ TEST(MatmulArgs, BadArgumentsNameTheArgument) {
   expect_invalid("pack_int4 cols -1", "cols", [&] { K::pack_int4(b, 2, -1, 32, s, nullptr); });
   expect_invalid("pack_int4 group 0", "group", [&] { K::pack_int4(b, 2, 4, 0, s, nullptr); });
   expect_invalid("pack_int8 cols 0", "cols", [&] { K::pack_int8(q, 2, 0, s, nullptr); });
+  // Hostile sizes: rows * cols wraps int64 (2^32 x 2^32 is 0 mod 2^64); refused before any write.
+  const int64_t big = int64_t{1} << 32;
+  expect_invalid("pack_lut4_bnb 2^32 x 2^32", "rows * cols",
+                 [&] { K::pack_lut4_bnb(b, big, big, 64, s, K::kCodeNF4); });
+  expect_invalid("pack_int4 2^32 x 2^32", "rows * cols", [&] { K::pack_int4(b, big, big, 32, s, nullptr); });
+  expect_invalid("pack_int8 2^32 x 2^32", "rows * cols", [&] { K::pack_int8(q, big, big, s, nullptr); });
+  expect_invalid("pack_int4 group 2^62", "group",
+                 [&] { K::pack_int4(b, 4, 4, int64_t{1} << 62, s, nullptr); });
+  // Pack into caller storage: codes must be 64-byte aligned (the SIMD kernels load whole chunks).
+  {
+    const K::Lut4Layout l = K::lut4_bnb_layout(2, 4, 64);
+    EXPECT_EQ(l.codes_bytes, 2 * K::kLut4Chunk / 2);
+    alignas(64) uint8_t codes[2 * K::kLut4Chunk / 2 + 1];
+    std::vector<float> sc(static_cast<size_t>(l.stats));
+    expect_invalid("pack_lut4_bnb_into misaligned", "codes",
+                   [&] { K::pack_lut4_bnb_into(b, 2, 4, 64, s, K::kCodeNF4, codes + 1, sc.data()); });
+    expect_invalid("pack_int8_into null", "codes",
+                   [&] { K::pack_int8_into(q, 2, 4, s, nullptr, nullptr, sc.data(), nullptr, nullptr); });
+    const Lut4Matrix v = K::pack_lut4_bnb_into(b, 2, 4, 64, s, K::kCodeNF4, codes, sc.data());
+    const K::PackedLut4 owned = K::pack_lut4_bnb(b, 2, 4, 64, s, K::kCodeNF4);
+    EXPECT_EQ(std::memcmp(v.codes, owned.view.codes, static_cast<size_t>(l.codes_bytes)), 0);
+    EXPECT_EQ(v.scale, sc.data());
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllIsas, Matmul, testing::ValuesIn(all_isas()), isa_param_name);

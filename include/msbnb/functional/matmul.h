@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "msbnb/functional/quantize.h"
@@ -39,11 +40,17 @@ class PackedWeight {
   int64_t in_features() const;
   /// "nf4", "fp4", "int4" or "int8".
   const std::string& format() const;
-  /// Bytes one matmul reads: codes and float32 statistics.
+  /// Bytes of the packed tensors (tensors()): what one matmul reads.
   int64_t bytes() const;
+  /// The packed weight as torch tensors (torch owns the memory): "codes" (uint8, the kernels'
+  /// layout), "scale", and "zero_point" (asymmetric int4) / "offset" (asymmetric int8) float32,
+  /// "row_sum" int32 (int8). The kernels read them in place; do not write to them.
+  std::vector<std::pair<std::string, torch::Tensor>> tensors() const;
 
   Quantized4bit to_4bit() const;
   Int8Quantized to_8bit() const;
+  /// A from_int8_scb weight back as (CB, SCB), both bit-exact (to_8bit's scale is SCB / 127).
+  std::pair<torch::Tensor, torch::Tensor> to_int8_scb() const;
 
   const kernels::Lut4Matrix* lut4() const;  // null unless 4-bit
   const kernels::Int8Matrix* int8() const;  // null unless int8
@@ -54,12 +61,17 @@ class PackedWeight {
   std::shared_ptr<const Impl> impl_;
 };
 
-/// y = x · dequant(W)ᵀ + bias. x: float32 or bfloat16 [..., in_features]; bias: [out_features]
-/// (any float dtype) or undefined. Returns [..., out_features] in x's dtype.
+/// y = x · dequant(W)ᵀ + bias. x: float32, float16 or bfloat16 [..., in_features]; bias:
+/// [out_features] (any float dtype) or undefined. Returns [..., out_features] in x's dtype.
+/// Differentiable in x and bias (a torch::autograd::Function: backward runs the fused transposed
+/// product, grad_bias sums grad_y over the rows); the packed weight gets no gradient.
+/// The kernels run on at::get_num_threads() threads (read at each call; results do not depend
+/// on it: each output is summed by one thread in a fixed order).
 torch::Tensor quantized_matmul(const torch::Tensor& x, const PackedWeight& w, const torch::Tensor& bias = {},
                                MatmulPath path = MatmulPath::automatic);
 
-/// grad_x = grad_y · dequant(W): grad_y float32 or bfloat16 [..., out_features] -> [..., in_features].
+/// grad_x = grad_y · dequant(W): grad_y float32, float16 or bfloat16 [..., out_features] -> [...,
+/// in_features].
 torch::Tensor quantized_matmul_transposed(const torch::Tensor& grad_y, const PackedWeight& w);
 
 /// bitsandbytes.matmul_4bit(A, B, quant_state, bias): packs (data, state) and multiplies. For
@@ -69,7 +81,8 @@ torch::Tensor matmul_4bit(const torch::Tensor& x, const torch::Tensor& data, con
 
 /// LLM.int8(): int8 weight (symmetric, per row) times x quantized per row; input columns with any
 /// |x| >= threshold are multiplied in fp32 against the dequantized weight columns instead
-/// (threshold 0: none). Returns [..., out_features] in x's dtype.
+/// (threshold 0: none). Returns [..., out_features] in x's dtype; differentiable in x and bias
+/// like quantized_matmul (grad_x through the transposed product with CB * SCB / 127).
 struct Int8MatmulResult {
   torch::Tensor out;
   std::vector<int64_t> outlier_cols;

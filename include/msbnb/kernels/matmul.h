@@ -101,6 +101,40 @@ struct PackedInt8 {
   int64_t bytes() const;
 };
 
+/// Pack into caller storage (the caller owns the memory, e.g. as torch tensors): a size query,
+/// a pack-into function and views over memory already packed (after a copy or a load).
+/// Storage: `codes` 64-byte aligned (the SIMD kernels load whole 64-byte chunks; checked, throws
+/// std::invalid_argument naming the argument), statistics float aligned. Sizes derive from
+/// overflow-checked counts (rows * padded cols <= 2^59, else std::invalid_argument).
+struct Lut4Layout {
+  int64_t kpad = 0, group = 0, row_stride = 0;  // as in Lut4Matrix
+  int64_t codes_bytes = 0;                      // rows * kpad / 2
+  int64_t stats = 0;        // floats of scale (and of zero_point if asymmetric), padded for SIMD
+  int64_t stats_given = 0;  // the interchange statistics: the first stats_given of them
+};
+Lut4Layout lut4_bnb_layout(int64_t rows, int64_t cols, int64_t blocksize);
+Lut4Layout int4_layout(int64_t rows, int64_t cols, int64_t group);
+/// pack_lut4_bnb / pack_int4 into caller storage of the layout's sizes; returns the view over it.
+Lut4Matrix pack_lut4_bnb_into(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                              const float* absmax, const float* code16, uint8_t* codes, float* scale);
+Lut4Matrix pack_int4_into(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group,
+                          const float* scale, const int32_t* zero_point, uint8_t* codes, float* scale_out,
+                          float* zero_point_out);
+/// Views over storage a pack_*_into filled (or a byte copy of it).
+Lut4Matrix lut4_bnb_view(int64_t rows, int64_t cols, int64_t blocksize, const float* code16,
+                         const uint8_t* codes, const float* scale);
+Lut4Matrix int4_view(int64_t rows, int64_t cols, int64_t group, bool asym, const uint8_t* codes,
+                     const float* scale, const float* zero_point);
+/// Int8: codes rows * round_up(cols, kInt8Chunk) bytes (64-byte aligned); scale, offset (if
+/// any) and row_sum [rows].
+int64_t int8_codes_bytes(int64_t rows, int64_t cols);
+Int8Matrix pack_int8_into(const int8_t* q, int64_t rows, int64_t cols, const float* scale,
+                          const float* offset, int8_t* codes, float* scale_out, float* offset_out,
+                          int32_t* row_sum);
+Int8Matrix int8_view(int64_t rows, int64_t cols, const int8_t* codes, const float* scale, const float* offset,
+                     const int32_t* row_sum);
+
+/// Owning forms (the pack-into functions over aligned_alloc memory), for torch-free callers.
 /// Repacks bitsandbytes nf4 / fp4 codes (flattened row-major [rows, cols], blocks of `blocksize`,
 /// HIGH nibble first) with their float32 absmax per block and the 16-value codebook.
 PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
