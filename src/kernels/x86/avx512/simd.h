@@ -33,11 +33,12 @@ inline void dispatch_dtype(DType dt, F&& f) {
 }
 
 // f(b, i, end) for each block b's segment [i, end) of the range [0, n) that starts at element
-// `start` of blocks of bs elements; a division only for the first block.
+// `start` of blocks of bs elements; a division only for the first block. end + min(bs, n - end),
+// not min(n, end + bs): that overflows after the last block when bs is huge.
 template <class F>
 inline void for_each_block(int64_t start, int64_t n, int64_t bs, F&& f) {
   for (int64_t b = start / bs, i = 0, end = std::min(n, (b + 1) * bs - start); i < n;
-       i = end, ++b, end = std::min(n, end + bs))
+       i = end, ++b, end += std::min(bs, n - end))
     f(b, i, end);
 }
 
