@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: install, build with -Werror, check formatting, run every test (each ISA
-# path this CPU has; the others are reported SKIPPED), then build the kernels and their tests
-# with AddressSanitizer + UndefinedBehaviorSanitizer and run them.
+# path this CPU has; the others are reported SKIPPED), check the per-ISA objects for weak
+# symbols, build a consumer against the installed package, then build everything again with
+# AddressSanitizer + UndefinedBehaviorSanitizer and run every test under them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,9 +13,9 @@ for f in avx2 avx512f avx512_vnni avx512_bf16; do
 done
 echo "== tests (Release, -Werror)"
 ctest --test-dir build/release --output-on-failure -j "$(nproc)"
-echo "== kernels under AddressSanitizer + UndefinedBehaviorSanitizer"
-cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug -DMSBNB_SANITIZE=ON -DMSBNB_WERROR=ON \
-  -DMSBNB_WITH_TORCH=OFF -DMSBNB_BUILD_BENCH=OFF -DMSBNB_BUILD_EXAMPLES=OFF -DMSBNB_FORMAT_CHECK=OFF >/dev/null
-ninja -C build/sanitize -j "$(nproc)"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build/sanitize --output-on-failure -j "$(nproc)"
+echo "== weak symbols in the per-ISA objects"
+bash scripts/check_weak_symbols.sh build/release
+echo "== cmake --install + find_package(msbnb CONFIG) consumer"
+bash scripts/test_install.sh build/release
+echo "== every test under AddressSanitizer + UndefinedBehaviorSanitizer"
+bash scripts/test_sanitize.sh
