@@ -19,9 +19,5 @@ echo "== cmake --install + find_package(msbnb CONFIG) consumer"
 bash scripts/test_install.sh build/release
 echo "== aarch64: cross-built kernels and their tests under qemu-aarch64-static"
 bash scripts/test_aarch64.sh
-echo "== kernels under AddressSanitizer + UndefinedBehaviorSanitizer"
-cmake -S . -B build/sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug -DMSBNB_SANITIZE=ON -DMSBNB_WERROR=ON \
-  -DMSBNB_WITH_TORCH=OFF -DMSBNB_BUILD_BENCH=OFF -DMSBNB_BUILD_EXAMPLES=OFF -DMSBNB_FORMAT_CHECK=OFF >/dev/null
-ninja -C build/sanitize -j "$(nproc)"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build/sanitize --output-on-failure -j "$(nproc)"
+echo "== every test under AddressSanitizer + UndefinedBehaviorSanitizer"
+bash scripts/test_sanitize.sh

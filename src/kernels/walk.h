@@ -36,7 +36,7 @@ inline int64_t block_end(int64_t start, int64_t b, int64_t n, int64_t bs) {
 template <class F>
 inline void for_each_block(int64_t start, int64_t n, int64_t bs, F&& f) {
   for (int64_t b = start / bs, i = 0, end = block_end(start, b, n, bs); i < n;
-       i = end, ++b, end = std::min(n, end + bs))
+       i = end, ++b, end += std::min(bs, n - end))
     f(b, i, end);
 }
 
