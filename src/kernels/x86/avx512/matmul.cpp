@@ -268,7 +268,15 @@ struct I8Dot {
   static Acc zero() { return _mm512_setzero_si512(); }
   static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
   static Acc step(Acc a, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(a, x, w); }
-  static Out reduce(Acc a) { return _mm512_reduce_add_epi32(a); }
+  // Wrapping (mod 2^32) horizontal sum: lanes may wrap before the -128 * row_sum correction
+  // brings the total back into range; _mm512_reduce_add_epi32 adds in signed int (UB on wrap).
+  static Out reduce(Acc a) {
+    const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    return _mm_cvtsi128_si32(t);
+  }
 };
 #endif
 
