@@ -22,26 +22,6 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t m) { return ceil_div(n, m) * m; }
 
-// IEEE half of a float, rounded to nearest even (what vcvtps2ph with imm 0 does): overflow to
-// Inf, NaN stays a quiet NaN, results below 2^-14 become half denormals.
-uint16_t float_to_half(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: Inf
-  if (a < 0x38800000u) {
-    // Below 2^-14: a denormal half, mantissa = rne(|f| * 2^24), exact in float arithmetic.
-    float v;
-    std::memcpy(&v, &a, 4);
-    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(v * 16777216.0f)));
-  }
-  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry moves into the exponent.
-  const uint32_t r = a - 0x38000000u;  // rebias the exponent from 127 to 15
-  return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
-}
-
 template <class T>
 std::shared_ptr<T> aligned_buffer(int64_t count) {
   const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * int64_t(sizeof(T)), 64));

@@ -39,6 +39,23 @@ inline float half_to_float(uint16_t h) {
   return bits_float(sign | static_cast<uint32_t>(112 - e) << 23 | ((mant & 0x3ffu) << 13));
 }
 
+// IEEE half of a float, rounded to nearest even (what vcvtps2ph with imm 0 does): overflow to
+// Inf, NaN stays a quiet NaN, results below 2^-14 become half denormals.
+inline uint16_t float_to_half(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: Inf
+  if (a < 0x38800000u) {
+    // Below 2^-14: a denormal half, mantissa = rne(|f| * 2^24), exact in float arithmetic.
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(bits_float(a) * 16777216.0f)));
+  }
+  // Normal: drop 13 mantissa bits with round-to-nearest-even; a carry moves into the exponent.
+  const uint32_t r = a - 0x38000000u;  // rebias the exponent from 127 to 15
+  return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+}
+
 inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 // bf16 of a finite float, rounded to nearest even (what vcvtneps2bf16 does for finite inputs).
