@@ -22,6 +22,25 @@ namespace msbnb {
 ///        LLM.int8() with a threshold is int8_matmul. docs/matmul.md has the bounds per format.
 using MatmulPath = kernels::MatmulPath;
 
+/// What a packed weight is besides its tensors: enough to allocate one (zeros) or to rebuild one
+/// over tensors that were cloned, moved or loaded (from_tensors). A torch::nn module keeps this
+/// and registers tensors() as its buffers.
+struct PackedLayout {
+  std::string format;  // "nf4", "fp4", "int4" or "int8"
+  int64_t out_features = 0, in_features = 0;
+  int64_t blocksize = 0;      // nf4 / fp4 block, int4 group size; 0 for int8
+  bool asymmetric = false;    // int4 with zero points, int8 with offsets
+  bool double_quant = false;  // nf4 / fp4 with double-quantized (nested) absmax
+  bool scb = false;           // int8 made by from_int8_scb (LLM.int8(): SCB kept as given)
+  Granularity granularity = Granularity::per_channel;  // int8: per_channel or per_tensor
+  bool operator==(const PackedLayout& o) const {
+    return format == o.format && out_features == o.out_features && in_features == o.in_features &&
+           blocksize == o.blocksize && asymmetric == o.asymmetric && double_quant == o.double_quant &&
+           scb == o.scb && granularity == o.granularity;
+  }
+  bool operator!=(const PackedLayout& o) const { return !(*this == o); }
+};
+
 /// A 2-D quantized weight [out_features, in_features] repacked once into the kernels' private
 /// layout. Converting back (to_4bit / to_8bit) gives the interchange tensors bit for bit.
 /// Copies share the packed data (it is immutable).
@@ -35,16 +54,27 @@ class PackedWeight {
   /// bitsandbytes' LLM.int8() layout: CB int8 [out, in] and SCB float32 [out] (row absmax).
   static PackedWeight from_int8_scb(const torch::Tensor& CB, const torch::Tensor& SCB);
 
+  /// A weight of `layout` whose codes and statistics are all zero (it multiplies to 0): what a
+  /// module registers as buffers before weights are quantized or loaded into them.
+  static PackedWeight zeros(const PackedLayout& layout);
+  /// A weight over `tensors` (views, no copy): the names, dtypes and shapes that tensors() of a
+  /// weight of `layout` has, CPU, contiguous, "codes" 64-byte aligned. Anything else throws,
+  /// naming the tensor, what was expected and what came.
+  static PackedWeight from_tensors(const PackedLayout& layout,
+                                   const std::vector<std::pair<std::string, torch::Tensor>>& tensors);
+
   bool defined() const { return impl_ != nullptr; }
+  PackedLayout layout() const;
   int64_t out_features() const;
   int64_t in_features() const;
   /// "nf4", "fp4", "int4" or "int8".
   const std::string& format() const;
   /// Bytes of the packed tensors (tensors()): what one matmul reads.
   int64_t bytes() const;
-  /// The packed weight as torch tensors (torch owns the memory): "codes" (uint8, the kernels'
-  /// layout), "scale", and "zero_point" (asymmetric int4) / "offset" (asymmetric int8) float32,
-  /// "row_sum" int32 (int8). The kernels read them in place; do not write to them.
+  /// Every tensor the weight consists of (torch owns the memory, no tensor twice): the packed
+  /// "codes" (uint8, the kernels' layout) and statistics, plus what to_4bit / to_8bit /
+  /// to_int8_scb need to give the interchange tensors back bit-exact. from_tensors(layout(),
+  /// tensors()) rebuilds the weight. The kernels read them in place; do not write to them.
   std::vector<std::pair<std::string, torch::Tensor>> tensors() const;
 
   Quantized4bit to_4bit() const;
