@@ -25,8 +25,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/isa_kernels.h"
-#include "kernels/walk.h"
+#include "kernels/gemm_blocking.h"
 #include "kernels/x86/avx2/simd.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
@@ -169,6 +168,9 @@ inline void decode_int8_cols(const Int8Matrix& w, int64_t r, int64_t cb, int64_t
   const __m256 off = _mm256_set1_ps(w.offset ? w.offset[r] : 0.0f), s = _mm256_set1_ps(w.scale[r]);
   for (int64_t j = cb; j < ce; j += 8)
     _mm256_storeu_ps(out + (j - cb), _mm256_mul_ps(_mm256_add_ps(cvt8_i8(q + j), off), s));
+}
+inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
+  decode_int8_cols(w, r, 0, w.kpad, out);
 }
 
 // ---- GEMV: decode in registers -------------------------------------------------------------------
@@ -338,7 +340,6 @@ struct I16Dot {
   static Out reduce(Vec a) { return hsum_epi32(a); }
 };
 
-// y[i * ldy + m] = dot(x row i, w row m) over len elements (a multiple of Op::kStep).
 template <class Op, int NR, int MR>
 void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
           typename Op::Out* y, int64_t ldy) {
@@ -356,63 +357,6 @@ void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t
   for (int i = 0; i < NR; ++i)
     for (int m = 0; m < MR; ++m) y[i * ldy + m] = Op::reduce(acc[i][m]);
 }
-
-// tile<Op, nr, mr> for runtime nr <= NR, mr <= MR.
-template <class Op, int NR, int MR>
-void tile_m(int mr, const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
-            typename Op::Out* y, int64_t ldy) {
-  if constexpr (MR > 1)
-    if (mr < MR) return tile_m<Op, NR, MR - 1>(mr, x, ldx, w, ldw, len, y, ldy);
-  tile<Op, NR, MR>(x, ldx, w, ldw, len, y, ldy);
-}
-template <class Op, int NR = Op::kNR>
-void tile_nm(int nr, int mr, const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw,
-             int64_t len, typename Op::Out* y, int64_t ldy) {
-  if constexpr (NR > 1)
-    if (nr < NR) return tile_nm<Op, NR - 1>(nr, mr, x, ldx, w, ldw, len, y, ldy);
-  tile_m<Op, NR, Op::kMR>(mr, x, ldx, w, ldw, len, y, ldy);
-}
-
-// Rows [0, mb) of a weight block (row m at w + m * ldw) against all n activation rows;
-// y points at the block's first output column. xtile(i, nr) gives {rows i..i+nr-1, their
-// stride} (the activations themselves, or a converted copy).
-template <class Op, class XTile>
-void block_gemm(int64_t n, XTile xtile, const typename Op::W* w, int64_t mb, int64_t ldw, int64_t len,
-                typename Op::Out* y, int64_t ldy) {
-  for (int64_t i = 0; i < n; i += Op::kNR) {
-    const int nr = static_cast<int>(std::min<int64_t>(Op::kNR, n - i));
-    const auto [xi, ldx] = xtile(i, nr);
-    for (int64_t m = 0; m < mb; m += Op::kMR) {
-      const int mr = static_cast<int>(std::min<int64_t>(Op::kMR, mb - m));
-      tile_nm<Op>(nr, mr, xi, ldx, w + m * ldw, ldw, len, y + i * ldy + m, ldy);
-    }
-  }
-}
-
-// Rows decoded per block: the block (rows * kpad elements) should stay in L2.
-inline int64_t block_rows(int64_t kpad, int64_t elem_bytes, int64_t mr) {
-  return std::clamp<int64_t>((int64_t{512} << 10) / (kpad * elem_bytes) / mr * mr, mr, 64 / mr * mr);
-}
-
-template <class XTile, class Decode>
-void decoded_gemm(int64_t kpad, int64_t n, XTile xtile, int64_t r0, int64_t r1, float* y, int64_t ldy,
-                  Decode decode) {
-  const int64_t mb = block_rows(kpad, sizeof(float), F32Dot::kMR);
-  std::vector<float> buf(static_cast<size_t>(mb * kpad));
-  for (int64_t b = r0; b < r1; b += mb) {
-    const int64_t rows = std::min(mb, r1 - b);
-    for (int64_t m = 0; m < rows; ++m) decode(b + m, buf.data() + m * kpad);
-    block_gemm<F32Dot>(n, xtile, buf.data(), rows, kpad, kpad, y + b, ldy);
-  }
-}
-
-// Activation rows used in place.
-template <class T>
-struct DirectRows {
-  const T* x;
-  int64_t ldx;
-  std::pair<const T*, int64_t> operator()(int64_t i, int) const { return {x + i * ldx, ldx}; }
-};
 
 // bf16 activation rows widened to f32 into a buffer of kNR rows, a tile at a time.
 struct Bf16Rows {
@@ -486,44 +430,30 @@ void transposed_f32(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  if (!w.simd_friendly()) return scalar::lut4_f32(w, x, n, ldx, r0, r1, y, ldy);
-  if (n <= 0) return;
-  if (n <= kGemvMaxRows) return gemv_n<Lut4Gemv>(n, w, x, ldx, r0, r1, y, ldy);
-  decoded_gemm(w.kpad, n, DirectRows<float>{x, ldx}, r0, r1, y, ldy,
-               [&](int64_t r, float* out) { decode_lut4_row_f32(w, r, out); });
+  exact_f32<Lut4Gemv, F32Dot, decode_lut4_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  if (n <= 0) return;
-  if (n <= kGemvMaxRows) return gemv_n<Int8Gemv>(n, w, x, ldx, r0, r1, y, ldy);
-  decoded_gemm(w.kpad, n, DirectRows<float>{x, ldx}, r0, r1, y, ldy,
-               [&](int64_t r, float* out) { decode_int8_cols(w, r, 0, w.kpad, out); });
+  exact_f32<Int8Gemv, F32Dot, decode_int8_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
                float* y, int64_t ldy) {
   if (!w.simd_friendly()) return scalar::lut4_bf16(w, x, n, ldx, r0, r1, y, ldy);
   std::vector<float> xbuf(static_cast<size_t>(F32Dot::kNR * w.kpad));
-  decoded_gemm(w.kpad, n, Bf16Rows{x, ldx, w.kpad, xbuf.data()}, r0, r1, y, ldy,
-               [&](int64_t r, float* out) { decode_lut4_row_bf16(w, r, out); });
+  decoded_gemm<F32Dot>(w.kpad, n, Bf16Rows{x, ldx, w.kpad, xbuf.data()}, r0, r1, y, ldy,
+                       [&](int64_t r, float* out) { decode_lut4_row_bf16(w, r, out); });
 }
 
 void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
              int32_t* acc, int64_t ldy) {
-  if (n < 4) {
-    // Few activation rows: codes used as stored, widened in the loop.
-    const int64_t mb = block_rows(w.kpad, 1, I8Dot::kMR);
-    for (int64_t b = r0; b < r1; b += mb) {
-      const int64_t rows = std::min(mb, r1 - b);
-      block_gemm<I8Dot>(n, DirectRows<uint8_t>{xu, ldx}, w.codes + b * w.kpad, rows, w.kpad, w.kpad, acc + b,
-                        ldy);
-    }
-    return;
-  }
+  // Few activation rows: codes used as stored, widened in the loop.
+  if (n < 4)
+    return stored_gemm<I8Dot>(w.codes, w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy,
+                              [](int64_t, int64_t) {});
   const int64_t kpad = w.kpad;
-  const int64_t mb = block_rows(kpad, 2, I16Dot::kMR);
-  std::vector<int16_t> wbuf(static_cast<size_t>(mb * kpad)), xbuf(static_cast<size_t>(I16Dot::kNR * kpad));
+  std::vector<int16_t> xbuf(static_cast<size_t>(I16Dot::kNR * kpad));
   const auto xtile = [&](int64_t i, int nr) {
     for (int k = 0; k < nr; ++k) {
       const uint8_t* src = xu + (i + k) * ldx;
@@ -536,17 +466,12 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
     }
     return std::pair<const int16_t*, int64_t>{xbuf.data(), kpad};
   };
-  for (int64_t b = r0; b < r1; b += mb) {
-    const int64_t rows = std::min(mb, r1 - b);
-    for (int64_t m = 0; m < rows; ++m) {
-      const int8_t* src = w.codes + (b + m) * kpad;
-      int16_t* dst = wbuf.data() + m * kpad;
-      for (int64_t j = 0; j < kpad; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                            _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(src + j))));
-    }
-    block_gemm<I16Dot>(n, xtile, wbuf.data(), rows, kpad, kpad, acc + b, ldy);
-  }
+  decoded_gemm<I16Dot>(kpad, n, xtile, r0, r1, acc, ldy, [&](int64_t r, int16_t* dst) {
+    const int8_t* src = w.codes + r * kpad;
+    for (int64_t j = 0; j < kpad; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                          _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(src + j))));
+  });
 }
 
 void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,

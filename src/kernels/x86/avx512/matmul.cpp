@@ -12,8 +12,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "kernels/isa_kernels.h"
-#include "kernels/walk.h"
+#include "kernels/gemm_blocking.h"
 #include "kernels/x86/avx512/simd.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
@@ -235,6 +234,7 @@ struct F32Dot {
   using Acc = __m512;
   using Out = float;
   static constexpr int kStep = 16;
+  static constexpr int kNR = 4, kMR = 4;
   static constexpr bool kStreamsFromDram = false;
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
@@ -250,6 +250,7 @@ struct Bf16Dot {
   using Acc = __m512;
   using Out = float;
   static constexpr int kStep = 32;
+  static constexpr int kNR = 4, kMR = 4;
   static constexpr bool kStreamsFromDram = false;
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
@@ -264,6 +265,7 @@ struct I8Dot {
   using Acc = __m512i;
   using Out = int32_t;
   static constexpr int kStep = 64;
+  static constexpr int kNR = 4, kMR = 4;
   static constexpr bool kStreamsFromDram = true;
   static Acc zero() { return _mm512_setzero_si512(); }
   static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
@@ -280,7 +282,6 @@ struct I8Dot {
 };
 #endif
 
-// y[i * ldy + m] = dot(x row i, w row m) over len elements (a multiple of Op::kStep).
 template <class Op, int NR, int MR>
 void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
           typename Op::Out* y, int64_t ldy) {
@@ -353,68 +354,6 @@ MSBNB_ASM_TILE(F32Dot, "vfmadd231ps")
 #undef MSBNB_ASM_TILE
 #undef MSBNB_ASM_HALF
 
-template <class Op, int NR>
-void tile_m(int mr, const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
-            typename Op::Out* y, int64_t ldy) {
-  switch (mr) {
-    case 1:
-      return tile<Op, NR, 1>(x, ldx, w, ldw, len, y, ldy);
-    case 2:
-      return tile<Op, NR, 2>(x, ldx, w, ldw, len, y, ldy);
-    case 3:
-      return tile<Op, NR, 3>(x, ldx, w, ldw, len, y, ldy);
-    default:
-      return tile<Op, NR, 4>(x, ldx, w, ldw, len, y, ldy);
-  }
-}
-
-// Rows [0, mb) of a weight block (row m at w + m * ldw) against all n activation rows;
-// y points at the block's first output column.
-template <class Op>
-void block_gemm(const typename Op::X* x, int64_t n, int64_t ldx, const typename Op::W* w, int64_t mb,
-                int64_t ldw, int64_t len, typename Op::Out* y, int64_t ldy) {
-  for (int64_t i = 0; i < n; i += 4) {
-    const int nr = static_cast<int>(std::min<int64_t>(4, n - i));
-    for (int64_t m = 0; m < mb; m += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, mb - m));
-      const auto* xi = x + i * ldx;
-      const auto* wm = w + m * ldw;
-      auto* yi = y + i * ldy + m;
-      switch (nr) {
-        case 1:
-          tile_m<Op, 1>(mr, xi, ldx, wm, ldw, len, yi, ldy);
-          break;
-        case 2:
-          tile_m<Op, 2>(mr, xi, ldx, wm, ldw, len, yi, ldy);
-          break;
-        case 3:
-          tile_m<Op, 3>(mr, xi, ldx, wm, ldw, len, yi, ldy);
-          break;
-        default:
-          tile_m<Op, 4>(mr, xi, ldx, wm, ldw, len, yi, ldy);
-          break;
-      }
-    }
-  }
-}
-
-// Rows decoded per block: the block (rows * kpad elements) should stay in L2.
-inline int64_t block_rows(int64_t kpad, int64_t elem_bytes) {
-  return std::clamp<int64_t>((int64_t{512} << 10) / (kpad * elem_bytes) / 4 * 4, 4, 64);
-}
-
-template <class Op, class Decode>
-void decoded_gemm(int64_t kpad, const typename Op::X* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
-                  typename Op::Out* y, int64_t ldy, Decode decode) {
-  const int64_t mb = block_rows(kpad, sizeof(typename Op::W));
-  std::vector<typename Op::W> buf(static_cast<size_t>(mb * kpad));
-  for (int64_t b = r0; b < r1; b += mb) {
-    const int64_t rows = std::min(mb, r1 - b);
-    for (int64_t m = 0; m < rows; ++m) decode(b + m, buf.data() + m * kpad);
-    block_gemm<Op>(x, n, ldx, buf.data(), rows, kpad, kpad, y + b, ldy);
-  }
-}
-
 // ---- transposed product ---------------------------------------------------------------------------
 
 // gx[i][c, c + width) (+)= sum_r gy[i][r] * w[r][c, c + 16 VN) for NR rows of gy: one column
@@ -481,24 +420,19 @@ void transposed(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64_t c
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  if (!w.simd_friendly()) return scalar::lut4_f32(w, x, n, ldx, r0, r1, y, ldy);
-  if (n <= kGemvMaxRows) return gemv_n<Lut4Gemv>(n, w, x, ldx, r0, r1, y, ldy);
-  decoded_gemm<F32Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
-                       [&](int64_t r, float* out) { decode_lut4_row_f32(w, r, out); });
+  exact_f32<Lut4Gemv, F32Dot, decode_lut4_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  if (n <= kGemvMaxRows) return gemv_n<Int8Gemv>(n, w, x, ldx, r0, r1, y, ldy);
-  decoded_gemm<F32Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
-                       [&](int64_t r, float* out) { decode_int8_row_f32(w, r, out); });
+  exact_f32<Int8Gemv, F32Dot, decode_int8_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 #if defined(__AVX512BF16__)
 void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
                float* y, int64_t ldy) {
   if (!w.simd_friendly()) return scalar::lut4_bf16(w, x, n, ldx, r0, r1, y, ldy);
-  decoded_gemm<Bf16Dot>(w.kpad, x, n, ldx, r0, r1, y, ldy,
+  decoded_gemm<Bf16Dot>(w.kpad, n, DirectRows<uint16_t>{x, ldx}, r0, r1, y, ldy,
                         [&](int64_t r, uint16_t* out) { decode_lut4_row_bf16(w, r, out); });
 }
 #endif
@@ -506,18 +440,16 @@ void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, i
 #if defined(__AVX512VNNI__)
 void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
              int32_t* acc, int64_t ldy) {
-  // Codes are used as stored; blocks of rows keep the weights in L2 across activation tiles.
-  const int64_t mb = block_rows(w.kpad, 1);
-  for (int64_t b = r0; b < r1; b += mb) {
-    const int64_t rows = std::min(mb, r1 - b);
-    block_gemm<I8Dot>(xu, n, ldx, w.codes + b * w.kpad, rows, w.kpad, w.kpad, acc + b, ldy);
-    // sum (xu - 128) q = sum xu q - 128 sum q.
-    // In uint32: the biased sum may wrap; the true value fits (the driver keeps k <= 2^17).
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t m = 0; m < rows; ++m)
-        acc[i * ldy + b + m] = static_cast<int32_t>(static_cast<uint32_t>(acc[i * ldy + b + m]) -
-                                                    128u * static_cast<uint32_t>(w.row_sum[b + m]));
-  }
+  // Codes are used as stored.
+  stored_gemm<I8Dot>(
+      w.codes, w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy, [&](int64_t b, int64_t rows) {
+        // sum (xu - 128) q = sum xu q - 128 sum q (while the block's outputs are in cache).
+        // In uint32: the biased sum may wrap; the true value fits (the driver keeps k <= 2^17).
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t m = 0; m < rows; ++m)
+            acc[i * ldy + b + m] = static_cast<int32_t>(static_cast<uint32_t>(acc[i * ldy + b + m]) -
+                                                        128u * static_cast<uint32_t>(w.row_sum[b + m]));
+      });
 }
 #endif
 
