@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "kernels/isa_kernels.h"
+#include "kernels/lut_walk.h"
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
@@ -106,16 +107,7 @@ template <DType DT>
 void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const Lut8* lut, uint8_t* q) {
   const Lut8Search search(lut);
-  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
-    const Lut8Scale sc = lut8_scale(absmax[b]);
-    if (sc.pre != 1.0f) {  // a block of denormals: rare, in scalar (ref/lut.cpp's operations)
-      for (; i < end; ++i) {
-        const float xn = (load_elem(x, DT, i) * sc.pre) * sc.inv;
-        q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
-      }
-      return;
-    }
-    const float inv_s = sc.inv;
+  quantize_lut8_walk<DT>(x, start, n, bs, absmax, lut, q, [&](int64_t i, int64_t end, float inv_s) {
     const __m256 inv = _mm256_set1_ps(inv_s);
     for (; i + 16 <= end; i += 16) {  // two independent searches overlap their gather latencies
       const __m256i c0 = search.codes(_mm256_mul_ps(load8<DT>(x, i), inv));

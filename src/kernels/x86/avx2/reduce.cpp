@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "kernels/isa_kernels.h"
+#include "kernels/reduce_blocks.h"
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx2/simd.h"
 
@@ -17,13 +18,6 @@ namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
 
 inline __m256i load_si256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-
-// Signed order key of a 16-bit float pattern (f16 and bf16 both keep the sign in bit 15); its own
-// inverse.
-inline int16_t key16(uint16_t h) {
-  const int16_t k = static_cast<int16_t>(h);
-  return static_cast<int16_t>(k ^ ((k >> 15) & 0x7fff));
-}
 
 // The two element widths the reductions run on: f32 patterns (8 lanes) and 16-bit float patterns
 // (16 lanes). Mag is a pattern with its sign cleared, Key its signed order key
@@ -84,8 +78,8 @@ struct Bits16 {
   static Mag mag(uint16_t h) { return static_cast<uint16_t>(h & 0x7fffu); }
 };
 
-// Largest magnitude bit pattern (sign cleared) of x[0, len). Every such pattern is at most the
-// largest Key, so the signed max is the unsigned one.
+// Every magnitude pattern is at most the largest Key, so the signed max is the unsigned one; the
+// tail goes through the scalar maps.
 template <class L>
 typename L::Mag absmax_bits(const typename L::Elem* x, int64_t len) {
   constexpr int64_t V = L::kLanes;
@@ -105,7 +99,6 @@ typename L::Mag absmax_bits(const typename L::Elem* x, int64_t len) {
   return m;
 }
 
-// Smallest and largest order key of x[0, len).
 template <class L>
 std::pair<typename L::Key, typename L::Key> minmax_keys(const typename L::Elem* x, int64_t len) {
   using Key = typename L::Key;
@@ -134,37 +127,15 @@ std::pair<typename L::Key, typename L::Key> minmax_keys(const typename L::Elem* 
   return {lo, hi};
 }
 
-inline float to_float16(uint16_t h, DType dt) {
-  return dt == DType::f16 ? half_to_float(h) : bf16_to_float(h);
-}
-
 }  // namespace
 
+// Every block length has a vector path (scalar tails), so no block is left to the scalar walk.
 void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out) {
-  for (int64_t b = 0; b * bs < n; ++b) {
-    const int64_t first = b * bs, len = std::min(n - first, bs);
-    if (dt == DType::f32) {
-      out[b] = bits_float(absmax_bits<Bits32>(static_cast<const float*>(x) + first, len));
-    } else {
-      out[b] = to_float16(absmax_bits<Bits16>(static_cast<const uint16_t*>(x) + first, len), dt);
-    }
-  }
+  absmax_blocks_walk<Bits32, Bits16, 0>(x, dt, n, bs, out);
 }
 
 void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs) {
-  for (int64_t b = 0; b * bs < n; ++b) {
-    const int64_t first = b * bs, len = std::min(n - first, bs);
-    if (dt == DType::f32) {
-      const auto [lo, hi] = minmax_keys<Bits32>(static_cast<const float*>(x) + first, len);
-      mins[b] = key_float(lo);
-      maxs[b] = key_float(hi);
-    } else {
-      // key16 is its own inverse: back to the 16-bit patterns the keys stand for.
-      const auto [lo, hi] = minmax_keys<Bits16>(static_cast<const uint16_t*>(x) + first, len);
-      mins[b] = to_float16(static_cast<uint16_t>(key16(static_cast<uint16_t>(lo))), dt);
-      maxs[b] = to_float16(static_cast<uint16_t>(key16(static_cast<uint16_t>(hi))), dt);
-    }
-  }
+  minmax_blocks_walk<Bits32, Bits16, 0>(x, dt, n, bs, mins, maxs);
 }
 
 }  // namespace msbnb::kernels::MSBNB_ISA_NS

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/isa_kernels.h"
+#include "kernels/lut_walk.h"
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
@@ -122,16 +123,8 @@ template <DType D>
 void quantize_lut8_t(const void* x, int64_t start, int64_t n, int64_t bs, const float* absmax,
                      const Lut8* lut, uint8_t* q) {
   const Search8 search(lut->mid);
-  for_each_block(start, n, bs, [&](int64_t b, int64_t i, int64_t end) {
-    const Lut8Scale sc = lut8_scale(absmax[b]);
-    if (sc.pre != 1.0f) {  // a block of denormals: rare, in scalar (ref/lut.cpp's operations)
-      for (; i < end; ++i) {
-        const float xn = (load_elem(x, D, i) * sc.pre) * sc.inv;
-        q[i] = static_cast<uint8_t>(lut->sorted_to_code[sorted_position256(xn, lut->mid)]);
-      }
-      return;
-    }
-    code_segment8<D>(x, i, end - i, sc.inv, search, lut, q + i);
+  quantize_lut8_walk<D>(x, start, n, bs, absmax, lut, q, [&](int64_t i, int64_t end, float inv) {
+    code_segment8<D>(x, i, end - i, inv, search, lut, q + i);
   });
 }
 

@@ -7,12 +7,12 @@
 // commutes with the conversion (and a signalling-NaN half keeps its payload, which cvtph would
 // quieten).
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <limits>
 #include <utility>
 
 #include "kernels/isa_kernels.h"
+#include "kernels/reduce_blocks.h"
 #include "kernels/scalar_math.h"
 #include "kernels/x86/avx512/simd.h"
 
@@ -22,15 +22,6 @@ namespace {
 
 // Blocks shorter than a vector are cheaper in scalar code (same helpers as the reference).
 constexpr int64_t kMinVectorBlock = 16;
-
-// 16-bit pattern -> float, exactly as load_elem does.
-inline float widen16(uint16_t h, DType dt) { return dt == DType::f16 ? half_to_float(h) : bf16_to_float(h); }
-
-// Signed order key of a 16-bit sign-magnitude pattern back to the pattern (the map is its own
-// inverse).
-inline uint16_t unkey16(int16_t k) {
-  return static_cast<uint16_t>(k ^ (static_cast<int16_t>(k >> 15) & 0x7fff));
-}
 
 // The two element widths the reductions run on: f32 patterns (16 lanes) and 16-bit float patterns
 // (32 lanes). Mag is a pattern with its sign cleared, Key its signed order key
@@ -93,7 +84,6 @@ struct Bits16 {
   }
 };
 
-// Largest magnitude bit pattern (sign cleared) of p[0, len).
 template <class L>
 typename L::Mag absmax_bits(const typename L::Elem* p, int64_t len) {
   constexpr int64_t V = L::kLanes;
@@ -112,7 +102,6 @@ typename L::Mag absmax_bits(const typename L::Elem* p, int64_t len) {
   return L::reduce_mag_max(a0);
 }
 
-// Smallest and largest order key of p[0, len) (len >= 1).
 template <class L>
 std::pair<typename L::Key, typename L::Key> minmax_keys(const typename L::Elem* p, int64_t len) {
   using Key = typename L::Key;
@@ -144,43 +133,11 @@ std::pair<typename L::Key, typename L::Key> minmax_keys(const typename L::Elem* 
 }  // namespace
 
 void absmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* out) {
-  for (int64_t b = 0; b * bs < n; ++b) {
-    const int64_t first = b * bs, len = std::min(n, first + bs) - first;
-    if (len < kMinVectorBlock) {
-      uint32_t m = 0;
-      for (int64_t i = first; i < first + len; ++i)
-        m = std::max(m, float_bits(load_elem(x, dt, i)) & 0x7fffffffu);
-      out[b] = bits_float(m);
-    } else if (dt == DType::f32) {
-      out[b] = bits_float(absmax_bits<Bits32>(static_cast<const float*>(x) + first, len));
-    } else {
-      out[b] = widen16(absmax_bits<Bits16>(static_cast<const uint16_t*>(x) + first, len), dt);
-    }
-  }
+  absmax_blocks_walk<Bits32, Bits16, kMinVectorBlock>(x, dt, n, bs, out);
 }
 
 void minmax_blocks(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs) {
-  for (int64_t b = 0; b * bs < n; ++b) {
-    const int64_t first = b * bs, len = std::min(n, first + bs) - first;
-    if (len < kMinVectorBlock) {
-      int32_t lo = INT32_MAX, hi = INT32_MIN;
-      for (int64_t i = first; i < first + len; ++i) {
-        const int32_t k = order_key(load_elem(x, dt, i));
-        lo = std::min(lo, k);
-        hi = std::max(hi, k);
-      }
-      mins[b] = key_float(lo);
-      maxs[b] = key_float(hi);
-    } else if (dt == DType::f32) {
-      const auto [lo, hi] = minmax_keys<Bits32>(static_cast<const float*>(x) + first, len);
-      mins[b] = key_float(lo);
-      maxs[b] = key_float(hi);
-    } else {
-      const auto [lo, hi] = minmax_keys<Bits16>(static_cast<const uint16_t*>(x) + first, len);
-      mins[b] = widen16(unkey16(lo), dt);
-      maxs[b] = widen16(unkey16(hi), dt);
-    }
-  }
+  minmax_blocks_walk<Bits32, Bits16, kMinVectorBlock>(x, dt, n, bs, mins, maxs);
 }
 
 }  // namespace msbnb::kernels::MSBNB_ISA_NS
