@@ -1,9 +1,10 @@
-// ISA-neutral blocking of the fused dequantize-matmul kernels (kernels/matmul.h), written once for
-// every ISA folder: the GEMV / GEMM switch of the f32 entries, the blocks of weight rows decoded
-// once into a cache-resident buffer, and the walk of register tiles over a block. The ISA file
-// supplies the intrinsics: the dot ops (types, kNR x kMR tile shape), tile<Op, NR, MR> (declared
-// here, defined there) and the row decoders. In an unnamed namespace, as walk.h: each translation
-// unit (compiled with its own ISA flags) keeps its own copy.
+// ISA-neutral control of the fused dequantize-matmul kernels (kernels/matmul.h), written once for
+// every ISA folder: the GEMV / GEMM switch of the f32 entries, the GEMV column passes and batch
+// size switch, the blocks of weight rows decoded once into a cache-resident buffer, and the walk
+// of register tiles over a block. The ISA file supplies the intrinsics: the GEMV kernels
+// lut4_gemv<N> / int8_gemv_rows<N, Offset> and the GEMM tiles tile<Op, NR, MR> (declared here,
+// defined there), the dot ops (types, kNR x kMR tile shape) and the row decoders. In an unnamed
+// namespace, as walk.h: each translation unit (compiled with its own ISA flags) keeps its own copy.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -17,6 +18,53 @@
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
 namespace {
+
+// f(std::integral_constant<int, V>{}) for V = V0 .. 7: the 8 vectors of 16 codes of a 64-byte
+// chunk of a Lut4Matrix row, unrolled (the shift that picks a vector's codes is a constant).
+template <int V, class F>
+inline void for_each_v(F&& f) {
+  if constexpr (V < 8) {
+    f(std::integral_constant<int, V>{});
+    for_each_v<V + 1>(f);
+  }
+}
+
+// ---- GEMV: n <= kGemvMaxRows activation rows, weights decoded in registers ----------------------
+
+// y[i * ldy + r] = dot(x row i, w row r) for the N rows of x and the weight rows [r0, r1). Defined
+// by the ISA file; int8 rows with an offset (asymmetric) add it, symmetric ones skip the add.
+template <int N>
+void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy);
+template <int N, bool Offset>
+void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                    int64_t ldy);
+
+// Columns per GEMV pass (a multiple of `unit`): the N activation rows of a pass (at most 16 KiB)
+// stay in L1 while every weight row streams past them.
+template <int N>
+constexpr int64_t gemv_cols(int64_t unit) {
+  return std::max<int64_t>(unit, (int64_t{16} << 10) / (4 * N) / unit * unit);
+}
+
+// The GEMV kernels as gemv_n's K<N>::run.
+template <int N>
+struct Lut4Gemv {
+  static void run(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                  int64_t ldy) {
+    lut4_gemv<N>(w, x, ldx, r0, r1, y, ldy);
+  }
+};
+template <int N>
+struct Int8Gemv {
+  static void run(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                  int64_t ldy) {
+    if (w.offset) return int8_gemv_rows<N, true>(w, x, ldx, r0, r1, y, ldy);
+    int8_gemv_rows<N, false>(w, x, ldx, r0, r1, y, ldy);
+  }
+};
+
+// ---- GEMM: weight rows decoded once per block, register tiles over whole rows -----------------
 
 // y[i * ldy + m] = dot(x row i, w row m) over len elements (a multiple of Op::kStep), for
 // NR <= Op::kNR activation rows and MR <= Op::kMR weight rows. Defined by the ISA file.
@@ -98,17 +146,22 @@ void decoded_gemm(int64_t kpad, int64_t n, XTile&& xtile, int64_t r0, int64_t r1
   }
 }
 
-// The exact f32 entries (lut4_f32, int8_f32): register-decoded GEMV kernels Gemv<N> for up to
-// kGemvMaxRows activation rows, else the f32 GEMM on rows decoded by DecodeRow(w, r, out). The
+// The exact f32 entries (lut4_f32, int8_f32): the register-decoded GEMV kernels for up to
+// kGemvMaxRows activation rows, else the GEMM of Dot on rows decoded by DecodeRow(w, r, out). The
 // SIMD 4-bit walk needs groups of whole vectors inside rows (Lut4Matrix::simd_friendly); other
 // layouts take the scalar reference.
-template <template <int> class Gemv, class Dot, auto DecodeRow, class M>
+template <class Dot, auto DecodeRow, class M>
 void exact_f32(const M& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
                int64_t ldy) {
   if constexpr (std::is_same_v<M, Lut4Matrix>)
     if (!w.simd_friendly()) return scalar::lut4_f32(w, x, n, ldx, r0, r1, y, ldy);
   if (n <= 0) return;
-  if (n <= kGemvMaxRows) return gemv_n<Gemv>(n, w, x, ldx, r0, r1, y, ldy);
+  if (n <= kGemvMaxRows) {
+    if constexpr (std::is_same_v<M, Lut4Matrix>)
+      return gemv_n<Lut4Gemv>(n, w, x, ldx, r0, r1, y, ldy);
+    else
+      return gemv_n<Int8Gemv>(n, w, x, ldx, r0, r1, y, ldy);
+  }
   decoded_gemm<Dot>(w.kpad, n, DirectRows<float>{x, ldx}, r0, r1, y, ldy,
                     [&](int64_t r, float* out) { DecodeRow(w, r, out); });
 }

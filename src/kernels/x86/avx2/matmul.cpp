@@ -122,14 +122,6 @@ inline __m256 decode8(__m256i q, __m256 lo, __m256 hi) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), sel);
 }
 
-template <int V, class F>
-inline void for_each_v(F&& f) {
-  if constexpr (V < 8) {
-    f(std::integral_constant<int, V>{});
-    for_each_v<V + 1>(f);
-  }
-}
-
 // Columns [cb, ce) of row r of w decoded to floats at out (cb a multiple of kLut4Chunk; whole
 // chunks are written, up to ce rounded up to kLut4Chunk), mapped by Post (bf16 or exact).
 template <class Post>
@@ -179,11 +171,6 @@ inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
 template <int N>
 constexpr int kAccPerRow = N >= 5 ? 1 : (N >= 3 ? 2 : 4);
 
-// Columns per pass over the rows: the N activation rows of a pass (at most 16 KiB) stay in L1
-// instead of being read again from L2 for every weight row.
-template <int N>
-constexpr int64_t kGemvCols = std::max<int64_t>(kLut4Chunk, 16384 / (4 * N) / kLut4Chunk * kLut4Chunk);
-
 // y[i][r] = (y[i][r] unless first) + the sum of row i's accumulators.
 template <int N, int A>
 inline void reduce_store(__m256 (&acc)[N][A], float* y, int64_t ldy, int64_t r, bool first) {
@@ -200,8 +187,8 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
                int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
-  for (int64_t cb = 0; cb < w.kpad; cb += kGemvCols<N>) {
-    const int64_t ce = std::min(w.kpad, cb + kGemvCols<N>);
+  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
     for (int64_t r = r0; r < r1; ++r) {
       Lut4Row<> row(w, r, base_lo, base_hi);
       if (cb) row.seek(r, cb);
@@ -241,8 +228,8 @@ template <int N, bool Offset>
 void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
                     int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
-  for (int64_t cb = 0; cb < w.kpad; cb += kGemvCols<N>) {
-    const int64_t ce = std::min(w.kpad, cb + kGemvCols<N>);
+  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* q = w.codes + r * w.kpad;
       const __m256 off = _mm256_set1_ps(Offset ? w.offset[r] : 0.0f), sc = _mm256_set1_ps(w.scale[r]);
@@ -265,28 +252,6 @@ void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0
     }
   }
 }
-template <int N>
-void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
-  if (w.offset) return int8_gemv_rows<N, true>(w, x, ldx, r0, r1, y, ldy);
-  int8_gemv_rows<N, false>(w, x, ldx, r0, r1, y, ldy);
-}
-
-template <int N>
-struct Lut4Gemv {
-  static void run(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-                  int64_t ldy) {
-    lut4_gemv<N>(w, x, ldx, r0, r1, y, ldy);
-  }
-};
-template <int N>
-struct Int8Gemv {
-  static void run(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-                  int64_t ldy) {
-    int8_gemv<N>(w, x, ldx, r0, r1, y, ldy);
-  }
-};
-
 // ---- GEMM tiles: dot products over whole rows ---------------------------------------------------
 
 // Tiles of up to kNR activation rows x kMR weight rows: kNR * kMR accumulators, kMR weight
@@ -430,12 +395,12 @@ void transposed_f32(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  exact_f32<Lut4Gemv, F32Dot, decode_lut4_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
+  exact_f32<F32Dot, decode_lut4_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  exact_f32<Int8Gemv, F32Dot, decode_int8_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
+  exact_f32<F32Dot, decode_int8_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 void lut4_bf16(const Lut4Matrix& w, const uint16_t* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1,

@@ -74,14 +74,6 @@ inline __m512 decode16(__m512i q, __m512 tab) {
   return _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4 * V), tab);
 }
 
-template <int V, class F>
-inline void for_each_v(F&& f) {
-  if constexpr (V < 8) {
-    f(std::integral_constant<int, V>{});
-    for_each_v<V + 1>(f);
-  }
-}
-
 // Row r of w decoded to floats (kpad of them) into out.
 inline void decode_lut4_row_f32(const Lut4Matrix& w, int64_t r, float* out) {
   Lut4Row row(w, r, _mm512_loadu_ps(w.lut));
@@ -126,13 +118,6 @@ inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
 }
 
 // ---- GEMV: decode in registers -------------------------------------------------------------------
-
-// Columns per GEMV pass: the N activation rows of a pass (at most 16 KiB) stay in L1 while every
-// weight row streams past them (a multiple of `unit`).
-template <int N>
-constexpr int64_t gemv_cols(int64_t unit) {
-  return std::max<int64_t>(unit, (int64_t{16} << 10) / (4 * N) / unit * unit);
-}
 
 // Accumulators for N activation rows; with few rows, several per row hide the FMA latency.
 template <int N>
@@ -204,28 +189,6 @@ void int8_gemv_rows(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0
     }
   }
 }
-template <int N>
-void int8_gemv(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
-  if (w.offset) return int8_gemv_rows<N, true>(w, x, ldx, r0, r1, y, ldy);
-  int8_gemv_rows<N, false>(w, x, ldx, r0, r1, y, ldy);
-}
-
-template <int N>
-struct Lut4Gemv {
-  static void run(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-                  int64_t ldy) {
-    lut4_gemv<N>(w, x, ldx, r0, r1, y, ldy);
-  }
-};
-template <int N>
-struct Int8Gemv {
-  static void run(const Int8Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-                  int64_t ldy) {
-    int8_gemv<N>(w, x, ldx, r0, r1, y, ldy);
-  }
-};
-
 // ---- GEMM tiles: dot products over whole rows ---------------------------------------------------
 
 struct F32Dot {
@@ -420,12 +383,12 @@ void transposed(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64_t c
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  exact_f32<Lut4Gemv, F32Dot, decode_lut4_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
+  exact_f32<F32Dot, decode_lut4_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 void int8_f32(const Int8Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
               int64_t ldy) {
-  exact_f32<Int8Gemv, F32Dot, decode_int8_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
+  exact_f32<F32Dot, decode_int8_row_f32>(w, x, n, ldx, r0, r1, y, ldy);
 }
 
 #if defined(__AVX512BF16__)
