@@ -902,6 +902,33 @@ TEST_P(Matmul, RawForwardEntriesRowRanges) {
   }
 }
 
+// n = 0 activation rows: every forward entry writes nothing (the avx512 f32 entries once ran
+// their batch-size switch's default, 8 rows, into y).
+TEST_P(Matmul, RawForwardEntriesNoRows) {
+  for (WFormat fmt : {WFormat::nf4, WFormat::int8_asym}) {
+    const Weight w = make_weight(fmt, 17, 256, fmt == WFormat::nf4 ? 64 : 0, 7);
+    const int64_t kpad = w.is_int8() ? w.p8.view.kpad : w.p4.view.kpad, ldy = w.rows;
+    // Room for the 8 rows a wrong switch would read and write; y holds a sentinel.
+    const std::vector<float> xf(sz(8 * kpad), 1.0f);
+    const std::vector<uint16_t> xb(sz(8 * kpad), bf16_rne(1.0f));
+    const std::vector<uint8_t> xu(sz(8 * kpad), 129);
+    std::vector<float> y(sz(8 * ldy), -3.0f);
+    std::vector<int32_t> acc(sz(8 * ldy), -3);
+    if (w.is_int8()) {
+      kt().matmul.int8_f32(w.p8.view, xf.data(), 0, kpad, 0, w.rows, y.data(), ldy);
+      if (kt().matmul.int8_i8) kt().matmul.int8_i8(w.p8.view, xu.data(), 0, kpad, 0, w.rows, acc.data(), ldy);
+    } else {
+      kt().matmul.lut4_f32(w.p4.view, xf.data(), 0, kpad, 0, w.rows, y.data(), ldy);
+      if (kt().matmul.lut4_bf16)
+        kt().matmul.lut4_bf16(w.p4.view, xb.data(), 0, kpad, 0, w.rows, y.data(), ldy);
+    }
+    EXPECT_EQ(std::count(y.begin(), y.end(), -3.0f), static_cast<long>(y.size()))
+        << w.name() << ": y written";
+    EXPECT_EQ(std::count(acc.begin(), acc.end(), -3), static_cast<long>(acc.size()))
+        << w.name() << ": acc written";
+  }
+}
+
 // ---- 3. thread counts ---------------------------------------------------------------------------
 
 // 1 vs 2 threads: within twice the bound (each run is within it of the reference) and the fast
