@@ -39,7 +39,7 @@ template <class Bits32, class Bits16, int64_t MinVector>
 void absmax_blocks_walk(const void* x, DType dt, int64_t n, int64_t bs, float* out) {
   for (int64_t b = 0; b * bs < n; ++b) {
     const int64_t first = b * bs, len = std::min(n, first + bs) - first;
-    if (len < MinVector) {
+    if (MinVector > 0 && len < MinVector) {  // folded away for MinVector = 0
       uint32_t m = 0;
       for (int64_t i = first; i < first + len; ++i)
         m = std::max(m, float_bits(load_elem(x, dt, i)) & 0x7fffffffu);
@@ -56,7 +56,7 @@ template <class Bits32, class Bits16, int64_t MinVector>
 void minmax_blocks_walk(const void* x, DType dt, int64_t n, int64_t bs, float* mins, float* maxs) {
   for (int64_t b = 0; b * bs < n; ++b) {
     const int64_t first = b * bs, len = std::min(n, first + bs) - first;
-    if (len < MinVector) {
+    if (MinVector > 0 && len < MinVector) {  // folded away for MinVector = 0
       int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
       for (int64_t i = first; i < first + len; ++i) {
         const int32_t k = order_key(load_elem(x, dt, i));
