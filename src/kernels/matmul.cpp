@@ -207,6 +207,8 @@ Lut4Matrix decoded(const Lut4Matrix& w, std::vector<float>& buf, const KernelTab
 // Statistics decoded at a time per thread for a double-quantized weight (16 KiB: stays in L1 /
 // L2 next to the tile's codes).
 constexpr int64_t kTileStats = 4096;
+// Bytes of a tile's codes prefetched while its statistics are decoded.
+constexpr int64_t kTilePrefetch = 32768;
 
 // kernel(view, x, n, ldx, r0, r1, y, ldy) over the rows of w, threads splitting them. Double-
 // quantized statistics are decoded tile by tile (rows of whole groups: a tile's statistics are
@@ -227,7 +229,17 @@ void lut4_forward(const Lut4Matrix& w, const X* x, int64_t n, Kernel kernel, flo
       const int64_t m = std::min(tile, r1 - b), first = b * per_row;
       const int64_t count = padded_stat_count(m, w.kpad, w.row_stride, w.group, m * per_row);
       buf.resize(static_cast<size_t>(count));
-      decode_nested_scale(w.nested, first, first + count, buf.data(), k);
+      // The tile's first codes stream in from DRAM while its statistics are decoded: a slice of
+      // prefetches after each 256 statistics.
+      const uint8_t* c0 = w.codes + b * (w.kpad / 2);
+      const int64_t lines = std::min(m * (w.kpad / 2), kTilePrefetch) / 64;
+      const int64_t chunks = ceil_div(count, 256);
+      for (int64_t c = 0, line = 0; c < chunks; ++c) {
+        decode_nested_scale(w.nested, first + 256 * c, first + std::min(count, 256 * (c + 1)),
+                            buf.data() + 256 * c, k);
+        for (const int64_t stop = lines * (c + 1) / chunks; line < stop; ++line)
+          __builtin_prefetch(c0 + 64 * line);
+      }
       Lut4Matrix v = w;
       v.rows = m;
       v.codes = w.codes + b * (w.kpad / 2);
