@@ -223,7 +223,10 @@ void lut4_forward(const Lut4Matrix& w, const X* x, int64_t n, Kernel kernel, flo
   parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
     if (!tiled) return kernel(wd, x, n, w.kpad, r0, r1, y, w.rows);
     const int64_t per_row = w.row_stride / w.group;
-    const int64_t tile = std::max<int64_t>(16, kTileStats / per_row / 16 * 16);
+    // GEMV tiles keep the statistics in L1 / L2 next to the codes; larger batches are compute-
+    // bound (decoding is ~1/64 of the weights' work per activation row), so one tile per thread
+    // keeps the GEMM kernels' own blocking over the activations.
+    const int64_t tile = n > kGemvMaxRows ? r1 - r0 : std::max<int64_t>(16, kTileStats / per_row / 16 * 16);
     std::vector<float> buf;
     for (int64_t b = r0; b < r1; b += tile) {
       const int64_t m = std::min(tile, r1 - b), first = b * per_row;
