@@ -132,7 +132,11 @@ void check_common(const char* what, const W& w, int64_t chunk) {
   if (w.kpad > 0 && w.rows > kMaxElems / w.kpad)
     fail("rows * kpad: expected <= " + std::to_string(kMaxElems) + ", got " + std::to_string(w.rows) + " * " +
          std::to_string(w.kpad));
-  if (w.rows > 0 && w.cols > 0 && (!w.codes || !w.scale)) fail("codes, scale: expected buffers, got null");
+  if (w.rows > 0 && w.cols > 0 && !w.codes) fail("codes: expected a buffer, got null");
+}
+// Statistics a weight has: those of its given elements (the last block may be short).
+int64_t given_stats(const Lut4Matrix& w) {
+  return w.rows == 0 || w.cols == 0 ? 0 : ceil_div((w.rows - 1) * w.row_stride + w.cols, w.group);
 }
 void check_weight(const char* what, const Lut4Matrix& w) {
   check_common(what, w, kLut4Chunk);
@@ -143,6 +147,17 @@ void check_weight(const char* what, const Lut4Matrix& w) {
     throw std::invalid_argument(std::string(what) +
                                 ": w.row_stride: expected in [cols = " + std::to_string(w.cols) + ", " +
                                 std::to_string(kMaxElems) + " / rows], got " + std::to_string(w.row_stride));
+  if (w.rows == 0 || w.cols == 0) return;
+  if (w.scale) return;
+  auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": w." + m); };
+  const Lut4NestedScale& n = w.nested;
+  if (!n.q) fail("scale: expected a buffer (or nested statistics), got null");
+  if (!n.code || !n.nested || !n.offset)
+    fail("nested.code, nested.nested, nested.offset: expected buffers, got null");
+  if (n.block <= 0) fail("nested.block: expected > 0, got " + std::to_string(n.block));
+  if (n.count != given_stats(w))
+    fail("nested.count: expected " + std::to_string(given_stats(w)) + " (the weight's statistics), got " +
+         std::to_string(n.count));
 }
 void check_weight(const char* what, const Int8Matrix& w) {
   check_common(what, w, kInt8Chunk);
@@ -167,6 +182,74 @@ void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& 
         const float v = a[r] + (io.bias ? io.bias[r] : 0.0f);
         y[r] = f16 ? float_to_half(v) : float_to_bf16(v);
       }
+    }
+  });
+}
+
+// Statistics a SIMD kernel may look up: the scale of every padded column of every row.
+int64_t padded_stat_count(int64_t rows, int64_t kpad, int64_t row_stride, int64_t group, int64_t given) {
+  const int64_t need = rows == 0 ? 0 : ((rows - 1) * row_stride + kpad - 1) / group + 1;
+  return std::max(given, need);
+}
+
+// A double-quantized weight with all its statistics decoded into `buf` (a per-call buffer).
+Lut4Matrix decoded(const Lut4Matrix& w, std::vector<float>& buf, const KernelTable& k) {
+  if (w.scale) return w;
+  const Lut4NestedScale& n = w.nested;
+  buf.resize(static_cast<size_t>(padded_stat_count(w.rows, w.kpad, w.row_stride, w.group, n.count)));
+  parallel_split(static_cast<int64_t>(buf.size()), 4096,
+                 [&](int64_t s0, int64_t s1) { decode_nested_scale(n, s0, s1, buf.data() + s0, k); });
+  Lut4Matrix v = w;
+  v.scale = buf.data();
+  return v;
+}
+
+// Statistics decoded at a time per thread for a double-quantized weight (16 KiB: stays in L1 /
+// L2 next to the tile's codes).
+constexpr int64_t kTileStats = 4096;
+// Bytes of a tile's codes prefetched while its statistics are decoded.
+constexpr int64_t kTilePrefetch = 32768;
+
+// kernel(view, x, n, ldx, r0, r1, y, ldy) over the rows of w, threads splitting them. Double-
+// quantized statistics are decoded tile by tile (rows of whole groups: a tile's statistics are
+// contiguous) into a thread's buffer, the kernel running on a tile-local view; other layouts
+// (groups straddling rows) decode them all per call. Each output is the same as with the decoded
+// float statistics: a row's sum does not depend on the rows around it.
+template <class X, class Kernel>
+void lut4_forward(const Lut4Matrix& w, const X* x, int64_t n, Kernel kernel, float* y, const KernelTable& k) {
+  std::vector<float> all;
+  const bool tiled = !w.scale && w.row_stride % w.group == 0;
+  const Lut4Matrix wd = w.scale || tiled ? w : decoded(w, all, k);
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    if (!tiled) return kernel(wd, x, n, w.kpad, r0, r1, y, w.rows);
+    const int64_t per_row = w.row_stride / w.group;
+    // GEMV tiles keep the statistics in L1 / L2 next to the codes; larger batches are compute-
+    // bound (decoding is ~1/64 of the weights' work per activation row), so one tile per thread
+    // keeps the GEMM kernels' own blocking over the activations.
+    const int64_t tile = n > kGemvMaxRows ? r1 - r0 : std::max<int64_t>(16, kTileStats / per_row / 16 * 16);
+    std::vector<float> buf;
+    for (int64_t b = r0; b < r1; b += tile) {
+      const int64_t m = std::min(tile, r1 - b), first = b * per_row;
+      const int64_t count = padded_stat_count(m, w.kpad, w.row_stride, w.group, m * per_row);
+      buf.resize(static_cast<size_t>(count));
+      // The tile's first codes stream in from DRAM while its statistics are decoded: a slice of
+      // prefetches after each 256 statistics.
+      const uint8_t* c0 = w.codes + b * (w.kpad / 2);
+      const int64_t lines = std::min(m * (w.kpad / 2), kTilePrefetch) / 64;
+      const int64_t chunks = ceil_div(count, 256);
+      for (int64_t c = 0, line = 0; c < chunks; ++c) {
+        decode_nested_scale(w.nested, first + 256 * c, first + std::min(count, 256 * (c + 1)),
+                            buf.data() + 256 * c, k);
+        for (const int64_t stop = lines * (c + 1) / chunks; line < stop; ++line)
+          __builtin_prefetch(c0 + 64 * line);
+      }
+      Lut4Matrix v = w;
+      v.rows = m;
+      v.codes = w.codes + b * (w.kpad / 2);
+      v.scale = buf.data();
+      v.zero_point = w.zero_point ? w.zero_point + first : nullptr;
+      v.nested = Lut4NestedScale{};
+      kernel(v, x, n, w.kpad, 0, m, y + b, w.rows);
     }
   });
 }
@@ -300,19 +383,17 @@ void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTabl
 }  // namespace
 
 int64_t PackedLut4::bytes() const {
-  return view.rows * view.kpad / 2 + int64_t(scale.size() + zero_point.size()) * 4;
+  return view.rows * view.kpad / 2 +
+         int64_t(scale.size() + zero_point.size() + nested_code.size() + nested_absmax.size() +
+                 nested_offset.size()) *
+             4 +
+         int64_t(nested_q.size());
 }
 int64_t PackedInt8::bytes() const {
   return view.rows * view.kpad + int64_t(scale.size() + offset.size()) * 4 + int64_t(row_sum.size()) * 4;
 }
 
 namespace {
-
-// Statistics a SIMD kernel may look up: the scale of every padded column of every row.
-int64_t padded_stat_count(int64_t rows, int64_t kpad, int64_t row_stride, int64_t group, int64_t given) {
-  const int64_t need = rows == 0 ? 0 : ((rows - 1) * row_stride + kpad - 1) / group + 1;
-  return std::max(given, need);
-}
 
 void check_storage(const char* what, const char* arg, const void* p, bool needed, int64_t align) {
   if (!needed) return;
@@ -378,7 +459,8 @@ Lut4Matrix lut4_bnb_view(int64_t rows, int64_t cols, int64_t blocksize, const fl
                          const uint8_t* codes, const float* scale) {
   const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
   check_storage("lut4_bnb_view", "codes", codes, l.codes_bytes > 0, 64);
-  check_storage("lut4_bnb_view", "scale", scale, l.stats > 0, 4);
+  // A null scale: double-quantized statistics follow (with_nested_scale).
+  check_storage("lut4_bnb_view", "scale", scale, l.stats > 0 && scale, 4);
   Lut4Matrix w = lut4_matrix(l, rows, cols);
   std::copy(code16, code16 + 16, w.lut);
   w.codes = codes;
@@ -390,7 +472,7 @@ Lut4Matrix int4_view(int64_t rows, int64_t cols, int64_t group, bool asym, const
                      const float* scale, const float* zero_point) {
   const Lut4Layout l = int4_layout(rows, cols, group);
   check_storage("int4_view", "codes", codes, l.codes_bytes > 0, 64);
-  check_storage("int4_view", "scale", scale, l.stats > 0, 4);
+  check_storage("int4_view", "scale", scale, l.stats > 0 && scale, 4);
   check_storage("int4_view", "zero_point", zero_point, asym && l.stats > 0, 4);
   Lut4Matrix w = lut4_matrix(l, rows, cols);
   fill_int4_lut(w, asym);
@@ -450,6 +532,34 @@ PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int6
   return p;
 }
 
+PackedLut4 pack_lut4_bnb_nested(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                                const uint8_t* absmax_q, const float* code256, const float* nested_absmax,
+                                int64_t nested_block, float offset, const float* code16) {
+  const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
+  if (nested_block <= 0)
+    throw std::invalid_argument("pack_lut4_bnb_nested: nested_block: expected > 0, got " +
+                                std::to_string(nested_block));
+  PackedLut4 p;
+  p.nested_q.assign(absmax_q, absmax_q + l.stats_given);
+  p.nested_code.assign(code256, code256 + 256);
+  p.nested_absmax.assign(nested_absmax, nested_absmax + ceil_div(l.stats_given, nested_block));
+  p.nested_offset = {offset};
+  Lut4NestedScale n;
+  n.q = p.nested_q.data();
+  n.code = p.nested_code.data();
+  n.nested = p.nested_absmax.data();
+  n.offset = p.nested_offset.data();
+  n.block = nested_block;
+  n.count = l.stats_given;
+  // The codes are packed as for float absmax; the decoded statistics are dropped after.
+  std::vector<float> absmax(static_cast<size_t>(l.stats)), tmp(static_cast<size_t>(l.stats));
+  decode_nested_scale(n, 0, l.stats, absmax.data());
+  p.codes = aligned_buffer<uint8_t>(l.codes_bytes);
+  p.view = with_nested_scale(
+      pack_lut4_bnb_into(packed, rows, cols, blocksize, absmax.data(), code16, p.codes.get(), tmp.data()), n);
+  return p;
+}
+
 PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
                      const int32_t* zero_point) {
   const Lut4Layout l = int4_layout(rows, cols, group);
@@ -490,6 +600,44 @@ void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed) {
       const int idx = lut4_index(w.codes + r * (w.kpad / 2), j) ^ (int4_sym ? 8 : 0);
       packed[r * row_bytes + j / 2] |= static_cast<uint8_t>(j % 2 == 0 ? idx : idx << 4);
     }
+}
+
+// bitsandbytes' dequantize: dequantize_blockwise (code[q] * absmax2, as the dequantize_lut8
+// kernels compute it), then + offset, each rounded to float.
+void decode_nested_scale(const Lut4NestedScale& n, int64_t s0, int64_t s1, float* out, const KernelTable& k) {
+  const int64_t end = std::min(s1, std::max(n.count, s0));
+  if (end > s0) {
+    const float offset = *n.offset;
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
+    // The compiler may fuse a * b + c here: the kernel's products, then the add in a second pass.
+    k.dequantize_lut8(n.q + s0, s0, end - s0, n.block, n.nested, n.code, out);
+    for (int64_t i = 0; i < end - s0; ++i) out[i] += offset;
+#else
+    // No FMA in this target: a table of both roundings per nested block, one lookup a statistic
+    // (about 1.4x faster than the two passes).
+    (void)k;
+    alignas(64) float t[256];
+    for (int64_t s = s0; s < end;) {
+      const int64_t b = s / n.block, e = std::min(end, (b + 1) * n.block);
+      const float a = n.nested[b];
+      for (int i = 0; i < 256; ++i) t[i] = n.code[i] * a + offset;
+      for (; s + 8 <= e; s += 8) {
+        uint64_t w;
+        std::memcpy(&w, n.q + s, 8);
+        for (int j = 0; j < 8; ++j) out[s - s0 + j] = t[(w >> (8 * j)) & 0xff];
+      }
+      for (; s < e; ++s) out[s - s0] = t[n.q[s]];
+    }
+#endif
+  }
+  std::fill(out + (end - s0), out + (s1 - s0), 0.0f);
+}
+
+Lut4Matrix with_nested_scale(Lut4Matrix w, const Lut4NestedScale& nested) {
+  w.scale = nullptr;
+  w.nested = nested;
+  check_weight("with_nested_scale", w);
+  return w;
 }
 
 int64_t int8_codes_bytes(int64_t rows, int64_t cols) {
@@ -588,8 +736,12 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   if (io.n == 0 || w.rows == 0) return;
   // Up to kGemvMaxRows rows the exact GEMV is also the fastest 4-bit path (decode-bound either
   // way), so fast only changes larger batches.
-  if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows)
-    return forward_exact(w, io, k.matmul.lut4_f32);
+  if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows) {
+    const std::vector<float> x = padded_f32(io, w.cols, w.kpad);
+    std::vector<float> y(static_cast<size_t>(io.n * w.rows));
+    lut4_forward(w, x.data(), io.n, k.matmul.lut4_f32, y.data(), k);
+    return store_rows(y.data(), w.rows, w.rows, io);
+  }
   std::vector<uint16_t> xb(static_cast<size_t>(io.n * w.kpad), 0);
   parallel_rows(io.n, [&](int64_t i) {
     uint16_t* dst = xb.data() + i * w.kpad;
@@ -601,9 +753,7 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
     }
   });
   std::vector<float> y(static_cast<size_t>(io.n * w.rows));
-  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
-    k.matmul.lut4_bf16(w, xb.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
-  });
+  lut4_forward(w, xb.data(), io.n, k.matmul.lut4_bf16, y.data(), k);
   store_rows(y.data(), w.rows, w.rows, io);
 }
 
@@ -674,7 +824,9 @@ void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel) {
 }  // namespace
 
 void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k) {
-  transposed(w, io, kLut4Chunk, k.matmul.lut4_t_f32);
+  check_weight("matmul_transposed", w);
+  std::vector<float> scale;  // double-quantized statistics, decoded
+  transposed(io.n == 0 ? w : decoded(w, scale, k), io, kLut4Chunk, k.matmul.lut4_t_f32);
 }
 void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k) {
   transposed(w, io, kInt8Chunk, k.matmul.int8_t_f32);
