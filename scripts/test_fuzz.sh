@@ -18,8 +18,11 @@ build() {  # target, sources...
   "$cxx" "${flags[@]}" "fuzz/fuzz_$target.cpp" "$@" -o "$out/fuzz_$target"
 }
 build safetensors src/io/safetensors_format.cpp &
+pid1=$!
 build quant_state src/io/quant_state.cpp &
-wait %1 && wait %2
+pid2=$!
+wait $pid1
+wait $pid2
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 for target in safetensors quant_state; do
