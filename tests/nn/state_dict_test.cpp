@@ -370,7 +370,7 @@ TEST(NnStateDict, HostileTensorsAndJsonAreRefused) {
       {jk, "quant_type"});
   expect_error([&] { load(json(head + "\"shape\": [172, 100], \"extra\": 1" + nested)); }, {jk, "extra"});
   expect_error([&] { load(json(head + "\"shape\": [172, 100], \"shape\": [172, 100]" + nested)); },
-               {jk, "once", "shape"});
+               {jk, "shape", "twice"});
   expect_error(
       [&] {
         load(json(head + "\"shape\": [172, 100], \"nested_blocksize\": 128, \"nested_dtype\": "
@@ -456,6 +456,30 @@ TEST(NnStateDict, HostileInt8AndInt4AreRefused) {
                           "[172, 100]}")));
         },
         {jk, "symmetric"});
+    // msbnb's own int4 JSON goes through the nn layer's parser: the same refusals.
+    const std::string ok =
+        "{\"quant_type\": \"int4\", \"blocksize\": 128, \"dtype\": \"float32\", \"shape\": [172, 100]";
+    expect_error(
+        [&] { load(replace(sd, jk, json_tensor(ok + ", \"symmetric\": false, \"symmetric\": false}"))); },
+        {jk, "once", "symmetric"});
+    expect_error([&] { load(replace(sd, jk, json_tensor(ok + ", \"symmetric\": 0}"))); },
+                 {jk, "symmetric", "true or false"});
+    expect_error([&] { load(replace(sd, jk, json_tensor(ok + ", \"symmetric\": false, \"x\": 1}"))); },
+                 {jk, "\"x\""});
+    expect_error([&] { load(replace(sd, jk, json_tensor("{\"quant_type\": \"int4\", "))); },
+                 {jk, "parse error"});
+    expect_error(
+        [&] {
+          load(replace(sd, jk,
+                       json_tensor("{\"quant_type\": \"int4\", \"blocksize\": 64, \"dtype\": \"float32\", "
+                                   "\"shape\": [172, 100], \"symmetric\": false}")));
+        },
+        {jk, "blocksize", "expected 128", "got 64"});
+    expect_error(
+        [&] {
+          load(replace(sd, jk, json_tensor(ok + ", \"symmetric\": false, \"nested_blocksize\": 256}")));
+        },
+        {jk, "nested_dtype"});
   }
 }
 
