@@ -30,9 +30,12 @@ std::string name_of(const Embedding4bitOptions& o) {
 }
 
 // Rows straddle blocks (dim not a multiple of 64), the table has an odd element count (7 x 33),
-// a last short int4 group (33 = 32 + 1), and one row longer than a block (dim 100).
+// a last short int4 group (33 = 32 + 1), one row longer than a block (dim 100), and rows whose
+// statistics straddle a nested (double-quantization) block of 256 (400 x 100 nf4: block 256 starts
+// inside row 163; 200 x 70 int4: 3 groups a row, row 85 holds stats 255..257).
 TEST(NnEmbedding, LookedUpRowsDecodeAsTheWholeTable) {
-  for (auto [num, dim] : std::vector<std::pair<int64_t, int64_t>>{{7, 33}, {50, 100}, {9, 64}, {300, 3}}) {
+  for (auto [num, dim] : std::vector<std::pair<int64_t, int64_t>>{
+           {7, 33}, {50, 100}, {9, 64}, {300, 3}, {400, 100}, {200, 70}}) {
     for (const Embedding4bitOptions& o : options_4bit(num, dim)) {
       SCOPED_TRACE(name_of(o) + " " + std::to_string(num) + "x" + std::to_string(dim));
       torch::manual_seed(kSeed);
@@ -53,6 +56,7 @@ TEST(NnEmbedding, LookedUpRowsDecodeAsTheWholeTable) {
       ASSERT_EQ(y.sizes(), (std::vector<int64_t>{4, 5, dim}));
       EXPECT_TRUE(torch::equal(y, table.index_select(0, idx.reshape({-1})).reshape({4, 5, dim})));
       EXPECT_TRUE(torch::equal(e->forward(idx.to(torch::kInt32)), y));
+      EXPECT_TRUE(torch::equal(e->forward(torch::arange(num)), table));  // every row
     }
   }
 }
