@@ -198,33 +198,39 @@ TEST(NnLinear, ZerosUntilQuantized) {
 
 TEST(NnLinear, BackwardMatchesAutogradThroughDequantizedWeight) {
   for (const Fmt& f : all_formats()) {
-    SCOPED_TRACE(f.name());
-    torch::manual_seed(kSeed);
-    const int64_t in = 100, out = 172, rows = 6;
-    auto m = make_layer(f, in, out, true, torch::randn({out, in}));
-    const torch::Tensor w = dequantized(m);
-    torch::Tensor bias = m->named_parameters()["bias"];
-    const torch::Tensor x0 = torch::randn({2, 3, in});
-    const torch::Tensor gy = torch::randn({2, 3, out});
-    torch::Tensor x = x0.clone().requires_grad_(true);
-    forward(m, x).backward(gy);
-    ASSERT_TRUE(x.grad().defined());
-    ASSERT_TRUE(bias.grad().defined());
-    // Reference: torch autograd through the dequantized weight, in double.
-    torch::Tensor xr = x0.to(torch::kDouble).requires_grad_(true);
-    torch::Tensor br = bias.detach().to(torch::kDouble).requires_grad_(true);
-    torch::nn::functional::linear(xr, w.to(torch::kDouble), br).backward(gy.to(torch::kDouble));
-    // grad_x = gy · W, out terms; grad_bias = sum of rows of gy, `rows` terms.
-    expect_within(x.grad(), xr.grad(),
-                  sum_tolerance(gy.abs().reshape({-1, out}), w.abs().t(), out,
-                                xr.grad().abs().reshape({-1, in}), torch::kFloat32)
-                      .reshape({2, 3, in}),
-                  "grad_x");
-    const torch::Tensor gb_tol =
-        2.0 * (rows + 2) * std::ldexp(1.0, -24) * gy.abs().reshape({-1, out}).sum(0).to(torch::kDouble) +
-        1e-30;
-    expect_within(bias.grad(), br.grad(), gb_tol, "grad_bias");
-    bias.mutable_grad().reset();
+    for (torch::Dtype dt : {torch::kFloat32, torch::kFloat16, torch::kBFloat16}) {
+      SCOPED_TRACE(f.name() + " " + c10::toString(dt));
+      torch::manual_seed(kSeed);
+      const int64_t in = 100, out = 172, rows = 6;
+      auto m = make_layer(f, in, out, true, torch::randn({out, in}));
+      const torch::Tensor w = dequantized(m);
+      torch::Tensor bias = m->named_parameters()["bias"];
+      const torch::Tensor x0 = torch::randn({2, 3, in}).to(dt);
+      const torch::Tensor gy = torch::randn({2, 3, out}).to(dt);
+      torch::Tensor x = x0.clone().requires_grad_(true);
+      forward(m, x).backward(gy);
+      ASSERT_TRUE(x.grad().defined());
+      ASSERT_EQ(x.grad().scalar_type(), dt);
+      ASSERT_TRUE(bias.grad().defined());
+      ASSERT_EQ(bias.grad().scalar_type(), torch::kFloat32);
+      // Reference: torch autograd through the dequantized weight, in double.
+      torch::Tensor xr = x0.to(torch::kDouble).requires_grad_(true);
+      torch::Tensor br = bias.detach().to(torch::kDouble).requires_grad_(true);
+      torch::nn::functional::linear(xr, w.to(torch::kDouble), br).backward(gy.to(torch::kDouble));
+      // grad_x = gy · W, `out` terms summed in fp32, rounded to x's dtype; grad_bias = the sum of
+      // `rows` rows of gy in fp32.
+      expect_within(x.grad(), xr.grad(),
+                    sum_tolerance(gy.to(torch::kFloat32).abs().reshape({-1, out}), w.abs().t(), out,
+                                  xr.grad().abs().reshape({-1, in}), dt)
+                        .reshape({2, 3, in}),
+                    "grad_x");
+      const torch::Tensor gb_tol =
+          2.0 * (rows + 2) * std::ldexp(1.0, -24) *
+              gy.to(torch::kFloat32).abs().reshape({-1, out}).sum(0).to(torch::kDouble) +
+          1e-30;
+      expect_within(bias.grad(), br.grad(), gb_tol, "grad_bias");
+      bias.mutable_grad().reset();
+    }
   }
 }
 
