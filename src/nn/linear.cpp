@@ -20,7 +20,12 @@ PackedWeight PackedWeightCache::get(const PackedLayout& layout, const NamedTenso
   // The buffers' storage changes under clone() (set_data), torch::load (set_) and set_data: a
   // weight over other memory is rebuilt over the current tensors.
   if (!weight_.defined() || ptrs != data_ptrs_) {
-    weight_ = PackedWeight::from_tensors(layout, buffers);
+    // Over aliases (own TensorImpls, the buffers' storage): a weight handed out earlier (kept by
+    // autograd for backward, say) keeps its memory when a buffer's storage is later replaced.
+    NamedTensors views;
+    views.reserve(buffers.size());
+    for (const auto& [name, t] : buffers) views.emplace_back(name, t.detach());
+    weight_ = PackedWeight::from_tensors(layout, views);
     data_ptrs_ = std::move(ptrs);
   }
   return weight_;

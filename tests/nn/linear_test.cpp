@@ -234,6 +234,27 @@ TEST(NnLinear, BackwardMatchesAutogradThroughDequantizedWeight) {
   }
 }
 
+// Backward uses the weight the forward used, even if the layer is re-quantized (its buffers'
+// storage replaced) in between.
+TEST(NnLinear, BackwardAfterRequantizeUsesTheForwardsWeight) {
+  for (const Fmt& f : {Fmt{"nf4", true}, Fmt{"int4", false, false}, Fmt{"int8", false, true, 6.0}}) {
+    SCOPED_TRACE(f.name());
+    torch::manual_seed(kSeed);
+    auto m = make_layer(f, 100, 40, false, torch::randn({40, 100}));
+    auto ref = m->clone();
+    const torch::Tensor x0 = torch::randn({3, 100}), gy = torch::randn({3, 40});
+    torch::Tensor x = x0.clone().requires_grad_(true), xr = x0.clone().requires_grad_(true);
+    const torch::Tensor y = forward(m, x);
+    if (auto p = std::dynamic_pointer_cast<Linear4bitImpl>(m)) p->quantize_weights(torch::randn({40, 100}));
+    if (auto p = std::dynamic_pointer_cast<Linear8bitImpl>(m)) p->quantize_weights(torch::randn({40, 100}));
+    std::vector<torch::Tensor> churn;  // reuse what the old buffers freed, if anything did
+    for (int i = 0; i < 8; ++i) churn.push_back(torch::full({40 * 128}, 1e30f));
+    y.backward(gy);
+    forward(ref, xr).backward(gy);
+    EXPECT_TRUE(torch::equal(x.grad(), xr.grad()));
+  }
+}
+
 TEST(NnLinear, QuantizedWeightIsNeverTrainable) {
   auto m = make_layer({"nf4", true}, 64, 32, false, torch::randn({32, 64}));
   EXPECT_TRUE(m->parameters().empty());
