@@ -49,7 +49,7 @@ TEST(ModelSize, HalfModelAndSharedStorageCountOnce) {
   // reports what it holds.
   auto a = seq->ptr<tnn::LinearImpl>(0);
   auto b = seq->ptr<tnn::LinearImpl>(1);
-  b->weight = b->register_parameter("weight", a->weight);
+  b->weight.set_data(a->weight);  // now shares a's storage
   const auto s = msbnb::get_model_size(*seq);
   EXPECT_EQ(s.layers[1].bytes(), (64 + 8) * 2);
   EXPECT_EQ(s.total_bytes, (64 + 8 + 8) * 2);
