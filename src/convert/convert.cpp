@@ -217,6 +217,26 @@ std::vector<std::string> walk_and_replace(Module& model, bool embeddings, const 
   return replaced;
 }
 
+// SequentialImpl::clone() re-registers the cloned modules under their indices ("0", "1", ...),
+// dropping the names given at construction: copy the original's names back, so the skip list,
+// the report and the converted model use the names of the model the caller passed.
+void restore_child_names(const Module& original, Module& copy) {
+  const auto names = original.named_children();
+  const auto kids = copy.named_children();
+  TORCH_CHECK(names.size() == kids.size(), "convert_to_quantized_model: the clone of ", original.name(),
+              " has ", kids.size(), " children, expected ", names.size(),
+              " (a reset() that registers other children?)");
+  bool same = true;
+  for (size_t i = 0; i < names.size(); ++i) same = same && names[i].key() == kids[i].key();
+  if (!same) {
+    // Unregister all, then register in order under the original names: the order is kept, and a
+    // container's own module list (which forward() runs) is untouched.
+    for (size_t i = 0; i < kids.size(); ++i) copy.unregister_module(kids[i].key());
+    for (size_t i = 0; i < kids.size(); ++i) copy.register_module(names[i].key(), kids[i].value());
+  }
+  for (size_t i = 0; i < names.size(); ++i) restore_child_names(*names[i].value(), *kids[i].value());
+}
+
 torch::nn::AnyModule build_quantized(const Candidate& c, const QuantConfig& config) {
   if (c.kind == Kind::linear) {
     return detail::quantize_linear(
@@ -318,6 +338,7 @@ ConvertedModel convert_to_quantized_model(const std::shared_ptr<Module>& model, 
   }
   try {
     out.model = model->clone();
+    restore_child_names(*model, *out.model);
   } catch (const c10::Error& e) {
     TORCH_CHECK(
         false,

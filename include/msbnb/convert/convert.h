@@ -128,7 +128,9 @@ bool module_name_matches(const std::string& name, const std::string& entry);
 /// weights and stays usable) and converts the clone. Every module of the tree must be Cloneable
 /// (torch::nn::Cloneable<T>, as torch's own modules are); otherwise throws c10::Error naming the
 /// first module that is not, and pointing at the in-place form. A root that is itself a Linear
-/// (Embedding) is returned converted. Peak memory: the float model twice plus the quantized one.
+/// (Embedding) is returned converted. The copy keeps the input's child names (libtorch's
+/// Sequential::clone() renames children "0", "1", ...; conversion puts the names back). Peak
+/// memory: the float model twice plus the quantized one.
 /// Throws c10::Error for an invalid config or skip entry, before doing anything.
 /// Example:
 ///   auto out = msbnb::convert_to_quantized_model(model, msbnb::Int4Config().quant_type("nf4"), {"lm_head"});
