@@ -11,8 +11,9 @@
 // weights (kept in float). The weights are one shared random buffer viewed at each shape: byte
 // counts do not depend on the values. FP16 is 2 bytes per parameter by definition.
 //
-// Exit status: 0, or 1 if the in-place conversion's peak grew by more than a quarter of the
-// float block (it must stay near one quantized layer, far below a copy of the model).
+// Exit status: 0, or 1 if the in-place conversion's peak grew by more than one layer's
+// conversion needs (2 x the largest float layer + 2 x the largest quantized one), i.e. it must
+// stay far below a copy of the model.
 #include <torch/torch.h>
 
 #include <chrono>
@@ -84,8 +85,14 @@ tnn::Linear view_linear(const torch::Tensor& buffer, int64_t out, int64_t in) {
 }
 
 // Bytes of one [out, in] layer converted with `config`, measured (Embedding if embedding).
+// Cached per (kind, shape, format): LLaMA-7B's k/v are q's shape, and so on.
 int64_t measured_bytes(const torch::Tensor& buffer, int64_t out, int64_t in, const msbnb::QuantConfig& config,
                        bool embedding) {
+  static std::map<std::string, int64_t> cache;
+  const std::string key = std::to_string(embedding) + " " + std::to_string(out) + "x" + std::to_string(in) +
+                          " " + config.describe();
+  auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
   tnn::ModuleDict holder;
   if (embedding) {
     tnn::Embedding e(tnn::EmbeddingOptions(1, 1));
@@ -97,7 +104,7 @@ int64_t measured_bytes(const torch::Tensor& buffer, int64_t out, int64_t in, con
   }
   const auto report = msbnb::convert_to_quantized_model_inplace(*holder, config);
   TORCH_CHECK(report.converted.size() == 1, "expected one converted layer, got ", report.converted.size());
-  return msbnb::get_model_size(*holder).total_bytes;
+  return cache[key] = msbnb::get_model_size(*holder).total_bytes;
 }
 
 }  // namespace
@@ -125,7 +132,7 @@ int main() {
     largest = std::max(largest, m.vocab * m.hidden);
   }
   // One buffer for every shape (random values: realistic statistics, sizes do not depend on them).
-  const torch::Tensor buffer = torch::randn({largest}) * 0.02;
+  torch::Tensor buffer = torch::randn({largest}) * 0.02;
 
   struct Row {
     std::string model;
@@ -162,6 +169,8 @@ int main() {
     }
     rows.push_back(row);
   }
+  buffer = torch::Tensor();  // 1 GB, not to be counted in the peaks below
+  const double table_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   auto print_table = [&](const char* title, bool kept) {
     std::cout << "\n" << title << " (GB = 1e9 bytes; GiB in parentheses)\n";
@@ -171,7 +180,7 @@ int main() {
     for (const auto& r : rows) {
       std::ostringstream p, c;
       p << std::setprecision(2) << std::fixed << r.params / 1e9 << "B";
-      c << gb(r.fp16) << " (" << gib(r.fp16) << ")";
+      c << std::fixed << std::setprecision(2) << gb(r.fp16) << " (" << gib(r.fp16) << ")";
       std::cout << std::setw(11) << r.model << std::setw(9) << p.str() << std::setw(18) << c.str();
       for (double v : kept ? r.kept : r.all) {
         std::ostringstream cell;
@@ -214,8 +223,11 @@ int main() {
     const bool peak_ok = reset_peak();
     const auto report = msbnb::convert_to_quantized_model_inplace(*block, nf4);
     const int64_t hwm = status_kb("VmHWM"), rss_after = status_kb("VmRSS");
-    int64_t largest_q = 0;
-    for (const auto& l : report.converted) largest_q = std::max(largest_q, l.bytes_after);
+    int64_t largest_q = 0, largest_f = 0;
+    for (const auto& l : report.converted) {
+      largest_q = std::max(largest_q, l.bytes_after);
+      largest_f = std::max(largest_f, l.bytes_before);
+    }
     std::cout << "\nin-place NF4+DQ conversion of one LLaMA-7B block (float32, " << float_bytes / 1e6
               << " MB; quantized " << report.bytes_after() / 1e6 << " MB; largest quantized layer "
               << largest_q / 1e6 << " MB):\n";
@@ -223,8 +235,15 @@ int main() {
       const double extra = (hwm - rss_float) * 1024.0;
       std::cout << "  VmRSS before " << rss_float / 1024 << " MiB, peak (VmHWM) " << hwm / 1024
                 << " MiB, after " << rss_after / 1024 << " MiB: peak - before = " << extra / 1e6 << " MB\n";
-      if (extra > 0.25 * static_cast<double>(float_bytes)) {
-        std::cout << "FAIL: the in-place peak grew by more than a quarter of the float block\n";
+      // One layer at a time: the transient of converting the largest layer (its quantized
+      // output, the layer's zero-initialised buffers, and the finiteness check of the weight,
+      // torch::isfinite(w).all(), whose temporaries are ~1.7x the float layer) bounds the growth.
+      // A copy of the model would add the whole float block.
+      const double bound = 2.0 * static_cast<double>(largest_f) + 2.0 * static_cast<double>(largest_q);
+      std::cout << "  bound (2 x largest float layer + 2 x largest quantized layer) " << bound / 1e6
+                << " MB\n";
+      if (extra > bound) {
+        std::cout << "FAIL: the in-place peak grew by more than one layer's conversion\n";
         status = 1;
       }
     } else {
@@ -244,6 +263,6 @@ int main() {
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::cout << "\nelapsed " << std::setprecision(1) << secs << " s\n";
+  std::cout << "\nelapsed " << std::setprecision(1) << secs << " s (table " << table_secs << " s)\n";
   return status;
 }
