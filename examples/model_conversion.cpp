@@ -14,6 +14,7 @@
 // Exit status: 0, or 1 if the in-place conversion's peak grew by more than one layer's
 // conversion needs (2 x the largest float layer + 2 x the largest quantized one), i.e. it must
 // stay far below a copy of the model.
+#include <malloc.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -114,6 +115,69 @@ int main() {
   torch::NoGradGuard no_grad;
   const auto t0 = std::chrono::steady_clock::now();
 
+  // ---- first, with glibc malloc's defaults: in-place vs copying peak memory of one LLaMA-7B
+  // decoder block at real size
+  auto make_block = [] {
+    torch::OrderedDict<std::string, std::shared_ptr<tnn::Module>> layers;
+    for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
+      layers.insert(n, tnn::Linear(tnn::LinearOptions(4096, 4096).bias(false)).ptr());
+    }
+    layers.insert("gate_proj", tnn::Linear(tnn::LinearOptions(4096, 11008).bias(false)).ptr());
+    layers.insert("up_proj", tnn::Linear(tnn::LinearOptions(4096, 11008).bias(false)).ptr());
+    layers.insert("down_proj", tnn::Linear(tnn::LinearOptions(11008, 4096).bias(false)).ptr());
+    return tnn::ModuleDict(layers);
+  };
+  const msbnb::QuantConfig nf4 = msbnb::Int4Config().quant_type("nf4");
+  int status = 0;
+  {
+    auto block = make_block();
+    const int64_t float_bytes = msbnb::get_model_size(*block).total_bytes;
+    const int64_t rss_float = status_kb("VmRSS");
+    const bool peak_ok = reset_peak();
+    const auto report = msbnb::convert_to_quantized_model_inplace(*block, nf4);
+    const int64_t hwm = status_kb("VmHWM"), rss_after = status_kb("VmRSS");
+    int64_t largest_q = 0, largest_f = 0;
+    for (const auto& l : report.converted) {
+      largest_q = std::max(largest_q, l.bytes_after);
+      largest_f = std::max(largest_f, l.bytes_before);
+    }
+    std::cout << std::fixed << std::setprecision(1)
+              << "in-place NF4+DQ conversion of one LLaMA-7B block (float32, " << float_bytes / 1e6
+              << " MB; quantized " << report.bytes_after() / 1e6 << " MB; largest quantized layer "
+              << largest_q / 1e6 << " MB):\n";
+    if (peak_ok && hwm > 0 && rss_float > 0) {
+      const double extra = (hwm - rss_float) * 1024.0;
+      std::cout << "  VmRSS before " << rss_float / 1024 << " MiB, peak (VmHWM) " << hwm / 1024
+                << " MiB, after " << rss_after / 1024 << " MiB: peak - before = " << extra / 1e6 << " MB\n";
+      // One layer at a time: the transient of converting the largest layer (its quantized
+      // output, the layer's zero-initialised buffers, and the finiteness check of the weight,
+      // torch::isfinite(w).all(), whose temporaries are ~1.7x the float layer) bounds the growth.
+      // A copy of the model would add the whole float block.
+      const double bound = 2.0 * static_cast<double>(largest_f) + 2.0 * static_cast<double>(largest_q);
+      std::cout << "  bound (2 x largest float layer + 2 x largest quantized layer) " << bound / 1e6
+                << " MB\n";
+      if (extra > bound) {
+        std::cout << "FAIL: the in-place peak grew by more than one layer's conversion\n";
+        status = 1;
+      }
+    } else {
+      std::cout << "  /proc/self/clear_refs or VmHWM unavailable: peak not measured\n";
+    }
+  }
+  {
+    auto block = make_block();
+    const int64_t rss_float = status_kb("VmRSS");
+    const bool peak_ok = reset_peak();
+    auto copy = msbnb::convert_to_quantized_model(block, nf4);
+    const int64_t hwm = status_kb("VmHWM");
+    if (peak_ok && hwm > 0 && rss_float > 0) {
+      std::cout << "copying NF4+DQ conversion of the same block: VmRSS before " << rss_float / 1024
+                << " MiB, peak " << hwm / 1024 << " MiB: peak - before = " << (hwm - rss_float) * 1024.0 / 1e6
+                << " MB (the clone of the float block, then its layers are freed one by one)\n";
+    }
+  }
+
+  const auto t_table = std::chrono::steady_clock::now();
   const std::vector<Llama> models = {
       {"LLaMA-7B", 4096, 11008, 4096, 32, 32000, 14, 7, 3.5},
       {"LLaMA-13B", 5120, 13824, 5120, 40, 32000, 26, 13, 6.5},
@@ -131,6 +195,11 @@ int main() {
     for (const auto& s : m.block()) largest = std::max(largest, s.out * s.in);
     largest = std::max(largest, m.vocab * m.hidden);
   }
+  // The table converts ~8 G weights in layers of up to 1 GB: let malloc reuse freed memory
+  // instead of mapping (and page-faulting) fresh zeroed pages for every layer. (After the peaks:
+  // with these settings freed memory stays in the process and VmRSS would not show it.)
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   // One buffer for every shape (random values: realistic statistics, sizes do not depend on them).
   torch::Tensor buffer = torch::randn({largest}) * 0.02;
 
@@ -170,7 +239,7 @@ int main() {
     rows.push_back(row);
   }
   buffer = torch::Tensor();  // 1 GB, not to be counted in the peaks below
-  const double table_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double table_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_table).count();
 
   auto print_table = [&](const char* title, bool kept) {
     std::cout << "\n" << title << " (GB = 1e9 bytes; GiB in parentheses)\n";
@@ -203,65 +272,6 @@ int main() {
               << "); with embed + lm_head fp16: " << gb(r.kept[0]) << " / " << gb(r.kept[1]) << "\n";
   }
 
-  // ---- in-place vs copying peak memory, one LLaMA-7B decoder block at real size ------------
-  auto make_block = [] {
-    torch::OrderedDict<std::string, std::shared_ptr<tnn::Module>> layers;
-    for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"}) {
-      layers.insert(n, tnn::Linear(tnn::LinearOptions(4096, 4096).bias(false)).ptr());
-    }
-    layers.insert("gate_proj", tnn::Linear(tnn::LinearOptions(4096, 11008).bias(false)).ptr());
-    layers.insert("up_proj", tnn::Linear(tnn::LinearOptions(4096, 11008).bias(false)).ptr());
-    layers.insert("down_proj", tnn::Linear(tnn::LinearOptions(11008, 4096).bias(false)).ptr());
-    return tnn::ModuleDict(layers);
-  };
-  const msbnb::QuantConfig nf4 = msbnb::Int4Config().quant_type("nf4");
-  int status = 0;
-  {
-    auto block = make_block();
-    const int64_t float_bytes = msbnb::get_model_size(*block).total_bytes;
-    const int64_t rss_float = status_kb("VmRSS");
-    const bool peak_ok = reset_peak();
-    const auto report = msbnb::convert_to_quantized_model_inplace(*block, nf4);
-    const int64_t hwm = status_kb("VmHWM"), rss_after = status_kb("VmRSS");
-    int64_t largest_q = 0, largest_f = 0;
-    for (const auto& l : report.converted) {
-      largest_q = std::max(largest_q, l.bytes_after);
-      largest_f = std::max(largest_f, l.bytes_before);
-    }
-    std::cout << "\nin-place NF4+DQ conversion of one LLaMA-7B block (float32, " << float_bytes / 1e6
-              << " MB; quantized " << report.bytes_after() / 1e6 << " MB; largest quantized layer "
-              << largest_q / 1e6 << " MB):\n";
-    if (peak_ok && hwm > 0 && rss_float > 0) {
-      const double extra = (hwm - rss_float) * 1024.0;
-      std::cout << "  VmRSS before " << rss_float / 1024 << " MiB, peak (VmHWM) " << hwm / 1024
-                << " MiB, after " << rss_after / 1024 << " MiB: peak - before = " << extra / 1e6 << " MB\n";
-      // One layer at a time: the transient of converting the largest layer (its quantized
-      // output, the layer's zero-initialised buffers, and the finiteness check of the weight,
-      // torch::isfinite(w).all(), whose temporaries are ~1.7x the float layer) bounds the growth.
-      // A copy of the model would add the whole float block.
-      const double bound = 2.0 * static_cast<double>(largest_f) + 2.0 * static_cast<double>(largest_q);
-      std::cout << "  bound (2 x largest float layer + 2 x largest quantized layer) " << bound / 1e6
-                << " MB\n";
-      if (extra > bound) {
-        std::cout << "FAIL: the in-place peak grew by more than one layer's conversion\n";
-        status = 1;
-      }
-    } else {
-      std::cout << "  /proc/self/clear_refs or VmHWM unavailable: peak not measured\n";
-    }
-  }
-  {
-    auto block = make_block();
-    const int64_t rss_float = status_kb("VmRSS");
-    const bool peak_ok = reset_peak();
-    auto copy = msbnb::convert_to_quantized_model(block, nf4);
-    const int64_t hwm = status_kb("VmHWM");
-    if (peak_ok && hwm > 0 && rss_float > 0) {
-      std::cout << "copying NF4+DQ conversion of the same block: VmRSS before " << rss_float / 1024
-                << " MiB, peak " << hwm / 1024 << " MiB: peak - before = " << (hwm - rss_float) * 1024.0 / 1e6
-                << " MB (the clone of the float block, then its layers are freed one by one)\n";
-    }
-  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << "\nelapsed " << std::setprecision(1) << secs << " s (table " << table_secs << " s)\n";
   return status;
