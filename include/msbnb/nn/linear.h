@@ -224,8 +224,8 @@ class Linear4bit;
 /// double quant: `p.weight.nested_absmax` float32, `p.weight.nested_quant_map` float32 [256];
 /// `p.weight.quant_state.bitsandbytes__nf4` (or `__fp4`) uint8 JSON as bitsandbytes writes it;
 /// `p.bias`. int4 (msbnb's own): `p.weight` uint8 [out, ceil(in / 2)] qint4x2 (element 2j in the
-/// low nibble), `p.weight.scale` float32 [out, groups] (uint8 codes with double quant, then
-/// `p.weight.nested_absmax`, `p.weight.nested_quant_map`), `p.weight.zero_point` uint8
+/// low nibble), `p.weight.scale` float32 [out, groups] (with double quant uint8 [out · groups]
+/// codes, then `p.weight.nested_absmax`, `p.weight.nested_quant_map`), `p.weight.zero_point` uint8
 /// [out, groups] in [0, 15] (asymmetric: w = (q - zp) * scale), `p.weight.quant_state.msbnb__int4`
 /// uint8 JSON {"quant_type", "blocksize", "dtype", "shape", "symmetric"[, "nested_blocksize",
 /// "nested_dtype", "nested_offset"]}; `p.bias`.
