@@ -349,3 +349,23 @@ TEST(ReplaceLinearLayers, FactoryAndKeep) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Convert, Int8WithFloatWeightsKeepsThemUntilQuantized) {
+  torch::manual_seed(5);
+  tnn::Sequential seq(tnn::Linear(16, 8));
+  auto out = msbnb::convert_to_quantized_model(seq, Int8Config().has_fp16_weights(true));
+  auto l = out.as<tnn::SequentialImpl>()->ptr<msbnb::nn::Linear8bitImpl>(0);
+  ASSERT_NE(l, nullptr);
+  EXPECT_FALSE(l->is_quantized());
+  EXPECT_TRUE(torch::equal(l->weight, seq->ptr<tnn::LinearImpl>(0)->weight));
+  EXPECT_TRUE(torch::equal(l->bias, seq->ptr<tnn::LinearImpl>(0)->bias));
+  EXPECT_EQ(out.report.converted[0].format, "int8 (float weights kept)");
+  // The seed package's default: it saves nothing (the float weight is all still there).
+  EXPECT_GE(out.report.converted[0].bytes_after, out.report.converted[0].bytes_before);
+  l->quantize_weights();
+  EXPECT_EQ(msbnb::get_model_size(*out.model).layers[0].format, "int8");
+}
+
+}  // namespace
