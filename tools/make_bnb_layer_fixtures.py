@@ -10,16 +10,17 @@ with `safetensors.torch.save_file`:
     [`proj.weight.nested_absmax`, `proj.weight.nested_quant_map`],
     `proj.weight.quant_state.bitsandbytes__{nf4,fp4}`, [`proj.bias`]; int8 `proj.weight`,
     `proj.SCB`, `proj.weight_format`, [`proj.bias`]; int8 also `__outlier_cols` int64;
-  * `__input` float32 [3, in_features] (int8 cases: values representable in float16, since
-    bitsandbytes casts the activations to float16 before quantizing them);
-  * `__dequantized_weight` float32 [out, in] and `__absmax` float32 [blocks] (4-bit): computed
-    in NumPy from the stored codes with the formula (see `dequantize_formula`), NOT through
-    bitsandbytes' CPU dequantize (its AVX-512 kernel is wrong for some shapes, see
+  * `__input` [3, in_features] in the layer's dtype (float32; one bfloat16 case) (int8 cases:
+    values representable in float16, since bitsandbytes casts the activations to float16
+    before quantizing them);
+  * `__dequantized_weight` [out, in] in the layer's dtype (the float32 product rounded to it)
+    and `__absmax` float32 [blocks] (4-bit): computed in NumPy from the stored codes with the
+    formula (see `dequantize_formula`), NOT through bitsandbytes' CPU dequantize (its AVX-512 kernel is wrong for some shapes, see
     tools/README.md); int8: `__dequantized_weight` float32 = CB * SCB / 127 rounded once;
   * `__expected_output` float64 [3, out]: x · W'ᵀ + bias summed in float64 from the formula's
-    W' (4-bit), or LLM.int8()'s integer product and outlier columns in float64 (int8);
-  * `__bnb_output` float32: what the bitsandbytes layer's forward returned in train mode (its
-    fp32 path: dequantize_4bit + F.linear, or LLM.int8()), and `__bnb_output_eval` where its
+    float32 W' (4-bit), or LLM.int8()'s integer product and outlier columns in float64 (int8);
+  * `__bnb_output` (the layer's dtype): what the bitsandbytes layer's forward returned in
+    train mode (its path: dequantize_4bit + F.linear, or LLM.int8()), and `__bnb_output_eval` where its
     eval-mode AVX512-BF16 path ran (4-bit: it needs out_features % 32 == 0 and in_features %
     blocksize == 0; otherwise the failure is recorded in the index instead).
 
@@ -51,7 +52,7 @@ BATCH = 3
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # bitsandbytes' quantize_4bit double-quantizes absmax in blocks of 256
 
-# (name, quant_type, out, in, compress_statistics, bias)
+# (name, quant_type, out, in, compress_statistics, bias[, dtype])
 # in 128: a multiple of the blocksize; 100 / 200: not, and not of 16 (the last block spans rows);
 # 96: a multiple of 16 but not of 64 (the shape where bitsandbytes' AVX-512 dequantize is wrong).
 # out 64: the eval-mode AVX512-BF16 path runs; 48 / 172: not a multiple of 32, it asserts.
@@ -71,6 +72,8 @@ CASES_4BIT = [
     ("nf4_o48_i96_dq", "nf4", 48, 96, True, False),
     ("fp4_o48_i96", "fp4", 48, 96, False, False),
     ("fp4_o48_i96_dq", "fp4", 48, 96, True, True),
+    # A Hugging Face checkpoint in bfloat16: quant_state dtype "bfloat16", bias bfloat16.
+    ("nf4_o64_i128_dq_bf16", "nf4", 64, 128, True, True, "bfloat16"),
 ]
 
 # (name, out, in, threshold, bias)
@@ -216,16 +219,23 @@ def bf16_bound(x, w, b, y):
 
 
 # ----------------------------------------------------------------------------- cases
-def make_4bit(name, quant_type, out_f, in_f, dq, bias):
+def to_dtype_f32(a, dtype):
+    """float32 array -> the values of `dtype` (round to nearest even), as float32."""
+    return torch.from_numpy(a).to(dtype).float().numpy()
+
+
+def make_4bit(name, quant_type, out_f, in_f, dq, bias, dtype="float32"):
+    tdt = getattr(torch, dtype)
     rng = np.random.default_rng(seed_of(name))
     w, b = weights(rng, out_f, in_f)
     x = rng.standard_normal((BATCH, in_f)).astype(np.float32)
+    w, b, x = (to_dtype_f32(a, tdt) for a in (w, b, x))
 
     layer = Linear4bit(in_f, out_f, bias=bias, compress_statistics=dq, quant_type=quant_type, device="cpu")
     with torch.no_grad():
-        layer.weight.data = torch.from_numpy(w.copy())
+        layer.weight.data = torch.from_numpy(w.copy()).to(tdt)
         if bias:
-            layer.bias.copy_(torch.from_numpy(b))
+            layer.bias.data = torch.from_numpy(b).to(tdt)
     layer.weight.blocksize = BLOCKSIZE
     layer = layer.to("cpu")  # Params4bit._quantize runs here
     assert layer.weight.bnb_quantized
@@ -234,28 +244,34 @@ def make_4bit(name, quant_type, out_f, in_f, dq, bias):
     qs = layer.weight.quant_state
 
     wq, absmax = dequantize_formula(sd, (out_f, in_f), BLOCKSIZE)
+    # dequantize_4bit gives the float32 product rounded to the weight's dtype; the expected
+    # output uses the float32 product (what the fused kernels multiply with).
+    wq_dt = torch.from_numpy(wq).to(tdt)
     bb = b if bias else None
     expected = linear_f64(x, wq, bb)
     bound = fp32_sum_bound(x, wq, bb)
 
     agree = {}
-    bnb_w = F.dequantize_4bit(layer.weight.data, qs).numpy()
-    agree["dequantize_4bit"] = diff_stats(bnb_w, wq)
+    bnb_w = F.dequantize_4bit(layer.weight.data, qs).float().numpy()
+    agree["dequantize_4bit"] = diff_stats(bnb_w, wq_dt.float().numpy())
     if qs.nested:
         bnb_absmax = (F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).numpy()
         agree["nested_absmax_recovery"] = diff_stats(bnb_absmax, absmax)
-    xt = torch.from_numpy(x)
+    xt = torch.from_numpy(x).to(tdt)
     layer.train()
     with torch.no_grad():
-        y_train = layer(xt).numpy()
+        y_train = layer(xt).float().numpy()
     agree["forward_train"] = diff_stats(y_train, expected, bound)
-    agree["forward_train"]["path"] = "matmul_4bit -> gemm_4bit (default): dequantize_4bit + F.linear, fp32"
+    agree["forward_train"]["path"] = f"matmul_4bit -> gemm_4bit (default): dequantize_4bit + F.linear, {dtype}"
+    if dtype != "float32":
+        agree["forward_train"]["max_diff_over_bf16_bound"] = float(
+            (np.abs(y_train - expected) / bf16_bound(x, wq, bb, expected)).max())
 
     extra = {"__bnb_output": y_train.astype(np.float32)}
     layer.eval()
     try:
         with torch.no_grad():
-            y_eval = layer(xt).numpy()
+            y_eval = layer(xt).float().numpy()
         extra["__bnb_output_eval"] = y_eval.astype(np.float32)
         agree["forward_eval"] = diff_stats(y_eval, expected, bound)
         agree["forward_eval"]["max_diff_over_bf16_bound"] = float(
@@ -266,11 +282,11 @@ def make_4bit(name, quant_type, out_f, in_f, dq, bias):
 
     tensors = dict(sd)
     tensors["__input"] = xt
-    tensors["__dequantized_weight"] = torch.from_numpy(wq)
+    tensors["__dequantized_weight"] = wq_dt
     tensors["__absmax"] = torch.from_numpy(absmax)
     tensors["__expected_output"] = torch.from_numpy(expected)
     for k, v in extra.items():
-        tensors[k] = torch.from_numpy(v)
+        tensors[k] = torch.from_numpy(v).to(tdt)
     record = {
         "name": name,
         "kind": "linear4bit",
@@ -280,7 +296,7 @@ def make_4bit(name, quant_type, out_f, in_f, dq, bias):
         "bias": bias,
         "blocksize": BLOCKSIZE,
         "compress_statistics": dq,
-        "dtype": "float32",
+        "dtype": dtype,
         "prefix": PREFIX,
         "seed": seed_of(name),
         "quant_state": quant_state_json(sd),
