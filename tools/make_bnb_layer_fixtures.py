@@ -16,7 +16,8 @@ with `safetensors.torch.save_file`:
   * `__dequantized_weight` [out, in] in the layer's dtype (the float32 product rounded to it)
     and `__absmax` float32 [blocks] (4-bit): computed in NumPy from the stored codes with the
     formula (see `dequantize_formula`), NOT through bitsandbytes' CPU dequantize (its AVX-512
-    kernel is wrong for some shapes, see tools/README.md); int8: `__dequantized_weight` float32 = CB * SCB / 127 rounded once;
+    kernel is wrong for some shapes, see tools/README.md); int8: `__dequantized_weight`
+    float32 = CB * SCB / 127 rounded once;
   * `__expected_output` float64 [3, out]: x · W'ᵀ + bias summed in float64 from the formula's
     float32 W' (4-bit), or LLM.int8()'s integer product and outlier columns in float64 (int8);
   * `__bnb_output` (the layer's dtype): what the bitsandbytes layer's forward returned in
