@@ -13,13 +13,15 @@ with `safetensors.torch.save_file`:
   * `__input` [3, in_features] in the layer's dtype (float32; one bfloat16 case) (int8 cases:
     values representable in float16, since bitsandbytes casts the activations to float16
     before quantizing them);
-  * `__dequantized_weight` [out, in] in the layer's dtype (the float32 product rounded to it)
-    and `__absmax` float32 [blocks] (4-bit): computed in NumPy from the stored codes with the
+  * `__dequantized_weight` float32 [out, in] (the float32 product; bitsandbytes' dequantize_4bit
+    rounds it to the layer's dtype) and `__absmax` float32 [blocks] (4-bit): computed in NumPy from the stored codes with the
     formula (see `dequantize_formula`), NOT through bitsandbytes' CPU dequantize (its AVX-512
     kernel is wrong for some shapes, see tools/README.md); int8: `__dequantized_weight`
     float32 = CB * SCB / 127 rounded once;
   * `__expected_output` float64 [3, out]: x · W'ᵀ + bias summed in float64 from the formula's
     float32 W' (4-bit), or LLM.int8()'s integer product and outlier columns in float64 (int8);
+    int8 also `__expected_output_dequantized` float64: x · (CB * SCB / 127)ᵀ + bias (what a
+    layer that multiplies fp32 activations with the dequantized weight gives);
   * `__bnb_output` (the layer's dtype): what the bitsandbytes layer's forward returned in
     train mode (its path: dequantize_4bit + F.linear, or LLM.int8()), and `__bnb_output_eval` where its
     eval-mode AVX512-BF16 path ran (4-bit: it needs out_features % 32 == 0 and in_features %
@@ -283,7 +285,7 @@ def make_4bit(name, quant_type, out_f, in_f, dq, bias, dtype="float32"):
 
     tensors = dict(sd)
     tensors["__input"] = xt
-    tensors["__dequantized_weight"] = wq_dt
+    tensors["__dequantized_weight"] = torch.from_numpy(wq)
     tensors["__absmax"] = torch.from_numpy(absmax)
     tensors["__expected_output"] = torch.from_numpy(expected)
     for k, v in extra.items():
@@ -367,6 +369,7 @@ def make_int8(name, out_f, in_f, threshold, bias):
     tensors["__input"] = xt
     tensors["__dequantized_weight"] = torch.from_numpy(wdq.astype(np.float32))
     tensors["__expected_output"] = torch.from_numpy(expected)
+    tensors["__expected_output_dequantized"] = torch.from_numpy(linear_f64(x, wdq, b if bias else None))
     tensors["__bnb_output"] = torch.from_numpy(y.astype(np.float32))
     tensors["__outlier_cols"] = torch.from_numpy(cols.astype(np.int64))
     record = {
