@@ -21,7 +21,8 @@ with `safetensors.torch.save_file`:
   * `__expected_output` float64 [3, out]: x · W'ᵀ + bias summed in float64 from the formula's
     float32 W' (4-bit), or LLM.int8()'s integer product and outlier columns in float64 (int8);
     int8 also `__expected_output_dequantized` float64: x · (CB * SCB / 127)ᵀ + bias (what a
-    layer that multiplies fp32 activations with the dequantized weight gives);
+    layer that multiplies fp32 activations with the dequantized weight gives) and
+    `__output_magnitude` float64: |Σ qx qw| · SCA · SCB / 127² + Σ_outliers |x w'| + |bias|;
   * `__bnb_output` (the layer's dtype): what the bitsandbytes layer's forward returned in
     train mode (its path: dequantize_4bit + F.linear, or LLM.int8()), and `__bnb_output_eval` where its
     eval-mode AVX512-BF16 path ran (4-bit: it needs out_features % 32 == 0 and in_features %
@@ -345,10 +346,14 @@ def make_int8(name, out_f, in_f, threshold, bias):
     # of x times the dequantized weight columns, plus bias; all in float64.
     acc = qx.astype(np.int64) @ cb.astype(np.int64).T
     expected = acc.astype(np.float64) * sx.astype(np.float64)[:, None] * scb.astype(np.float64)[None, :] / 127.0**2
+    # What every rounding of a float32 evaluation is relative to (the C++ test's bound).
+    magnitude = np.abs(acc).astype(np.float64) * sx.astype(np.float64)[:, None] * scb.astype(np.float64)[None, :] / 127.0**2
     if cols.size:
         expected += x[:, cols].astype(np.float64) @ wdq[:, cols].T
+        magnitude += np.abs(x[:, cols].astype(np.float64)) @ np.abs(wdq[:, cols]).T
     if bias:
         expected += b.astype(np.float64)
+        magnitude += np.abs(b.astype(np.float64))
     xt = torch.from_numpy(x)
     layer.eval()
     with torch.no_grad():
@@ -369,6 +374,7 @@ def make_int8(name, out_f, in_f, threshold, bias):
     tensors["__input"] = xt
     tensors["__dequantized_weight"] = torch.from_numpy(wdq.astype(np.float32))
     tensors["__expected_output"] = torch.from_numpy(expected)
+    tensors["__output_magnitude"] = torch.from_numpy(magnitude)
     tensors["__expected_output_dequantized"] = torch.from_numpy(linear_f64(x, wdq, b if bias else None))
     tensors["__bnb_output"] = torch.from_numpy(y.astype(np.float32))
     tensors["__outlier_cols"] = torch.from_numpy(cols.astype(np.int64))
