@@ -5,26 +5,32 @@
 #include <ATen/core/ivalue.h>
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "checks.h"
+#include "msbnb/kernels/formats.h"
 #include "msbnb/kernels/kernel_table.h"
 #include "msbnb/kernels/ops.h"
 
 namespace msbnb {
 
 struct PackedWeight::Impl {
-  std::string format;
-  // The packed weight lives in these tensors (torch owns the memory); lut4 / int8 are views.
-  torch::Tensor codes;                               // uint8, the kernels' layout (64-byte aligned)
-  torch::Tensor scale, zero_point, offset, row_sum;  // float32 (row_sum int32); undefined if unused
+  PackedLayout layout;
+  // The packed weight lives in these tensors (torch owns the memory), in the order of the
+  // layout's specs; lut4 / int8 are views over them.
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
   kernels::Lut4Matrix lut4;
   kernels::Int8Matrix int8;
   bool is_4bit = false;
-  QuantState state;   // 4-bit: the interchange statistics, kept as given
-  Int8Quantized q8;   // int8: scale / offset / options as given (weight_int8 undefined)
-  torch::Tensor scb;  // from_int8_scb: SCB as given (SCB / 127 * 127 is not always SCB)
+
+  const torch::Tensor& get(const char* name) const {
+    for (const auto& [n, t] : tensors)
+      if (n == name) return t;
+    static const torch::Tensor none;
+    return none;
+  }
 };
 
 namespace {
@@ -119,6 +125,153 @@ torch::Tensor run_transposed(const torch::Tensor& gy, const W& w) {
 
 }  // namespace
 
+namespace {
+
+// One tensor of a layout: its name, dtype and shape.
+struct Spec {
+  const char* name;
+  torch::ScalarType dtype;
+  std::vector<int64_t> shape;
+};
+
+bool is_4bit_format(const std::string& f) {
+  if (f == "int8") return false;
+  try {
+    detail::format_4bit(f, "layout.format");
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, "layout.format: expected \"nf4\", \"fp4\", \"int4\" or \"int8\", got \"", f, "\"");
+  }
+  return true;
+}
+
+void check_bnb_blocksize(int64_t bs, const char* arg) {
+  TORCH_CHECK(detail::is_pow2(bs) && bs >= 32 && bs <= 4096, arg,
+              ": expected a power of two in [32, 4096], got ", bs);
+}
+
+void check_layout(const PackedLayout& l) {
+  const bool four = is_4bit_format(l.format);
+  checked_numel(checked_dim(l.out_features, "layout.out_features"),
+                checked_dim(l.in_features, "layout.in_features"), "layout");
+  detail::check_float_dtype(l.dtype, "layout.dtype");
+  if (four) {
+    if (l.format == "int4") {
+      TORCH_CHECK(l.blocksize >= 2 && l.blocksize % 2 == 0,
+                  "layout.blocksize: expected an even int4 group size >= 2, got ", l.blocksize);
+    } else {
+      check_bnb_blocksize(l.blocksize, "layout.blocksize");
+    }
+    TORCH_CHECK(l.format == "int4" || !l.asymmetric, "layout.asymmetric: expected false for ", l.format,
+                " (a symmetric codebook), got true");
+    TORCH_CHECK(!l.scb, "layout.scb: expected false for ", l.format, " (SCB is int8's), got true");
+    if (l.double_quant) check_bnb_blocksize(l.nested_blocksize, "layout.nested_blocksize");
+  } else {
+    TORCH_CHECK(l.blocksize == 0, "layout.blocksize: expected 0 for int8 (a scale per row), got ",
+                l.blocksize);
+    TORCH_CHECK(!l.double_quant, "layout.double_quant: expected false for int8, got true");
+    TORCH_CHECK(l.granularity == Granularity::per_channel || l.granularity == Granularity::per_tensor,
+                "layout.granularity: expected per_channel or per_tensor for a matmul weight, got per_block");
+    TORCH_CHECK(!l.scb || (!l.asymmetric && l.granularity == Granularity::per_channel),
+                "layout.scb: expected a symmetric per_channel int8 layout with scb, got ",
+                l.asymmetric ? "asymmetric" : "per_tensor");
+  }
+}
+
+// The 4-bit kernel layout (sizes) of a checked layout.
+kernels::Lut4Layout lut4_layout(const PackedLayout& l) {
+  return l.format == "int4" ? kernels::int4_layout(l.out_features, l.in_features, l.blocksize)
+                            : kernels::lut4_bnb_layout(l.out_features, l.in_features, l.blocksize);
+}
+
+// The tensors of a checked layout, in tensors() order (documented in the header).
+std::vector<Spec> specs(const PackedLayout& l) {
+  std::vector<Spec> v;
+  const int64_t rows = l.out_features;
+  if (l.format == "int8") {
+    v.push_back({"codes", torch::kUInt8, {kernels::int8_codes_bytes(rows, l.in_features)}});
+    v.push_back({"scale", torch::kFloat32, {rows}});
+    if (l.asymmetric) v.push_back({"offset", torch::kFloat32, {rows}});
+    v.push_back({"row_sum", torch::kInt32, {rows}});
+    if (l.scb) v.push_back({"SCB", torch::kFloat32, {rows}});
+    return v;
+  }
+  const kernels::Lut4Layout kl = lut4_layout(l);
+  v.push_back({"codes", torch::kUInt8, {kl.codes_bytes}});
+  if (!l.double_quant) v.push_back({"scale", torch::kFloat32, {kl.stats}});
+  if (l.asymmetric) v.push_back({"zero_point", torch::kFloat32, {kl.stats}});
+  if (l.format != "int4") v.push_back({"code", torch::kFloat32, {16}});
+  if (l.double_quant) {
+    v.push_back({"absmax", torch::kUInt8, {kl.stats_given}});
+    v.push_back({"nested_absmax", torch::kFloat32, {kernels::ceil_div(kl.stats_given, l.nested_blocksize)}});
+    v.push_back({"nested_code", torch::kFloat32, {256}});
+    v.push_back({"offset", torch::kFloat32, {}});
+  }
+  return v;
+}
+
+std::string spec_str(const Spec& s) {
+  return std::string(c10::toString(s.dtype)) + " " + detail::shape_str(s.shape);
+}
+
+// The kernels' views over impl.tensors (already checked against the layout's specs).
+void make_views(PackedWeight::Impl& p) {
+  const PackedLayout& l = p.layout;
+  const int64_t rows = l.out_features, cols = l.in_features;
+  auto ptr = [&](const char* name) -> const void* {
+    const torch::Tensor& t = p.get(name);
+    return t.defined() ? t.data_ptr() : nullptr;
+  };
+  const auto* codes = static_cast<const uint8_t*>(ptr("codes"));
+  const auto* scale = static_cast<const float*>(ptr("scale"));
+  if (l.format == "int8") {
+    p.int8 = kernels::int8_view(rows, cols, reinterpret_cast<const int8_t*>(codes), scale,
+                                static_cast<const float*>(ptr("offset")),
+                                static_cast<const int32_t*>(ptr("row_sum")));
+    return;
+  }
+  p.is_4bit = true;
+  p.lut4 = l.format == "int4" ? kernels::int4_view(rows, cols, l.blocksize, l.asymmetric, codes, scale,
+                                                   static_cast<const float*>(ptr("zero_point")))
+                              : kernels::lut4_bnb_view(rows, cols, l.blocksize,
+                                                       static_cast<const float*>(ptr("code")), codes, scale);
+  if (l.double_quant) {
+    kernels::Lut4NestedScale n;
+    n.q = static_cast<const uint8_t*>(ptr("absmax"));
+    n.code = static_cast<const float*>(ptr("nested_code"));
+    n.nested = static_cast<const float*>(ptr("nested_absmax"));
+    n.offset = static_cast<const float*>(ptr("offset"));
+    n.block = l.nested_blocksize;
+    n.count = p.get("absmax").numel();
+    p.lut4 = kernels::with_nested_scale(p.lut4, n);
+  }
+}
+
+// A weight of a checked layout over tensors in spec order.
+PackedWeight::Impl make_impl(const PackedLayout& l,
+                             std::vector<std::pair<std::string, torch::Tensor>> tensors) {
+  PackedWeight::Impl p;
+  p.layout = l;
+  p.tensors = std::move(tensors);
+  make_views(p);
+  return p;
+}
+
+// Fresh (uninitialised) tensors of a checked layout.
+std::vector<std::pair<std::string, torch::Tensor>> alloc(const PackedLayout& l) {
+  std::vector<std::pair<std::string, torch::Tensor>> v;
+  for (const Spec& s : specs(l))
+    v.emplace_back(s.name, torch::empty(s.shape, torch::TensorOptions().dtype(s.dtype)));
+  return v;
+}
+
+torch::Tensor& slot(std::vector<std::pair<std::string, torch::Tensor>>& v, const char* name) {
+  for (auto& [n, t] : v)
+    if (n == name) return t;
+  TORCH_INTERNAL_ASSERT(false, "no packed tensor ", name);
+}
+
+}  // namespace
+
 PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState& s) {
   detail::check_dtype(data, torch::kUInt8, "data");
   TORCH_CHECK(s.shape.size() == 2, "state.shape: expected a 2-D weight [out_features, in_features], got ",
@@ -126,16 +279,23 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
   const int64_t rows = checked_dim(s.shape[0], "state.shape[0] (out_features)");
   const int64_t cols = checked_dim(s.shape[1], "state.shape[1] (in_features)");
   const int64_t numel = checked_numel(rows, cols, "state.shape");
-  auto impl = std::make_shared<Impl>();
-  impl->is_4bit = true;
-  impl->format = s.quant_type;
-  impl->state = s;
+  detail::check_float_dtype(s.dtype, "state.dtype");
+  PackedLayout l;
+  l.format = s.quant_type;
+  l.out_features = rows;
+  l.in_features = cols;
+  l.blocksize = s.blocksize;
+  l.dtype = s.dtype;
+  l.double_quant = s.nested();
+  if (s.nested()) l.nested_blocksize = s.state2->blocksize;
   const torch::Tensor packed = detail::dense(data);
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
   if (s.quant_type == "int4") {
     const int64_t gs = s.blocksize;
     TORCH_CHECK(gs >= 2 && gs % 2 == 0, "state.blocksize: expected an even int4 group size >= 2, got ", gs);
     const int64_t groups = kernels::ceil_div(cols, gs);
     detail::check_numel(data, rows * (cols / 2 + cols % 2), "data");
+    // Validates the nested statistics too (and decodes them: the packer takes float scales).
     const torch::Tensor scale = detail::resolved_absmax(s, rows * groups);
     std::vector<int32_t> zp;
     if (s.zero_point.defined()) {
@@ -148,41 +308,50 @@ PackedWeight PackedWeight::from_4bit(const torch::Tensor& data, const QuantState
         zp.push_back(v);
       }
     }
-    const kernels::Lut4Layout l = kernels::int4_layout(rows, cols, gs);
-    impl->codes = torch::empty({l.codes_bytes}, torch::kUInt8);
-    impl->scale = torch::empty({l.stats}, kF32);
-    if (!zp.empty()) impl->zero_point = torch::empty({l.stats}, kF32);
-    impl->lut4 = kernels::pack_int4_into(packed.data_ptr<uint8_t>(), rows, cols, gs, scale.data_ptr<float>(),
-                                         zp.empty() ? nullptr : zp.data(), impl->codes.data_ptr<uint8_t>(),
-                                         impl->scale.data_ptr<float>(),
-                                         zp.empty() ? nullptr : impl->zero_point.data_ptr<float>());
+    l.asymmetric = !zp.empty();
+    if (l.double_quant) check_bnb_blocksize(l.nested_blocksize, "state.state2.blocksize");
+    check_layout(l);
+    ts = alloc(l);
+    const kernels::Lut4Layout kl = lut4_layout(l);
+    const torch::Tensor scale_out = l.double_quant ? torch::empty({kl.stats}, kF32) : slot(ts, "scale");
+    kernels::pack_int4_into(packed.data_ptr<uint8_t>(), rows, cols, gs, scale.data_ptr<float>(),
+                            zp.empty() ? nullptr : zp.data(), slot(ts, "codes").data_ptr<uint8_t>(),
+                            scale_out.data_ptr<float>(),
+                            zp.empty() ? nullptr : slot(ts, "zero_point").data_ptr<float>());
   } else {
     detail::format_4bit(s.quant_type, "state.quant_type");  // a codebook row of formats.def
-    TORCH_CHECK(detail::is_pow2(s.blocksize) && s.blocksize >= 32 && s.blocksize <= 4096,
-                "state.blocksize: expected a power of two in [32, 4096], got ", s.blocksize);
+    check_bnb_blocksize(s.blocksize, "state.blocksize");
     detail::check_numel(data, numel / 2 + numel % 2, "data");
     detail::check_dtype(s.code, torch::kFloat32, "state.code");
     detail::check_numel(s.code, 16, "state.code");
     detail::check_all_finite(s.code, "state.code");
     const torch::Tensor code = detail::dense(s.code);
+    // Validates the nested statistics too (and decodes them: the packer takes float absmax).
     const torch::Tensor absmax = detail::resolved_absmax(s, kernels::ceil_div(numel, s.blocksize));
-    const kernels::Lut4Layout l = kernels::lut4_bnb_layout(rows, cols, s.blocksize);
-    impl->codes = torch::empty({l.codes_bytes}, torch::kUInt8);
-    impl->scale = torch::empty({l.stats}, kF32);
-    impl->lut4 = kernels::pack_lut4_bnb_into(packed.data_ptr<uint8_t>(), rows, cols, s.blocksize,
-                                             absmax.data_ptr<float>(), code.data_ptr<float>(),
-                                             impl->codes.data_ptr<uint8_t>(), impl->scale.data_ptr<float>());
-    // float32 absmax: the state shares the packed scale's memory (its first stats_given floats,
-    // bit-exact copies) instead of holding the weight's statistics twice.
-    if (!s.nested() && s.absmax.scalar_type() == torch::kFloat32)
-      impl->state.absmax = impl->scale.narrow(0, 0, l.stats_given).view(s.absmax.sizes());
+    if (l.double_quant) check_bnb_blocksize(l.nested_blocksize, "state.state2.blocksize");
+    check_layout(l);
+    ts = alloc(l);
+    const kernels::Lut4Layout kl = lut4_layout(l);
+    const torch::Tensor scale_out = l.double_quant ? torch::empty({kl.stats}, kF32) : slot(ts, "scale");
+    kernels::pack_lut4_bnb_into(packed.data_ptr<uint8_t>(), rows, cols, s.blocksize, absmax.data_ptr<float>(),
+                                code.data_ptr<float>(), slot(ts, "codes").data_ptr<uint8_t>(),
+                                scale_out.data_ptr<float>());
+    slot(ts, "code").copy_(code.reshape({-1}));
+  }
+  if (l.double_quant) {
+    // bitsandbytes' tensors as given: the kernels decode them (bit-exact to_4bit for free).
+    slot(ts, "absmax").copy_(s.absmax.reshape({-1}));
+    slot(ts, "nested_absmax").copy_(s.state2->absmax.reshape({-1}));
+    slot(ts, "nested_code").copy_(s.state2->code.reshape({-1}));
+    slot(ts, "offset").copy_(s.offset.reshape({}));
   }
   PackedWeight w;
-  w.impl_ = std::move(impl);
+  w.impl_ = std::make_shared<Impl>(make_impl(l, std::move(ts)));
   return w;
 }
 
-PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
+namespace {
+PackedWeight pack_8bit(const Int8Quantized& q, const torch::Tensor& SCB) {
   detail::check_dtype(q.weight_int8, torch::kInt8, "q.weight_int8");
   TORCH_CHECK(q.weight_int8.dim() == 2,
               "q.weight_int8: expected a 2-D weight [out_features, in_features], got ",
@@ -192,6 +361,7 @@ PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
   checked_numel(rows, cols, "q.weight_int8");
   TORCH_CHECK(q.options.granularity() != Granularity::per_block,
               "q.options.granularity: expected per_channel or per_tensor for a matmul weight, got per_block");
+  detail::check_float_dtype(q.dtype, "q.dtype");
   const int64_t nscale = q.options.granularity() == Granularity::per_channel ? rows : 1;
   detail::check_dtype(q.scale, torch::kFloat32, "q.scale");
   detail::check_numel(q.scale, nscale, "q.scale");
@@ -203,24 +373,31 @@ PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) {
     detail::check_all_finite(q.offset, "q.offset");
     offset = detail::dense(q.offset).reshape({-1}).expand({rows}).contiguous();
   }
+  PackedLayout l;
+  l.format = "int8";
+  l.out_features = rows;
+  l.in_features = cols;
+  l.asymmetric = !q.options.symmetric();
+  l.granularity = q.options.granularity();
+  l.dtype = q.dtype;
+  l.scb = SCB.defined();
+  check_layout(l);
+  auto ts = alloc(l);
   const torch::Tensor codes = detail::dense(q.weight_int8);
-  auto impl = std::make_shared<Impl>();
-  impl->format = "int8";
-  impl->q8 = q;
-  impl->q8.weight_int8 = torch::Tensor();
-  impl->codes = torch::empty({kernels::int8_codes_bytes(rows, cols)}, torch::kUInt8);
-  impl->scale = torch::empty({rows}, kF32);
-  impl->row_sum = torch::empty({rows}, torch::kInt32);
-  if (offset.defined()) impl->offset = torch::empty({rows}, kF32);
-  impl->int8 = kernels::pack_int8_into(
-      codes.data_ptr<int8_t>(), rows, cols, scale.data_ptr<float>(),
-      offset.defined() ? offset.data_ptr<float>() : nullptr,
-      reinterpret_cast<int8_t*>(impl->codes.data_ptr<uint8_t>()), impl->scale.data_ptr<float>(),
-      offset.defined() ? impl->offset.data_ptr<float>() : nullptr, impl->row_sum.data_ptr<int32_t>());
-  PackedWeight w;
-  w.impl_ = std::move(impl);
+  kernels::pack_int8_into(codes.data_ptr<int8_t>(), rows, cols, scale.data_ptr<float>(),
+                          offset.defined() ? offset.data_ptr<float>() : nullptr,
+                          reinterpret_cast<int8_t*>(slot(ts, "codes").data_ptr<uint8_t>()),
+                          slot(ts, "scale").data_ptr<float>(),
+                          offset.defined() ? slot(ts, "offset").data_ptr<float>() : nullptr,
+                          slot(ts, "row_sum").data_ptr<int32_t>());
+  // SCB kept as given for to_int8_scb (SCB / 127 * 127 is not always SCB).
+  if (SCB.defined()) slot(ts, "SCB").copy_(SCB.reshape({-1}));
+  PackedWeight w = PackedWeight::from_tensors(l, ts);
   return w;
 }
+}  // namespace
+
+PackedWeight PackedWeight::from_8bit(const Int8Quantized& q) { return pack_8bit(q, {}); }
 
 PackedWeight PackedWeight::from_int8_scb(const torch::Tensor& CB, const torch::Tensor& SCB) {
   detail::check_dtype(SCB, torch::kFloat32, "SCB");
@@ -232,42 +409,79 @@ PackedWeight PackedWeight::from_int8_scb(const torch::Tensor& CB, const torch::T
   q.weight_int8 = CB;
   q.scale = detail::dense(SCB).reshape({-1}) / 127.0f;
   q.options = Int8Options().symmetric(true).granularity(Granularity::per_channel);
-  PackedWeight w = from_8bit(q);
-  // Sole owner of the fresh Impl: keep SCB itself for to_int8_scb.
-  std::const_pointer_cast<Impl>(w.impl_)->scb = detail::dense(SCB).reshape({-1}).clone();
+  return pack_8bit(q, detail::dense(SCB));
+}
+
+PackedWeight PackedWeight::zeros(const PackedLayout& layout) {
+  check_layout(layout);
+  auto ts = alloc(layout);
+  for (auto& [name, t] : ts) t.zero_();
+  if (layout.format != "int4" && layout.format != "int8") {
+    // The format's codebook, as quantize_4bit gives it.
+    const kernels::FormatInfo& info =
+        kernels::format_info(detail::format_4bit(layout.format, "layout.format"));
+    std::copy(info.codebook, info.codebook + 16, slot(ts, "code").data_ptr<float>());
+  }
+  if (layout.double_quant) slot(ts, "nested_code").copy_(create_dynamic_map());
+  PackedWeight w;
+  w.impl_ = std::make_shared<Impl>(make_impl(layout, std::move(ts)));
   return w;
 }
 
-namespace {
-std::vector<std::pair<std::string, torch::Tensor>> p_tensors(const PackedWeight::Impl& p) {
-  std::vector<std::pair<std::string, torch::Tensor>> v;
-  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"codes", p.codes},
-                                {"scale", p.scale},
-                                {"zero_point", p.zero_point},
-                                {"offset", p.offset},
-                                {"row_sum", p.row_sum}})
-    if (t.defined()) v.emplace_back(name, t);
-  return v;
+PackedWeight PackedWeight::from_tensors(const PackedLayout& layout,
+                                        const std::vector<std::pair<std::string, torch::Tensor>>& tensors) {
+  check_layout(layout);
+  const std::vector<Spec> sp = specs(layout);
+  std::string names;
+  for (const Spec& s : sp) names += std::string(names.empty() ? "" : ", ") + "\"" + s.name + "\"";
+  std::vector<std::pair<std::string, torch::Tensor>> ordered;
+  for (const Spec& s : sp) {
+    const torch::Tensor* found = nullptr;
+    for (const auto& [name, t] : tensors)
+      if (name == s.name) {
+        TORCH_CHECK(!found, "tensors: expected one \"", s.name, "\", got it twice");
+        found = &t;
+      }
+    TORCH_CHECK(found, "tensors: expected \"", s.name, "\" (", spec_str(s), ") for a ", layout.format,
+                " weight, got none");
+    const torch::Tensor& t = *found;
+    const std::string arg = std::string("tensors[\"") + s.name + "\"]";
+    TORCH_CHECK(t.defined(), arg, ": expected ", spec_str(s), ", got an undefined tensor");
+    TORCH_CHECK(t.device().is_cpu(), arg, ": expected a CPU tensor, got device ", t.device());
+    TORCH_CHECK(t.scalar_type() == s.dtype && t.sizes() == c10::IntArrayRef(s.shape), arg, ": expected ",
+                spec_str(s), ", got ", t.scalar_type(), " ", detail::shape_str(t.sizes()));
+    TORCH_CHECK(t.layout() == torch::kStrided && t.is_contiguous() && !t.is_conj() && !t.is_neg(), arg,
+                ": expected a contiguous tensor, got strides ", detail::shape_str(t.strides()));
+    if (std::string(s.name) == "codes")
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 64 == 0, arg,
+                  ": expected 64-byte aligned storage, got address % 64 = ",
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 64);
+    ordered.emplace_back(s.name, t);
+  }
+  for (const auto& [name, t] : tensors) {
+    bool known = false;
+    for (const Spec& s : sp) known |= name == s.name;
+    TORCH_CHECK(known, "tensors: expected only ", names, " for this ", layout.format, " layout, got \"", name,
+                "\"");
+  }
+  PackedWeight w;
+  w.impl_ = std::make_shared<Impl>(make_impl(layout, std::move(ordered)));
+  return w;
 }
-}  // namespace
+
+PackedLayout PackedWeight::layout() const { return impl_of(impl_).layout; }
 
 std::vector<std::pair<std::string, torch::Tensor>> PackedWeight::tensors() const {
-  return p_tensors(impl_of(impl_));
+  return impl_of(impl_).tensors;
 }
 
-int64_t PackedWeight::out_features() const {
-  const Impl& p = impl_of(impl_);
-  return p.is_4bit ? p.lut4.rows : p.int8.rows;
-}
-int64_t PackedWeight::in_features() const {
-  const Impl& p = impl_of(impl_);
-  return p.is_4bit ? p.lut4.cols : p.int8.cols;
-}
-const std::string& PackedWeight::format() const { return impl_of(impl_).format; }
+int64_t PackedWeight::out_features() const { return impl_of(impl_).layout.out_features; }
+int64_t PackedWeight::in_features() const { return impl_of(impl_).layout.in_features; }
+const std::string& PackedWeight::format() const { return impl_of(impl_).layout.format; }
 int64_t PackedWeight::bytes() const {
-  const Impl& p = impl_of(impl_);
   int64_t n = 0;
-  for (const auto& [name, t] : p_tensors(p)) n += t.numel() * static_cast<int64_t>(t.element_size());
+  for (const auto& [name, t] : impl_of(impl_).tensors)
+    n += t.numel() * static_cast<int64_t>(t.element_size());
   return n;
 }
 const kernels::Lut4Matrix* PackedWeight::lut4() const {
@@ -279,29 +493,58 @@ const kernels::Int8Matrix* PackedWeight::int8() const {
 
 Quantized4bit PackedWeight::to_4bit() const {
   const Impl& p = impl_of(impl_);
-  TORCH_CHECK(p.is_4bit, "to_4bit: expected a 4-bit packed weight, got format ", p.format);
+  TORCH_CHECK(p.is_4bit, "to_4bit: expected a 4-bit packed weight, got format ", p.layout.format);
+  const PackedLayout& l = p.layout;
   const kernels::Lut4Matrix& w = p.lut4;
+  const bool int4 = l.format == "int4";
+  const int64_t given = lut4_layout(l).stats_given, groups = kernels::ceil_div(l.in_features, l.blocksize);
   Quantized4bit out;
-  out.state = p.state;
-  // A float32 absmax shares the packed scale's memory: hand out a copy.
-  if (!out.state.nested() && out.state.absmax.defined()) out.state.absmax = out.state.absmax.clone();
-  const bool bnb = p.format != "int4";
-  out.data = bnb ? torch::empty({(w.rows * w.cols + 1) / 2, 1}, torch::kUInt8)
-                 : torch::empty({w.rows, (w.cols + 1) / 2}, torch::kUInt8);
-  kernels::unpack_lut4_codes(w, bnb, out.data.data_ptr<uint8_t>());
+  QuantState& s = out.state;
+  s.quant_type = l.format;
+  s.shape = {l.out_features, l.in_features};
+  s.dtype = l.dtype;
+  s.blocksize = l.blocksize;
+  if (!int4) s.code = p.get("code").clone();
+  if (l.double_quant) {
+    s.absmax = p.get("absmax").clone();
+    s.offset = p.get("offset").clone();
+    auto s2 = std::make_shared<QuantState>();
+    s2->quant_type = "dynamic8";
+    s2->shape = {given};
+    s2->dtype = torch::kFloat32;
+    s2->blocksize = l.nested_blocksize;
+    s2->code = p.get("nested_code").clone();
+    s2->absmax = p.get("nested_absmax").clone();
+    s.state2 = std::move(s2);
+  } else {
+    s.absmax = p.get("scale").narrow(0, 0, given).clone();
+    if (int4) s.absmax = s.absmax.view({l.out_features, groups});
+  }
+  if (l.asymmetric)
+    s.zero_point = p.get("zero_point").narrow(0, 0, given).to(torch::kUInt8).view({l.out_features, groups});
+  out.data = int4 ? torch::empty({w.rows, (w.cols + 1) / 2}, torch::kUInt8)
+                  : torch::empty({(w.rows * w.cols + 1) / 2, 1}, torch::kUInt8);
+  kernels::unpack_lut4_codes(w, !int4, out.data.data_ptr<uint8_t>());
   return out;
 }
 
 std::pair<torch::Tensor, torch::Tensor> PackedWeight::to_int8_scb() const {
   const Impl& p = impl_of(impl_);
-  TORCH_CHECK(p.scb.defined(), "to_int8_scb: expected a weight made by from_int8_scb, got format ", p.format);
-  return {to_8bit().weight_int8, p.scb.clone()};
+  TORCH_CHECK(p.layout.scb, "to_int8_scb: expected a weight made by from_int8_scb, got format ",
+              p.layout.format);
+  return {to_8bit().weight_int8, p.get("SCB").clone()};
 }
 
 Int8Quantized PackedWeight::to_8bit() const {
   const Impl& p = impl_of(impl_);
-  TORCH_CHECK(!p.is_4bit, "to_8bit: expected an int8 packed weight, got format ", p.format);
-  Int8Quantized out = p.q8;
+  TORCH_CHECK(!p.is_4bit, "to_8bit: expected an int8 packed weight, got format ", p.layout.format);
+  const PackedLayout& l = p.layout;
+  const int64_t nscale = l.granularity == Granularity::per_channel ? l.out_features : 1;
+  Int8Quantized out;
+  out.options = Int8Options().symmetric(!l.asymmetric).granularity(l.granularity);
+  out.dtype = l.dtype;
+  out.scale = p.get("scale").narrow(0, 0, nscale).clone();
+  if (l.asymmetric) out.offset = p.get("offset").narrow(0, 0, nscale).clone();
   out.weight_int8 = torch::empty({p.int8.rows, p.int8.cols}, torch::kInt8);
   kernels::unpack_int8_codes(p.int8, out.weight_int8.data_ptr<int8_t>());
   return out;

@@ -132,7 +132,11 @@ void check_common(const char* what, const W& w, int64_t chunk) {
   if (w.kpad > 0 && w.rows > kMaxElems / w.kpad)
     fail("rows * kpad: expected <= " + std::to_string(kMaxElems) + ", got " + std::to_string(w.rows) + " * " +
          std::to_string(w.kpad));
-  if (w.rows > 0 && w.cols > 0 && (!w.codes || !w.scale)) fail("codes, scale: expected buffers, got null");
+  if (w.rows > 0 && w.cols > 0 && !w.codes) fail("codes: expected a buffer, got null");
+}
+// Statistics a weight has: those of its given elements (the last block may be short).
+int64_t given_stats(const Lut4Matrix& w) {
+  return w.rows == 0 || w.cols == 0 ? 0 : ceil_div((w.rows - 1) * w.row_stride + w.cols, w.group);
 }
 void check_weight(const char* what, const Lut4Matrix& w) {
   check_common(what, w, kLut4Chunk);
@@ -143,6 +147,17 @@ void check_weight(const char* what, const Lut4Matrix& w) {
     throw std::invalid_argument(std::string(what) +
                                 ": w.row_stride: expected in [cols = " + std::to_string(w.cols) + ", " +
                                 std::to_string(kMaxElems) + " / rows], got " + std::to_string(w.row_stride));
+  if (w.rows == 0 || w.cols == 0) return;
+  if (w.scale) return;
+  auto fail = [&](const std::string& m) { throw std::invalid_argument(std::string(what) + ": w." + m); };
+  const Lut4NestedScale& n = w.nested;
+  if (!n.q) fail("scale: expected a buffer (or nested statistics), got null");
+  if (!n.code || !n.nested || !n.offset)
+    fail("nested.code, nested.nested, nested.offset: expected buffers, got null");
+  if (n.block <= 0) fail("nested.block: expected > 0, got " + std::to_string(n.block));
+  if (n.count != given_stats(w))
+    fail("nested.count: expected " + std::to_string(given_stats(w)) + " (the weight's statistics), got " +
+         std::to_string(n.count));
 }
 void check_weight(const char* what, const Int8Matrix& w) {
   check_common(what, w, kInt8Chunk);
@@ -169,6 +184,24 @@ void store_rows(const float* acc, int64_t ld_acc, int64_t cols, const MatmulIO& 
       }
     }
   });
+}
+
+// Statistics a SIMD kernel may look up: the scale of every padded column of every row.
+int64_t padded_stat_count(int64_t rows, int64_t kpad, int64_t row_stride, int64_t group, int64_t given) {
+  const int64_t need = rows == 0 ? 0 : ((rows - 1) * row_stride + kpad - 1) / group + 1;
+  return std::max(given, need);
+}
+
+// A double-quantized weight with all its statistics decoded into `buf` (a per-call buffer).
+Lut4Matrix decoded(const Lut4Matrix& w, std::vector<float>& buf) {
+  if (w.scale) return w;
+  const Lut4NestedScale& n = w.nested;
+  buf.resize(static_cast<size_t>(padded_stat_count(w.rows, w.kpad, w.row_stride, w.group, n.count)));
+  parallel_split(static_cast<int64_t>(buf.size()), 4096,
+                 [&](int64_t s0, int64_t s1) { decode_nested_scale(n, s0, s1, buf.data() + s0); });
+  Lut4Matrix v = w;
+  v.scale = buf.data();
+  return v;
 }
 
 template <class W, class Kernel>
@@ -308,12 +341,6 @@ int64_t PackedInt8::bytes() const {
 
 namespace {
 
-// Statistics a SIMD kernel may look up: the scale of every padded column of every row.
-int64_t padded_stat_count(int64_t rows, int64_t kpad, int64_t row_stride, int64_t group, int64_t given) {
-  const int64_t need = rows == 0 ? 0 : ((rows - 1) * row_stride + kpad - 1) / group + 1;
-  return std::max(given, need);
-}
-
 void check_storage(const char* what, const char* arg, const void* p, bool needed, int64_t align) {
   if (!needed) return;
   if (!p) throw std::invalid_argument(std::string(what) + ": " + arg + ": expected a buffer, got null");
@@ -378,7 +405,8 @@ Lut4Matrix lut4_bnb_view(int64_t rows, int64_t cols, int64_t blocksize, const fl
                          const uint8_t* codes, const float* scale) {
   const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
   check_storage("lut4_bnb_view", "codes", codes, l.codes_bytes > 0, 64);
-  check_storage("lut4_bnb_view", "scale", scale, l.stats > 0, 4);
+  // A null scale: double-quantized statistics follow (with_nested_scale).
+  check_storage("lut4_bnb_view", "scale", scale, l.stats > 0 && scale, 4);
   Lut4Matrix w = lut4_matrix(l, rows, cols);
   std::copy(code16, code16 + 16, w.lut);
   w.codes = codes;
@@ -390,7 +418,7 @@ Lut4Matrix int4_view(int64_t rows, int64_t cols, int64_t group, bool asym, const
                      const float* scale, const float* zero_point) {
   const Lut4Layout l = int4_layout(rows, cols, group);
   check_storage("int4_view", "codes", codes, l.codes_bytes > 0, 64);
-  check_storage("int4_view", "scale", scale, l.stats > 0, 4);
+  check_storage("int4_view", "scale", scale, l.stats > 0 && scale, 4);
   check_storage("int4_view", "zero_point", zero_point, asym && l.stats > 0, 4);
   Lut4Matrix w = lut4_matrix(l, rows, cols);
   fill_int4_lut(w, asym);
@@ -492,6 +520,36 @@ void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed) {
     }
 }
 
+#if defined(__clang__)
+#define MSBNB_NO_CONTRACT
+#elif defined(__GNUC__)
+#define MSBNB_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define MSBNB_NO_CONTRACT
+#endif
+
+// bitsandbytes' dequantize: code[q] * absmax2 (dequantize_blockwise), then + offset, each
+// rounded to float (no fused multiply-add).
+MSBNB_NO_CONTRACT void decode_nested_scale(const Lut4NestedScale& n, int64_t s0, int64_t s1, float* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int64_t end = std::min(s1, std::max(n.count, s0));
+  const float offset = end > s0 ? *n.offset : 0.0f;
+  for (int64_t s = s0; s < end; ++s) {
+    const float a = n.code[n.q[s]] * n.nested[s / n.block];
+    out[s - s0] = a + offset;
+  }
+  std::fill(out + (end - s0), out + (s1 - s0), 0.0f);
+}
+
+Lut4Matrix with_nested_scale(Lut4Matrix w, const Lut4NestedScale& nested) {
+  w.scale = nullptr;
+  w.nested = nested;
+  check_weight("with_nested_scale", w);
+  return w;
+}
+
 int64_t int8_codes_bytes(int64_t rows, int64_t cols) {
   check_dims("pack_int8", rows, cols);
   return rows * round_up(cols, kInt8Chunk);
@@ -586,10 +644,11 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   check_weight("matmul", w);
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
+  std::vector<float> scale;  // double-quantized statistics, decoded
   // Up to kGemvMaxRows rows the exact GEMV is also the fastest 4-bit path (decode-bound either
   // way), so fast only changes larger batches.
   if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows)
-    return forward_exact(w, io, k.matmul.lut4_f32);
+    return forward_exact(decoded(w, scale), io, k.matmul.lut4_f32);
   std::vector<uint16_t> xb(static_cast<size_t>(io.n * w.kpad), 0);
   parallel_rows(io.n, [&](int64_t i) {
     uint16_t* dst = xb.data() + i * w.kpad;
@@ -601,8 +660,9 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
     }
   });
   std::vector<float> y(static_cast<size_t>(io.n * w.rows));
+  const Lut4Matrix v = decoded(w, scale);
   parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
-    k.matmul.lut4_bf16(w, xb.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
+    k.matmul.lut4_bf16(v, xb.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
   });
   store_rows(y.data(), w.rows, w.rows, io);
 }
@@ -674,7 +734,9 @@ void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel) {
 }  // namespace
 
 void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k) {
-  transposed(w, io, kLut4Chunk, k.matmul.lut4_t_f32);
+  check_weight("matmul_transposed", w);
+  std::vector<float> scale;  // double-quantized statistics, decoded
+  transposed(io.n == 0 ? w : decoded(w, scale), io, kLut4Chunk, k.matmul.lut4_t_f32);
 }
 void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k) {
   transposed(w, io, kInt8Chunk, k.matmul.int8_t_f32);

@@ -25,18 +25,36 @@ using MatmulPath = kernels::MatmulPath;
 /// What a packed weight is besides its tensors: enough to allocate one (zeros) or to rebuild one
 /// over tensors that were cloned, moved or loaded (from_tensors). A torch::nn module keeps this
 /// and registers tensors() as its buffers.
+///
+/// The tensors of each layout (tensors() gives them in this order; all CPU, contiguous, 1-D unless
+/// noted; stats = the Lut4Layout's padded statistics count, blocks = ceil(out * in / blocksize)
+/// for nf4 / fp4 and out * ceil(in / blocksize) for int4):
+///   nf4 / fp4      "codes" uint8 [codes_bytes] (64-byte aligned), "scale" float32 [stats] (the
+///                  absmax as given, zero padded), "code" float32 [16] (the codebook as given).
+///   + double_quant instead of "scale": "absmax" uint8 [blocks], "nested_absmax" float32
+///                  [ceil(blocks / nested_blocksize)], "nested_code" float32 [256], "offset"
+///                  float32 [] (bitsandbytes' tensors as given; absmax = nested_code[absmax] *
+///                  nested_absmax[block / nested_blocksize] + offset is decoded by the kernels).
+///   int4           "codes", "scale" float32 [stats], and with asymmetric "zero_point" float32
+///                  [stats] (integral); double_quant replaces "scale" as for nf4 / fp4 (no "code").
+///   int8           "codes" uint8 [out * round_up(in, 64)], "scale" float32 [out] (per_tensor:
+///                  the scale repeated), with asymmetric "offset" float32 [out], "row_sum" int32
+///                  [out] (sum of each row's codes), and with scb "SCB" float32 [out] as given.
 struct PackedLayout {
   std::string format;  // "nf4", "fp4", "int4" or "int8"
   int64_t out_features = 0, in_features = 0;
   int64_t blocksize = 0;      // nf4 / fp4 block, int4 group size; 0 for int8
   bool asymmetric = false;    // int4 with zero points, int8 with offsets
-  bool double_quant = false;  // nf4 / fp4 with double-quantized (nested) absmax
+  bool double_quant = false;  // 4-bit with double-quantized (nested) absmax / scales
   bool scb = false;           // int8 made by from_int8_scb (LLM.int8(): SCB kept as given)
   Granularity granularity = Granularity::per_channel;  // int8: per_channel or per_tensor
+  torch::ScalarType dtype = torch::kFloat32;           // the original weight's dtype (state.dtype / q.dtype)
+  int64_t nested_blocksize = 256;                      // double_quant: statistics per nested absmax
   bool operator==(const PackedLayout& o) const {
     return format == o.format && out_features == o.out_features && in_features == o.in_features &&
            blocksize == o.blocksize && asymmetric == o.asymmetric && double_quant == o.double_quant &&
-           scb == o.scb && granularity == o.granularity;
+           scb == o.scb && granularity == o.granularity && dtype == o.dtype &&
+           nested_blocksize == o.nested_blocksize;
   }
   bool operator!=(const PackedLayout& o) const { return !(*this == o); }
 };

@@ -77,9 +77,9 @@ NamedTensors load_safetensors(const std::string& path,
 /// tensor's data is aligned for its dtype and the data section has no holes.
 void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata = {});
-/// The same for module->named_parameters() / named_buffers().
-void save_safetensors(const std::string& path, const torch::OrderedDict<std::string, torch::Tensor>& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+/// module->named_parameters() / named_buffers() as NamedTensors, for save_safetensors (an
+/// overload taking the OrderedDict would make a braced list of pairs ambiguous).
+NamedTensors to_named_tensors(const torch::OrderedDict<std::string, torch::Tensor>& tensors);
 /// The bytes save_safetensors writes, in memory.
 std::string serialize_safetensors(const NamedTensors& tensors,
                                   const std::map<std::string, std::string>& metadata = {});

@@ -47,6 +47,17 @@ inline constexpr int64_t kLut4Chunk = 128;  // elements per 64-byte chunk of a L
 inline constexpr int64_t kInt8Chunk = 64;   // row padding of an Int8Matrix
 inline constexpr int64_t kGemvMaxRows = 8;  // batches up to this size take the GEMV path
 
+/// Double-quantized statistics (bitsandbytes' compress_statistics): statistic s is
+/// fl(fl(code[q[s]] * nested[s / block]) + *offset) for s < count (each operation rounded, as
+/// dequantize gives it) and 0 beyond (the padding a SIMD kernel may look up).
+struct Lut4NestedScale {
+  const uint8_t* q = nullptr;     // [count]
+  const float* code = nullptr;    // [256]
+  const float* nested = nullptr;  // [ceil(count / block)]
+  const float* offset = nullptr;  // [1]
+  int64_t block = 0, count = 0;
+};
+
 /// A 4-bit weight [rows, cols] in the private layout (see above). Views; PackedLut4 owns them.
 struct Lut4Matrix {
   int64_t rows = 0, cols = 0, kpad = 0;  // kpad = cols rounded up to kLut4Chunk
@@ -55,6 +66,9 @@ struct Lut4Matrix {
   const uint8_t* codes = nullptr;        // rows * kpad / 2 bytes, rows 64-byte aligned
   const float* scale = nullptr;          // per group / block
   const float* zero_point = nullptr;     // per group / block (integral values), or null
+  /// With scale null: the statistics double-quantized. The drivers (matmul, matmul_transposed)
+  /// decode them for the kernels, which always read `scale`.
+  Lut4NestedScale nested;
   /// True if every group lies inside one row and is a multiple of 16 elements: the SIMD paths
   /// need it; other layouts run the scalar kernels.
   bool simd_friendly() const { return group % 16 == 0 && row_stride % group == 0; }
@@ -120,11 +134,18 @@ Lut4Matrix pack_lut4_bnb_into(const uint8_t* packed, int64_t rows, int64_t cols,
 Lut4Matrix pack_int4_into(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group,
                           const float* scale, const int32_t* zero_point, uint8_t* codes, float* scale_out,
                           float* zero_point_out);
-/// Views over storage a pack_*_into filled (or a byte copy of it).
+/// Views over storage a pack_*_into filled (or a byte copy of it). A null scale: the statistics
+/// are double-quantized, given by with_nested_scale.
 Lut4Matrix lut4_bnb_view(int64_t rows, int64_t cols, int64_t blocksize, const float* code16,
                          const uint8_t* codes, const float* scale);
 Lut4Matrix int4_view(int64_t rows, int64_t cols, int64_t group, bool asym, const uint8_t* codes,
                      const float* scale, const float* zero_point);
+/// The view `w` with its statistics double-quantized (w.scale becomes null): checks the sizes
+/// (nested.count = the layout's stats_given, ceil(count / block) nested values), throws
+/// std::invalid_argument naming the argument.
+Lut4Matrix with_nested_scale(Lut4Matrix w, const Lut4NestedScale& nested);
+/// Statistics [s0, s1) of a double-quantized weight, as the kernels see them.
+void decode_nested_scale(const Lut4NestedScale& nested, int64_t s0, int64_t s1, float* out);
 /// Int8: codes rows * round_up(cols, kInt8Chunk) bytes (64-byte aligned); scale, offset (if
 /// any) and row_sum [rows].
 int64_t int8_codes_bytes(int64_t rows, int64_t cols);

@@ -167,7 +167,10 @@ class Embedding4bitImpl : public torch::nn::Cloneable<Embedding4bitImpl>, public
  private:
   QuantState state() const;
   void set_quantized(const Quantized4bit& q);
+  // dtype of the table that was quantized or loaded (the JSON "dtype").
   torch::Dtype weight_dtype_ = torch::kFloat32;
+  // The registered buffers (undefined when the configuration has none of that kind).
+  torch::Tensor data_, absmax_, quant_map_, zero_point_, nested_absmax_, nested_quant_map_, nested_offset_;
 };
 
 class Embedding4bit : public torch::nn::ModuleHolder<Embedding4bitImpl> {

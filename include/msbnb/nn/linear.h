@@ -162,9 +162,10 @@ class Linear8bitImpl : public torch::nn::Cloneable<Linear8bitImpl>, public Quant
   torch::Tensor weight;
 
  private:
-  NamedTensors weight_buffers() const;
   void set_packed(const PackedWeight& w);
   bool quantized_ = true;
+  // (PackedWeight tensor name, registered buffer) in tensors() order.
+  NamedTensors buffers_w_;
   detail::PackedWeightCache cache_;
 };
 
@@ -281,8 +282,9 @@ class Linear4bitImpl : public torch::nn::Cloneable<Linear4bitImpl>, public Quant
 
  private:
   PackedLayout layout() const;
-  NamedTensors weight_buffers() const;
   void set_packed(const PackedWeight& w);
+  // (PackedWeight tensor name, registered buffer) in tensors() order.
+  NamedTensors buffers_w_;
   // dtype of the weight that was quantized or loaded (the JSON "dtype"); float32 until then.
   torch::Dtype weight_dtype_ = torch::kFloat32;
   detail::PackedWeightCache cache_;

@@ -24,10 +24,9 @@
 
 namespace msbnb::nn {
 
-/// The state dict of `model` and all its descendants, in module order (parameters, then buffers,
-/// then children, as torch's named_parameters). Quantized modules contribute their checkpoint keys
-/// in interchange form (fresh tensors); other tensors are the module's own (shared, detached).
-/// Example:
+/// The state dict of `model` and all its descendants, in Python torch's state_dict() order (per
+/// module: its parameters, its buffers, then its children). Quantized modules contribute their checkpoint
+/// keys in interchange form (fresh tensors); other tensors are the module's own (shared, detached). Example:
 ///   msbnb::io::save_safetensors("model.safetensors", msbnb::nn::quantized_state_dict(*model));
 NamedTensors quantized_state_dict(const torch::nn::Module& model);
 
@@ -48,7 +47,8 @@ struct LoadReport {
 /// a tensor of the wrong dtype / shape / element count, a checkpoint of another quant_type,
 /// blocksize or double quantization than the module (e.g. bitsandbytes__fp4 into an nf4 layer),
 /// malformed or inconsistent JSON quant state, sizes that overflow. Nothing in `sd` is trusted.
-/// Each module is validated before it is changed.
+/// Each module is validated before it is changed (keys are checked for the whole model first; a
+/// module whose tensors fail validation throws, and the modules loaded before it stay loaded).
 LoadReport load_quantized_state_dict(torch::nn::Module& model, const NamedTensors& sd, bool strict = true);
 
 }  // namespace msbnb::nn
