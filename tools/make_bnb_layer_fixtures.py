@@ -28,7 +28,9 @@ with `safetensors.torch.save_file`:
     eval-mode AVX512-BF16 path ran (4-bit: it needs out_features % 32 == 0 and in_features %
     blocksize == 0; otherwise the failure is recorded in the index instead).
 
-`index.json` lists every case with its parameters, the versions, and what bitsandbytes' own
+The weights come from integer arithmetic (splitmix64, `weights`), so the C++ test can quantize
+the same float weight with msbnb and compare the bytes with bitsandbytes'; the inputs are
+stored. `index.json` lists every case with its parameters, the versions, and what bitsandbytes' own
 dequantize / outputs did against the formula (`bnb_agreement`). Deterministic: NumPy PCG64
 seeds, no timestamps; reruns give byte-identical files.
 
@@ -110,12 +112,34 @@ def versions():
     }
 
 
-def weights(rng, out_f, in_f):
-    """nn.Linear-like init: uniform(-1/sqrt(in), 1/sqrt(in)) float32, weight and bias."""
-    lim = np.float32(1.0 / np.sqrt(in_f))
-    w = rng.uniform(-lim, lim, size=(out_f, in_f)).astype(np.float32)
-    b = rng.uniform(-lim, lim, size=(out_f,)).astype(np.float32)
-    return w, b
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+
+
+def splitmix64(seed, n):
+    """z_i = mix(seed + (i + 1) * gamma), i = 0..n-1 (splitmix64's sequence), as uint64."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(SPLITMIX_GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def splitmix_uniform(seed, n):
+    """float32 ((z_i >> 40) - 2^23) * 2^-27: uniform on [-1/16, 1/16), exact in float32 (integer
+    arithmetic only, so the C++ test rebuilds the weights bit for bit)."""
+    m = (splitmix64(seed, n) >> np.uint64(40)).astype(np.int64) - (1 << 23)
+    return np.ldexp(m.astype(np.float64), -27).astype(np.float32)
+
+
+WEIGHT_NOTE = ("weight [out, in] row-major = splitmix_uniform(seed, out * in), bias = "
+               "splitmix_uniform(seed + 1, out); splitmix_uniform(s, n)_i = float32(((z_i >> 40) - 2^23) "
+               "* 2^-27), z_i = splitmix64 output i (mix(s + (i + 1) * 0x9E3779B97F4A7C15)); then "
+               "rounded to the layer's dtype (bfloat16 case)")
+
+
+def weights(seed, out_f, in_f):
+    """Weight and bias from splitmix64 (WEIGHT_NOTE)."""
+    return splitmix_uniform(seed, out_f * in_f).reshape(out_f, in_f), splitmix_uniform(seed + 1, out_f)
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -231,7 +255,7 @@ def to_dtype_f32(a, dtype):
 def make_4bit(name, quant_type, out_f, in_f, dq, bias, dtype="float32"):
     tdt = getattr(torch, dtype)
     rng = np.random.default_rng(seed_of(name))
-    w, b = weights(rng, out_f, in_f)
+    w, b = weights(seed_of(name), out_f, in_f)
     x = rng.standard_normal((BATCH, in_f)).astype(np.float32)
     w, b, x = (to_dtype_f32(a, tdt) for a in (w, b, x))
 
@@ -303,6 +327,7 @@ def make_4bit(name, quant_type, out_f, in_f, dq, bias, dtype="float32"):
         "dtype": dtype,
         "prefix": PREFIX,
         "seed": seed_of(name),
+        "weight_recipe": WEIGHT_NOTE,
         "quant_state": quant_state_json(sd),
         "bnb_agreement": agree,
     }
@@ -311,7 +336,7 @@ def make_4bit(name, quant_type, out_f, in_f, dq, bias, dtype="float32"):
 
 def make_int8(name, out_f, in_f, threshold, bias):
     rng = np.random.default_rng(seed_of(name))
-    w, b = weights(rng, out_f, in_f)
+    w, b = weights(seed_of(name), out_f, in_f)
     # Activations representable in float16 (bitsandbytes quantizes x.to(float16)); with a
     # threshold, outliers in a few columns, one exactly at the threshold (|x| >= t counts).
     x = rng.standard_normal((BATCH, in_f)).astype(np.float16).astype(np.float32)
@@ -389,6 +414,7 @@ def make_int8(name, out_f, in_f, threshold, bias):
         "dtype": "float32",
         "prefix": PREFIX,
         "seed": seed_of(name),
+        "weight_recipe": WEIGHT_NOTE,
         "outlier_cols": [int(c) for c in cols],
         "bnb_agreement": agree,
     }
