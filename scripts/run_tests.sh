@@ -2,7 +2,7 @@
 # The whole test suite: install, build with -Werror, check formatting, run every test (each ISA
 # tier this CPU has; the others are reported SKIPPED), check the per-ISA objects for weak symbols,
 # install the package and build an out-of-tree consumer against it, cross-build the kernels for
-# aarch64 and run their tests under qemu, then the sanitizer stage.
+# aarch64 and run their tests under qemu, then the sanitizer stage and the libFuzzer targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,3 +21,5 @@ echo "== aarch64: cross-built kernels and their tests under qemu-aarch64-static"
 bash scripts/test_aarch64.sh
 echo "== every test under AddressSanitizer + UndefinedBehaviorSanitizer"
 bash scripts/test_sanitize.sh
+echo "== libFuzzer: safetensors header and quant_state JSON parsers (60 s each)"
+bash scripts/test_fuzz.sh

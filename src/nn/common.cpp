@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "msbnb/io/quant_state.h"
+
 namespace msbnb::nn::detail {
 
 std::string dtype_name(torch::Dtype dt) {
@@ -148,7 +150,23 @@ int64_t checked_mul(int64_t a, int64_t b, const std::string& arg) {
 }
 
 std::string quant_state_json_string(const QuantState& s, bool int4_symmetric) {
-  // json.dumps(dict) with the default separators, keys in QuantState.as_dict order.
+  if (s.quant_type != "int4") {
+    // bitsandbytes' own JSON: msbnb::io's writer (the one the safetensors layer validates).
+    io::QuantStateJson q;
+    q.quant_type = s.quant_type;
+    q.blocksize = s.blocksize;
+    q.dtype = dtype_name(s.dtype);
+    q.shape = s.shape;
+    q.nested = s.nested();
+    if (q.nested) {
+      q.nested_blocksize = s.state2->blocksize;
+      q.nested_dtype = dtype_name(s.state2->dtype);
+      q.nested_offset = static_cast<double>(s.offset.item<float>());
+    }
+    return io::quant_state_json(q);
+  }
+  // msbnb's int4 JSON in the same dialect (json.dumps separators, as_dict key order), plus
+  // "symmetric" after "shape".
   std::ostringstream o;
   o << "{\"quant_type\": \"" << s.quant_type << "\", \"blocksize\": " << s.blocksize << ", \"dtype\": \""
     << dtype_name(s.dtype) << "\", \"shape\": [";
@@ -199,6 +217,34 @@ ParsedQuantState parse_quant_state(const torch::Tensor& t, const std::string& ke
   const torch::Tensor c = t.contiguous();
   const std::string text(reinterpret_cast<const char*>(c.data_ptr<uint8_t>()),
                          static_cast<size_t>(c.numel()));
+  if (key.find("bitsandbytes__") != std::string::npos) {
+    // bitsandbytes' JSON: msbnb::io's validating parser.
+    io::QuantStateJson q;
+    try {
+      q = io::parse_quant_state_json(text, key);
+    } catch (const io::FormatError& e) {
+      TORCH_CHECK(false, e.what());
+    }
+    ParsedQuantState p;
+    p.quant_type = q.quant_type;
+    p.blocksize = q.blocksize;
+    p.dtype = dtype_from_name(q.dtype, key + " dtype");
+    TORCH_CHECK(q.shape.size() == 2, key, " shape: expected [out_features, in_features], got ",
+                shape_str(q.shape));
+    p.shape = q.shape;
+    checked_mul(p.shape[0], p.shape[1], key + " shape");
+    p.nested = q.nested;
+    if (q.nested) {
+      p.nested_blocksize = q.nested_blocksize;
+      TORCH_CHECK(q.nested_dtype == "float32", key, " nested_dtype: expected \"float32\", got \"",
+                  q.nested_dtype, "\"");
+      TORCH_CHECK(std::fabs(q.nested_offset) <= std::numeric_limits<float>::max(), key,
+                  " nested_offset: expected a finite float32 value, got ", q.nested_offset);
+      p.nested_offset = static_cast<float>(q.nested_offset);
+    }
+    return p;
+  }
+  // msbnb's int4 JSON.
   nlohmann::json j;
   std::set<std::string> seen;
   int depth = 0;

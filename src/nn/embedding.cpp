@@ -260,11 +260,23 @@ torch::Tensor Embedding4bitImpl::forward(const torch::Tensor& indices) {
   const torch::Tensor idx = checked_indices(indices, options.num_embeddings());
   const int64_t dim = options.embedding_dim(), bs = options.effective_blocksize();
   const QuantState s = state();
-  // Float32 statistics, double quantization undone exactly as dequantize_4bit does it.
-  const torch::Tensor stats =
-      s.nested() ? (dequantize_blockwise(s.absmax, *s.state2).reshape({-1}) + s.offset.item<float>())
-                 : s.absmax.contiguous().reshape({-1});
-  const float* absmax = stats.data_ptr<float>();
+  // Float32 statistics of the blocks [b0, b1) a row needs. Double quantization is undone for the
+  // nested blocks that cover them only, exactly as dequantize_4bit does it (the dynamic-map
+  // kernel, then + offset in float32).
+  const int64_t nstats = absmax_.numel();
+  std::vector<float> nested_tmp;
+  const auto stats_for = [&](int64_t b0, int64_t b1) -> const float* {
+    if (!s.nested()) return absmax_.data_ptr<float>() + b0;
+    const int64_t nb = detail::kNestedBlocksize, n0 = b0 / nb * nb,
+                  n1 = std::min(detail::ceil_div(b1, nb) * nb, nstats);
+    nested_tmp.resize(static_cast<size_t>(n1 - n0));
+    kernels::dequantize_lut8(absmax_.data_ptr<uint8_t>() + n0, n1 - n0, nb,
+                             nested_absmax_.data_ptr<float>() + n0 / nb, nested_quant_map_.data_ptr<float>(),
+                             nested_tmp.data());
+    const float offset = nested_offset_.item<float>();
+    for (float& v : nested_tmp) v = v + offset;
+    return nested_tmp.data() + (b0 - n0);
+  };
   const uint8_t* data = data_.data_ptr<uint8_t>();
   const int64_t count = idx.numel();
   torch::Tensor out = torch::empty({count, dim}, torch::kFloat32);
@@ -279,7 +291,7 @@ torch::Tensor Embedding4bitImpl::forward(const torch::Tensor& indices) {
         const uint8_t* z = zero_point_.data_ptr<uint8_t>() + r * groups;
         for (int64_t g = 0; g < groups; ++g) zp[static_cast<size_t>(g)] = z[g];
       }
-      kernels::dequantize_int4(data + r * row_bytes, 1, dim, bs, absmax + r * groups,
+      kernels::dequantize_int4(data + r * row_bytes, 1, dim, bs, stats_for(r * groups, (r + 1) * groups),
                                zero_point_.defined() ? zp.data() : nullptr, po + i * dim);
     }
   } else {
@@ -292,7 +304,8 @@ torch::Tensor Embedding4bitImpl::forward(const torch::Tensor& indices) {
       const int64_t e0 = pi[i] * dim, e1 = e0 + dim;
       const int64_t b0 = e0 / bs, start = b0 * bs, stop = std::min(detail::ceil_div(e1, bs) * bs, n);
       tmp.resize(static_cast<size_t>(stop - start));
-      kernels::dequantize_lut4(data + start / 2, stop - start, bs, absmax + b0, code, tmp.data());
+      kernels::dequantize_lut4(data + start / 2, stop - start, bs, stats_for(b0, detail::ceil_div(stop, bs)),
+                               code, tmp.data());
       std::memcpy(po + i * dim, tmp.data() + (e0 - start), static_cast<size_t>(dim) * sizeof(float));
     }
   }

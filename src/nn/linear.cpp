@@ -313,6 +313,7 @@ PackedLayout Linear4bitImpl::layout() const {
   l.blocksize = options.effective_blocksize();
   l.asymmetric = !options.symmetric();
   l.double_quant = options.compress_statistics();
+  l.dtype = weight_dtype_;
   return l;
 }
 
@@ -357,8 +358,8 @@ void Linear4bitImpl::quantize_weights(const torch::Tensor& w) {
                                                         .blocksize(options.effective_blocksize())
                                                         .compress_statistics(options.compress_statistics())
                                                         .symmetric(options.symmetric()));
-  set_packed(PackedWeight::from_4bit(q.data, q.state));
   weight_dtype_ = w.scalar_type();
+  set_packed(PackedWeight::from_4bit(q.data, q.state));
 }
 
 torch::Tensor Linear4bitImpl::dequantize_weights() const {
@@ -406,8 +407,8 @@ void Linear4bitImpl::load_quantized_state(const std::map<std::string, torch::Ten
   torch::Tensor b;
   if (options.bias()) b = detail::load_bias(entries, prefix, options.out_features());
   const PackedWeight w = PackedWeight::from_4bit(q.data, q.state);  // validates again, repacks
-  set_packed(w);
   weight_dtype_ = wdt;
+  set_packed(w);
   if (b.defined()) {
     torch::NoGradGuard no_grad;
     bias.set_data(b);

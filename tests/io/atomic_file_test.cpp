@@ -148,24 +148,31 @@ TEST(AtomicFile, SigkillMidSaveLeavesThePreviousFileIntact) {
     g_pipe_write = fds[1];
     g_stop_at = 16u << 20;
     msbnb::io::testing::set_atomic_write_hook(pausing_hook);
-    msbnb::io::save_safetensors(target, {{"w", big}}, {{"step", "2"}});
+    try {  // never return into gtest in the child
+      msbnb::io::save_safetensors(target, {{"w", big}}, {{"step", "2"}});
+    } catch (...) {
+      _exit(4);
+    }
     _exit(3);  // not reached: the parent kills us in the hook
   }
   ::close(fds[1]);
+  // Kill the child before any assertion can return from this test and leave it paused.
   char c = 0;
-  ASSERT_EQ(::read(fds[0], &c, 1), 1) << "the child died before writing half of the file";
+  const ssize_t got = ::read(fds[0], &c, 1);
   ::close(fds[0]);
-  // The temporary holds half the new file now.
   std::string temp;
   for (const auto& name : d.entries()) {
     if (name.rfind(".model.safetensors.tmp.", 0) == 0) temp = name;
   }
-  ASSERT_FALSE(temp.empty());
-  EXPECT_GE(fs::file_size(d.path / temp), 16u << 20);
-  ASSERT_EQ(kill(pid, SIGKILL), 0);
+  const uintmax_t temp_size = temp.empty() ? 0 : fs::file_size(d.path / temp);
+  kill(pid, SIGKILL);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_EQ(got, 1) << "the child died before writing half of the file";
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  // It was killed with half the new file in the temporary.
+  ASSERT_FALSE(temp.empty());
+  EXPECT_GE(temp_size, 16u << 20);
   // The target is the old file, byte for byte, and loads; only the stray temporary is beside it.
   EXPECT_EQ(slurp(target), old_bytes);
   std::map<std::string, std::string> meta;

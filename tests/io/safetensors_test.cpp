@@ -167,6 +167,36 @@ TEST(Safetensors, RoundTripsEveryDtypeAlignedAndSorted) {
   EXPECT_EQ(msbnb::io::serialize_safetensors(in, {{"a", "1"}, {"b", ""}}), slurp(p));
 }
 
+// tests/fixtures/safetensors/msbnb_written.safetensors is what our writer gives for these
+// tensors (checked byte for byte here); tools/check_safetensors_interop.py reads it with the
+// Python safetensors library. MSBNB_REGENERATE_FIXTURES=1 rewrites it.
+NamedTensors interop_tensors() {
+  return {
+      {"f64", torch::tensor({1.0 / 3.0, -2.5, 1e300}, torch::kFloat64)},
+      {"f32_t", (torch::arange(6, torch::kFloat32) * 0.5 - 1.0).reshape({2, 3}).t()},  // written as [3, 2]
+      {"f16", torch::tensor({0.5, -1.25, 65504.0, std::ldexp(1.0, -14)}).to(torch::kHalf)},
+      {"bf16", torch::tensor({1.5, -2.25, 3.0, std::ldexp(1.0, -7)}).reshape({2, 2}).to(torch::kBFloat16)},
+      {"i64", torch::tensor({-(int64_t{1} << 62), int64_t{0}, (int64_t{1} << 62) + 1})},
+      {"i32", torch::tensor({INT32_MIN, INT32_MAX}, torch::kInt32)},
+      {"i16", torch::tensor({-32768, 32767}, torch::kInt16)},
+      {"i8", torch::tensor({-128, 0, 127}, torch::kInt8)},
+      {"u8", torch::tensor({0, 1, 128, 255}, torch::kUInt8)},
+      {"bool", torch::tensor({true, false, true, true, false})},
+      {"c64", torch::complex(torch::tensor({1.f, -0.5f}), torch::tensor({2.f, -0.25f}))},
+      {"scalar", torch::tensor(7.25f)},
+      {"empty", torch::zeros({0}, torch::kFloat32)},
+      {"empty2d", torch::zeros({2, 0}, torch::kInt64)},
+  };
+}
+
+TEST(Safetensors, WriterOutputMatchesTheCommittedInteropFile) {
+  const std::string path = std::string(MSBNB_FIXTURES_DIR) + "/safetensors/msbnb_written.safetensors";
+  const std::map<std::string, std::string> meta{{"format", "pt"}, {"writer", "msbnb \xc3\xa9"}};
+  if (std::getenv("MSBNB_REGENERATE_FIXTURES")) msbnb::io::save_safetensors(path, interop_tensors(), meta);
+  EXPECT_EQ(msbnb::io::serialize_safetensors(interop_tensors(), meta), slurp(path))
+      << "the writer's output changed: check it with tools/check_safetensors_interop.py, then regenerate";
+}
+
 TEST(Safetensors, TensorsAreViewsThatOutliveTheFileAndNeverWriteIt) {
   TempDir d;
   const std::string p = (d.path / "v.safetensors").string();

@@ -3,6 +3,7 @@
 // or the new one, never a partial one; after a crash (or SIGKILL) at any point the old file is
 // intact (at worst a stray ".<name>.tmp.XXXXXX" is left beside it, if the process died before
 // it could remove it). On any error the temporary file is removed and the target untouched.
+// A symlink at the target is replaced by the new file, not followed.
 // No libtorch: errors are std::system_error (errno) or std::runtime_error, naming the file.
 #pragma once
 #include <cstddef>
