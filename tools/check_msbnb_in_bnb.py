@@ -2,8 +2,10 @@
 """Load checkpoints that msbnb saved into bitsandbytes and compare with msbnb's own results.
 
 The C++ fixture test (tests/io/bnb_layers_test.cpp, BnbLayers.LayerLoadSaveDequantizeForward),
-run with MSBNB_EXPORT_DIR=DIR, writes DIR/<case>.safetensors for every layer fixture:
-msbnb's `quantized_state_dict` of the loaded layer under the prefix `proj.`, `__input`,
+run with MSBNB_EXPORT_DIR=DIR, writes two files per layer fixture: DIR/<case>.loaded.safetensors
+(bitsandbytes' checkpoint loaded into msbnb and saved again) and DIR/<case>.quantized.safetensors
+(msbnb quantized the fixture's float weight itself, BnbLayers.LayerQuantizeFromFloat...). Each
+holds msbnb's `quantized_state_dict` of the layer under the prefix `proj.`, `__input`,
 `__msbnb_output` (the layer's forward), `__msbnb_dequantized_weight` (float32) and, for int8,
 `__msbnb_int8_matmul_output` (msbnb::int8_matmul at the layer's threshold: LLM.int8() numerics,
 what bitsandbytes computes); the safetensors metadata holds the case's parameters (JSON values).
@@ -179,7 +181,7 @@ def main():
         for check, (status, why) in res.items():
             counts[status] = counts.get(status, 0) + 1
             fails += status == "FAIL"
-            print(f"{meta['name']:<22} {check:<13} {status:<5} {why}")
+            print(f"{os.path.basename(path)[:-len('.safetensors')]:<32} {check:<13} {status:<5} {why}")
     print(f"{len(files)} files: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return 1 if fails else 0
 

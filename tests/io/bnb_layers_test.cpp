@@ -293,14 +293,30 @@ const torch::Tensor& find(const NamedTensors& v, const std::string& name) {
 
 // Writes msbnb's checkpoint of the layer with its input, output and dequantized weight, for
 // tools/check_msbnb_in_bnb.py (only with MSBNB_EXPORT_DIR set).
-void export_for_bnb(const Case& c, NamedTensors tensors) {
+// `source`: "loaded" (bitsandbytes' checkpoint through msbnb) or "quantized" (msbnb quantized
+// the float weight itself).
+void export_for_bnb(const Case& c, const NamedTensors& tensors, const std::string& source) {
   const char* dir = std::getenv("MSBNB_EXPORT_DIR");
   if (dir == nullptr || *dir == 0) return;
   std::filesystem::create_directories(dir);
   std::map<std::string, std::string> meta;
   for (const auto& [k, v] : c.rec.items())
     if (v.is_primitive()) meta[k] = v.dump();
-  msbnb::io::save_safetensors(std::string(dir) + "/" + c.name() + ".safetensors", tensors, meta);
+  meta["source"] = json(source).dump();
+  msbnb::io::save_safetensors(std::string(dir) + "/" + c.name() + "." + source + ".safetensors", tensors,
+                              meta);
+}
+
+// What export_for_bnb writes besides the state dict.
+void add_export_tensors(NamedTensors& out, const Case& c, const torch::Tensor& x, const torch::Tensor& y,
+                        const torch::Tensor& w, const msbnb::PackedWeight& pw, const torch::Tensor& bias) {
+  out.emplace_back("__input", x);
+  out.emplace_back("__msbnb_output", y.contiguous());
+  out.emplace_back("__msbnb_dequantized_weight", w.contiguous());
+  if (c.kind() != "linear4bit") {  // bitsandbytes' semantics at any threshold, for the comparison
+    const double t = c.rec["threshold"].get<double>();
+    out.emplace_back("__msbnb_int8_matmul_output", msbnb::int8_matmul(x, pw, t, bias).out);
+  }
 }
 
 TEST_P(BnbLayers, LayerLoadSaveDequantizeForward) {
@@ -370,12 +386,8 @@ TEST_P(BnbLayers, LayerLoadSaveDequantizeForward) {
     const torch::Tensor e = f.get(key);
     EXPECT_TRUE(within(y, e, output_bound(magnitude(x, wd, bias), e, k, y.scalar_type()), "forward"));
   }
-  out.emplace_back("__input", x);
-  out.emplace_back("__msbnb_output", y.contiguous());
-  out.emplace_back("__msbnb_dequantized_weight", w.contiguous());
-  if (c.kind() != "linear4bit")  // bitsandbytes' semantics at any threshold, for the comparison
-    out.emplace_back("__msbnb_int8_matmul_output", msbnb::int8_matmul(x, packed(), threshold, bias).out);
-  export_for_bnb(c, out);
+  add_export_tensors(out, c, x, y, w, packed(), bias);
+  export_for_bnb(c, out, "loaded");
 }
 
 // The fixture's float weight and bias (index.json "weight_recipe"): splitmix64, integer
@@ -413,6 +425,9 @@ TEST_P(BnbLayers, LayerQuantizeFromFloatGivesBitsandbytesBytes) {
   }
   const std::string child = c.prefix().substr(0, c.prefix().size() - 1);
   auto model = std::make_shared<torch::nn::Module>();
+  std::function<torch::Tensor(const torch::Tensor&)> forward;
+  std::function<torch::Tensor()> dequantize;
+  std::function<msbnb::PackedWeight()> packed;
   if (c.kind() == "linear4bit") {
     msbnb::nn::Linear4bit l(msbnb::nn::Linear4bitOptions(c.in(), c.out())
                                 .bias(c.bias())
@@ -423,6 +438,9 @@ TEST_P(BnbLayers, LayerQuantizeFromFloatGivesBitsandbytesBytes) {
     // bitsandbytes quantizes the weight in the layer's dtype.
     l->quantize_weights(w32.to(dtype_of(c.rec["dtype"].get<std::string>())));
     if (bias.defined()) l->bias.set_data(bias.clone());
+    forward = [l](const torch::Tensor& in) mutable { return l->forward(in); };
+    dequantize = [l] { return l->dequantize_weights(); };
+    packed = [l] { return l->packed_weight(); };
   } else {
     msbnb::nn::Linear8bit l(msbnb::nn::Linear8bitOptions(c.in(), c.out())
                                 .bias(c.bias())
@@ -431,9 +449,18 @@ TEST_P(BnbLayers, LayerQuantizeFromFloatGivesBitsandbytesBytes) {
     // Int8Params._quantize: weight.to(float16), then int8_vectorwise_quant.
     l->quantize_weights(w32.to(torch::kFloat16));
     if (bias.defined()) l->bias.set_data(bias.clone());
+    forward = [l](const torch::Tensor& in) mutable { return l->forward(in); };
+    dequantize = [l] { return l->dequantize_weights(); };
+    packed = [l] { return l->packed_weight(); };
   }
   const NamedTensors saved = msbnb::nn::quantized_state_dict(*model);
   ASSERT_EQ(names_of(saved), names_of(f.state));
+  if (std::getenv("MSBNB_EXPORT_DIR") != nullptr) {  // msbnb's own checkpoint, for bitsandbytes
+    NamedTensors out = saved;
+    const torch::Tensor x = f.get("__input");
+    add_export_tensors(out, c, x, forward(x), dequantize(), packed(), bias);
+    export_for_bnb(c, out, "quantized");
+  }
   const bool nested = c.kind() == "linear4bit" && c.rec["compress_statistics"].get<bool>();
   const std::string p = c.prefix() + "weight.";
   for (const auto& [name, t] : f.state) {
