@@ -2,13 +2,17 @@
 // msbnb: tests/fixtures/bnb_layers, written by tools/make_bnb_layer_fixtures.py (its docstring
 // defines every key; index.json lists the cases and what bitsandbytes itself agreed with).
 //
-// For each fixture: the packed tensors go through msbnb and come back byte for byte; the
-// dequantized weight is bit-exact against the formula (code[idx] * absmax[block], computed in
-// NumPy, not by bitsandbytes' CPU dequantize, which is wrong for in_features 96, see
-// tools/README.md); outputs are within a float32 summation bound of the float64 reference.
+// For each fixture, at the functional level (PackedWeight, quantized_matmul, int8_matmul) and
+// through msbnb::nn layers (load_quantized_state_dict / quantized_state_dict): the packed
+// tensors go through msbnb and come back byte for byte; the dequantized weight is bit-exact
+// against the formula (code[idx] * absmax[block], computed in NumPy, not by bitsandbytes' CPU
+// dequantize, which is wrong for in_features 96, see tools/README.md); outputs are within a
+// float32 summation bound of the float64 reference. And msbnb quantizing the same float weight
+// (rebuilt from the fixture's splitmix64 recipe) writes bitsandbytes' bytes.
 //
-// With MSBNB_EXPORT_DIR set, the layer test also writes msbnb's checkpoint of each layer there,
-// for tools/check_msbnb_in_bnb.py to load into bitsandbytes.
+// With MSBNB_EXPORT_DIR set, the layer tests also write msbnb's checkpoint of each layer there
+// (<case>.loaded / <case>.quantized.safetensors), for tools/check_msbnb_in_bnb.py to load into
+// bitsandbytes.
 #include <gtest/gtest.h>
 
 #include <algorithm>
