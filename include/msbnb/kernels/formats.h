@@ -37,10 +37,11 @@ inline constexpr float kCodeNF4[16] = {-1.0f,
                                        0.7229568362236023f,
                                        1.0f};
 
-/// bitsandbytes' FP4 (e2m1 without inf/nan) code values; index 8 is -0.
+/// bitsandbytes' FP4 (e2m1 without inf/nan) code values. Index 8 is +0, as bitsandbytes'
+/// quant_map (its table says `-0`, a Python int, so +0.0) and its CPU dequantize give it.
 inline constexpr float kCodeFP4[16] = {
-    0.0f,  0.005208333333f,  0.66666667f,  1.0f,  0.33333333f,  0.5f,  0.16666667f,  0.25f,
-    -0.0f, -0.005208333333f, -0.66666667f, -1.0f, -0.33333333f, -0.5f, -0.16666667f, -0.25f};
+    0.0f, 0.005208333333f,  0.66666667f,  1.0f,  0.33333333f,  0.5f,  0.16666667f,  0.25f,
+    0.0f, -0.005208333333f, -0.66666667f, -1.0f, -0.33333333f, -0.5f, -0.16666667f, -0.25f};
 
 /// Formats, one per row of formats.def.
 enum class Format : uint8_t {
