@@ -13,7 +13,7 @@
 //                    (default 4096x4096, 11008x4096, 4096x11008)
 //   --n=..           activation rows (default 1, 4, 16, 128, 512)
 //   --threads=..     thread counts, run in this order (default 1, 2)
-//   --formats=..     nf4 fp4 int4_sym int4_asym int8_sym int8_asym llm_int8; int4 / int8 mean
+//   --formats=..     nf4 nf4_dq fp4 int4_sym int4_asym int8_sym int8_asym llm_int8; int4 / int8 mean
 //                    both variants, all every format (default all)
 //   --isa=..         kernel table: active (default, active_kernels()), scalar, avx2, avx512, or all
 //                    (every ISA this CPU runs; scalar only at n = 1)
@@ -61,7 +61,7 @@
 // or after --case-seconds with at least 3 samples, or at 3 x --case-seconds; a call slower than
 // --case-seconds is timed once. One untimed warm-up call comes first (if it already takes
 // --case-seconds, it is the only sample). Each weight set is freed before the next one is made. nf4 with
-// double quantization runs the same packed kernel as nf4 (its absmax is dequantized before packing), fp4 the
+// double quantization (nf4_dq) keeps the uint8 absmax, decoded tile by tile by the driver, fp4 the
 // same kernel as nf4 with another codebook. Torch threads: at::set_num_threads and openblas_set_num_threads
 // (found with dlsym) for its BLAS.
 #include <dlfcn.h>
@@ -118,7 +118,7 @@ double seconds_since(Clock::time_point t0) {
 // ---- formats -----------------------------------------------------------------------------------
 
 // How a weight set is made; several format cases can share one (llm_int8 runs on int8_sym).
-enum class Weight { nf4, fp4, int4_sym, int4_asym, int8_sym, int8_asym };
+enum class Weight { nf4, fp4, int4_sym, int4_asym, int8_sym, int8_asym, nf4_dq };
 
 struct FormatCase {
   const char* name;
@@ -129,6 +129,7 @@ struct FormatCase {
 
 const FormatCase kFormats[] = {
     {"nf4", Weight::nf4, false, true},
+    {"nf4_dq", Weight::nf4_dq, false, true},
     {"fp4", Weight::fp4, false, false},
     {"int4_sym", Weight::int4_sym, false, false},
     {"int4_asym", Weight::int4_asym, false, false},
@@ -151,6 +152,8 @@ const char* weight_name(Weight w) {
       return "int8_sym";
     case Weight::int8_asym:
       return "int8_asym";
+    case Weight::nf4_dq:
+      return "nf4_dq";
   }
   return "?";
 }
@@ -229,7 +232,7 @@ void usage() {
                "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
                "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
                "                   [--wait-idle=SECONDS] [--retries=2] [--list] [--check-only]\n"
-               "formats: nf4 fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
+               "formats: nf4 nf4_dq fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
                "JSON lines on stdout, progress and a summary on stderr; see the top of bench_matmul.cpp.\n");
 }
 
@@ -351,6 +354,17 @@ mk::PackedLut4 copy_packed(const mk::PackedLut4& p, bool huge) {
   c.view.codes = c.codes.get();
   c.view.scale = c.scale.data();
   c.view.zero_point = p.view.zero_point ? c.zero_point.data() : nullptr;
+  c.nested_q = p.nested_q;
+  c.nested_code = p.nested_code;
+  c.nested_absmax = p.nested_absmax;
+  c.nested_offset = p.nested_offset;
+  if (!p.nested_q.empty()) {
+    c.view.scale = nullptr;
+    c.view.nested.q = c.nested_q.data();
+    c.view.nested.code = c.nested_code.data();
+    c.view.nested.nested = c.nested_absmax.data();
+    c.view.nested.offset = c.nested_offset.data();
+  }
   return c;
 }
 mk::PackedInt8 copy_packed(const mk::PackedInt8& p, bool huge) {
@@ -393,6 +407,22 @@ WeightSet make_weights(Weight kind, Shape s, const Options& o) {
     for (int64_t b = 0; b < blocks; ++b) absmax[b] = random_in(seed + static_cast<uint64_t>(b), 0.01f, 0.05f);
     const mk::PackedLut4 src = mk::pack_lut4_bnb(codes.data(), m, k, 64, absmax.data(),
                                                  kind == Weight::nf4 ? mk::kCodeNF4 : mk::kCodeFP4);
+    ws.bytes_each = src.bytes();
+    for (int64_t c = copies_for(ws.bytes_each, o.min_bytes); c > 0; --c)
+      ws.lut4.push_back(copy_packed(src, o.huge));
+  } else if (kind == Weight::nf4_dq) {
+    // bitsandbytes' compress_statistics: uint8 absmax codes, a float per 256 of them, an offset.
+    const int64_t elems = m * k, blocks = mk::ceil_div(elems, 64), nested = mk::ceil_div(blocks, 256);
+    std::vector<uint8_t> codes(static_cast<size_t>((elems + 1) / 2)), absmax_q(static_cast<size_t>(blocks));
+    mb::fill_bytes(codes.data(), static_cast<int64_t>(codes.size()), seed);
+    mb::fill_bytes(absmax_q.data(), blocks, seed + 1);
+    std::vector<float> code256(256), nested_absmax(static_cast<size_t>(nested));
+    for (int i = 0; i < 256; ++i) code256[i] = (static_cast<float>(i) - 127.5f) / 127.5f;
+    for (int64_t b = 0; b < nested; ++b)
+      nested_absmax[b] = random_in(seed + static_cast<uint64_t>(b), 0.005f, 0.01f);
+    const mk::PackedLut4 src =
+        mk::pack_lut4_bnb_nested(codes.data(), m, k, 64, absmax_q.data(), code256.data(),
+                                 nested_absmax.data(), 256, 0.03f, mk::kCodeNF4);
     ws.bytes_each = src.bytes();
     for (int64_t c = copies_for(ws.bytes_each, o.min_bytes); c > 0; --c)
       ws.lut4.push_back(copy_packed(src, o.huge));
@@ -731,6 +761,20 @@ int64_t row_align(const mk::Int8Matrix&) { return 1; }
 int64_t col_chunk(const mk::Lut4Matrix&) { return mk::kLut4Chunk; }
 int64_t col_chunk(const mk::Int8Matrix&) { return mk::kInt8Chunk; }
 
+// A double-quantized weight with its statistics decoded into buf (as float scales), for the
+// scalar reference and value_at; other weights as they are.
+mk::Lut4Matrix float_scale(const mk::Lut4Matrix& w, std::vector<float>& buf) {
+  if (w.scale || w.rows == 0) return w;
+  const int64_t count = std::max(w.nested.count, ((w.rows - 1) * w.row_stride + w.kpad - 1) / w.group + 1);
+  buf.resize(static_cast<size_t>(count));
+  mk::decode_nested_scale(w.nested, 0, count, buf.data(), mk::kernels_for(Isa::scalar));
+  mk::Lut4Matrix v = w;
+  v.scale = buf.data();
+  v.nested = mk::Lut4NestedScale{};
+  return v;
+}
+const mk::Int8Matrix& float_scale(const mk::Int8Matrix& w, std::vector<float>&) { return w; }
+
 // The float value of element (r, j), as dequantize() gives it (see matmul.h).
 float value_at(const mk::Lut4Matrix& w, int64_t r, int64_t j) {
   const int64_t s = (r * w.row_stride + j) / w.group;
@@ -788,8 +832,10 @@ struct Checker {
 
 // op matmul (path) or matmul_llm_int8 (threshold, llm) on w: returns the number of mismatches.
 template <class W>
-int64_t check_forward(const std::string& name, const W& w, const float* x, int64_t n, mk::MatmulPath path,
+int64_t check_forward(const std::string& name, const W& wq, const float* x, int64_t n, mk::MatmulPath path,
                       bool llm, float threshold, float* y, const KernelTable& k) {
+  std::vector<float> scale;
+  const W w = float_scale(wq, scale);
   const int64_t m = w.rows, kk = w.cols;
   Checker ck{name};
   mk::MatmulIO io;
@@ -799,7 +845,7 @@ int64_t check_forward(const std::string& name, const W& w, const float* x, int64
   io.y = y;
   io.ldy = m;
   std::fill(y, y + n * m, std::nanf(""));
-  run_forward(w, io, path, llm, threshold, nullptr, k);
+  run_forward(wq, io, path, llm, threshold, nullptr, k);
   ck.finite(y, n, m, m);
   const KernelTable& scalar = mk::kernels_for(Isa::scalar);
   const bool int8 = std::is_same_v<W, mk::Int8Matrix>;
@@ -850,8 +896,10 @@ int64_t check_forward(const std::string& name, const W& w, const float* x, int64
 
 // op matmul_transposed on w: gx = gy w with gy [n, rows]; returns the number of mismatches.
 template <class W>
-int64_t check_transposed(const std::string& name, const W& w, const float* gy, int64_t n, float* gx,
+int64_t check_transposed(const std::string& name, const W& wq, const float* gy, int64_t n, float* gx,
                          const KernelTable& k) {
+  std::vector<float> scale;
+  const W w = float_scale(wq, scale);
   const int64_t m = w.rows, kk = w.cols;
   Checker ck{name};
   mk::MatmulIO io;
@@ -861,7 +909,7 @@ int64_t check_transposed(const std::string& name, const W& w, const float* gy, i
   io.y = gx;
   io.ldy = kk;
   std::fill(gx, gx + n * kk, std::nanf(""));
-  mk::matmul_transposed(w, io, k);
+  mk::matmul_transposed(wq, io, k);
   ck.finite(gx, n, kk, kk);
   const KernelTable& scalar = mk::kernels_for(Isa::scalar);
   const auto entry = [&] {

@@ -193,15 +193,65 @@ int64_t padded_stat_count(int64_t rows, int64_t kpad, int64_t row_stride, int64_
 }
 
 // A double-quantized weight with all its statistics decoded into `buf` (a per-call buffer).
-Lut4Matrix decoded(const Lut4Matrix& w, std::vector<float>& buf) {
+Lut4Matrix decoded(const Lut4Matrix& w, std::vector<float>& buf, const KernelTable& k) {
   if (w.scale) return w;
   const Lut4NestedScale& n = w.nested;
   buf.resize(static_cast<size_t>(padded_stat_count(w.rows, w.kpad, w.row_stride, w.group, n.count)));
   parallel_split(static_cast<int64_t>(buf.size()), 4096,
-                 [&](int64_t s0, int64_t s1) { decode_nested_scale(n, s0, s1, buf.data() + s0); });
+                 [&](int64_t s0, int64_t s1) { decode_nested_scale(n, s0, s1, buf.data() + s0, k); });
   Lut4Matrix v = w;
   v.scale = buf.data();
   return v;
+}
+
+// Statistics decoded at a time per thread for a double-quantized weight (16 KiB: stays in L1 /
+// L2 next to the tile's codes).
+constexpr int64_t kTileStats = 4096;
+// Bytes of a tile's codes prefetched while its statistics are decoded.
+constexpr int64_t kTilePrefetch = 32768;
+
+// kernel(view, x, n, ldx, r0, r1, y, ldy) over the rows of w, threads splitting them. Double-
+// quantized statistics are decoded tile by tile (rows of whole groups: a tile's statistics are
+// contiguous) into a thread's buffer, the kernel running on a tile-local view; other layouts
+// (groups straddling rows) decode them all per call. Each output is the same as with the decoded
+// float statistics: a row's sum does not depend on the rows around it.
+template <class X, class Kernel>
+void lut4_forward(const Lut4Matrix& w, const X* x, int64_t n, Kernel kernel, float* y, const KernelTable& k) {
+  std::vector<float> all;
+  const bool tiled = !w.scale && w.row_stride % w.group == 0;
+  const Lut4Matrix wd = w.scale || tiled ? w : decoded(w, all, k);
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    if (!tiled) return kernel(wd, x, n, w.kpad, r0, r1, y, w.rows);
+    const int64_t per_row = w.row_stride / w.group;
+    // GEMV tiles keep the statistics in L1 / L2 next to the codes; larger batches are compute-
+    // bound (decoding is ~1/64 of the weights' work per activation row), so one tile per thread
+    // keeps the GEMM kernels' own blocking over the activations.
+    const int64_t tile = n > kGemvMaxRows ? r1 - r0 : std::max<int64_t>(16, kTileStats / per_row / 16 * 16);
+    std::vector<float> buf;
+    for (int64_t b = r0; b < r1; b += tile) {
+      const int64_t m = std::min(tile, r1 - b), first = b * per_row;
+      const int64_t count = padded_stat_count(m, w.kpad, w.row_stride, w.group, m * per_row);
+      buf.resize(static_cast<size_t>(count));
+      // The tile's first codes stream in from DRAM while its statistics are decoded: a slice of
+      // prefetches after each 256 statistics.
+      const uint8_t* c0 = w.codes + b * (w.kpad / 2);
+      const int64_t lines = std::min(m * (w.kpad / 2), kTilePrefetch) / 64;
+      const int64_t chunks = ceil_div(count, 256);
+      for (int64_t c = 0, line = 0; c < chunks; ++c) {
+        decode_nested_scale(w.nested, first + 256 * c, first + std::min(count, 256 * (c + 1)),
+                            buf.data() + 256 * c, k);
+        for (const int64_t stop = lines * (c + 1) / chunks; line < stop; ++line)
+          __builtin_prefetch(c0 + 64 * line);
+      }
+      Lut4Matrix v = w;
+      v.rows = m;
+      v.codes = w.codes + b * (w.kpad / 2);
+      v.scale = buf.data();
+      v.zero_point = w.zero_point ? w.zero_point + first : nullptr;
+      v.nested = Lut4NestedScale{};
+      kernel(v, x, n, w.kpad, 0, m, y + b, w.rows);
+    }
+  });
 }
 
 template <class W, class Kernel>
@@ -333,7 +383,11 @@ void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTabl
 }  // namespace
 
 int64_t PackedLut4::bytes() const {
-  return view.rows * view.kpad / 2 + int64_t(scale.size() + zero_point.size()) * 4;
+  return view.rows * view.kpad / 2 +
+         int64_t(scale.size() + zero_point.size() + nested_code.size() + nested_absmax.size() +
+                 nested_offset.size()) *
+             4 +
+         int64_t(nested_q.size());
 }
 int64_t PackedInt8::bytes() const {
   return view.rows * view.kpad + int64_t(scale.size() + offset.size()) * 4 + int64_t(row_sum.size()) * 4;
@@ -478,6 +532,34 @@ PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int6
   return p;
 }
 
+PackedLut4 pack_lut4_bnb_nested(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                                const uint8_t* absmax_q, const float* code256, const float* nested_absmax,
+                                int64_t nested_block, float offset, const float* code16) {
+  const Lut4Layout l = lut4_bnb_layout(rows, cols, blocksize);
+  if (nested_block <= 0)
+    throw std::invalid_argument("pack_lut4_bnb_nested: nested_block: expected > 0, got " +
+                                std::to_string(nested_block));
+  PackedLut4 p;
+  p.nested_q.assign(absmax_q, absmax_q + l.stats_given);
+  p.nested_code.assign(code256, code256 + 256);
+  p.nested_absmax.assign(nested_absmax, nested_absmax + ceil_div(l.stats_given, nested_block));
+  p.nested_offset = {offset};
+  Lut4NestedScale n;
+  n.q = p.nested_q.data();
+  n.code = p.nested_code.data();
+  n.nested = p.nested_absmax.data();
+  n.offset = p.nested_offset.data();
+  n.block = nested_block;
+  n.count = l.stats_given;
+  // The codes are packed as for float absmax; the decoded statistics are dropped after.
+  std::vector<float> absmax(static_cast<size_t>(l.stats)), tmp(static_cast<size_t>(l.stats));
+  decode_nested_scale(n, 0, l.stats, absmax.data());
+  p.codes = aligned_buffer<uint8_t>(l.codes_bytes);
+  p.view = with_nested_scale(
+      pack_lut4_bnb_into(packed, rows, cols, blocksize, absmax.data(), code16, p.codes.get(), tmp.data()), n);
+  return p;
+}
+
 PackedLut4 pack_int4(const uint8_t* packed, int64_t rows, int64_t cols, int64_t group, const float* scale,
                      const int32_t* zero_point) {
   const Lut4Layout l = int4_layout(rows, cols, group);
@@ -520,25 +602,33 @@ void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed) {
     }
 }
 
-#if defined(__clang__)
-#define MSBNB_NO_CONTRACT
-#elif defined(__GNUC__)
-#define MSBNB_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-#else
-#define MSBNB_NO_CONTRACT
-#endif
-
-// bitsandbytes' dequantize: code[q] * absmax2 (dequantize_blockwise), then + offset, each
-// rounded to float (no fused multiply-add).
-MSBNB_NO_CONTRACT void decode_nested_scale(const Lut4NestedScale& n, int64_t s0, int64_t s1, float* out) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+// bitsandbytes' dequantize: dequantize_blockwise (code[q] * absmax2, as the dequantize_lut8
+// kernels compute it), then + offset, each rounded to float.
+void decode_nested_scale(const Lut4NestedScale& n, int64_t s0, int64_t s1, float* out, const KernelTable& k) {
   const int64_t end = std::min(s1, std::max(n.count, s0));
-  const float offset = end > s0 ? *n.offset : 0.0f;
-  for (int64_t s = s0; s < end; ++s) {
-    const float a = n.code[n.q[s]] * n.nested[s / n.block];
-    out[s - s0] = a + offset;
+  if (end > s0) {
+    const float offset = *n.offset;
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
+    // The compiler may fuse a * b + c here: the kernel's products, then the add in a second pass.
+    k.dequantize_lut8(n.q + s0, s0, end - s0, n.block, n.nested, n.code, out);
+    for (int64_t i = 0; i < end - s0; ++i) out[i] += offset;
+#else
+    // No FMA in this target: a table of both roundings per nested block, one lookup a statistic
+    // (about 1.4x faster than the two passes).
+    (void)k;
+    alignas(64) float t[256];
+    for (int64_t s = s0; s < end;) {
+      const int64_t b = s / n.block, e = std::min(end, (b + 1) * n.block);
+      const float a = n.nested[b];
+      for (int i = 0; i < 256; ++i) t[i] = n.code[i] * a + offset;
+      for (; s + 8 <= e; s += 8) {
+        uint64_t w;
+        std::memcpy(&w, n.q + s, 8);
+        for (int j = 0; j < 8; ++j) out[s - s0 + j] = t[(w >> (8 * j)) & 0xff];
+      }
+      for (; s < e; ++s) out[s - s0] = t[n.q[s]];
+    }
+#endif
   }
   std::fill(out + (end - s0), out + (s1 - s0), 0.0f);
 }
@@ -644,11 +734,14 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   check_weight("matmul", w);
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
-  std::vector<float> scale;  // double-quantized statistics, decoded
   // Up to kGemvMaxRows rows the exact GEMV is also the fastest 4-bit path (decode-bound either
   // way), so fast only changes larger batches.
-  if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows)
-    return forward_exact(decoded(w, scale), io, k.matmul.lut4_f32);
+  if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows) {
+    const std::vector<float> x = padded_f32(io, w.cols, w.kpad);
+    std::vector<float> y(static_cast<size_t>(io.n * w.rows));
+    lut4_forward(w, x.data(), io.n, k.matmul.lut4_f32, y.data(), k);
+    return store_rows(y.data(), w.rows, w.rows, io);
+  }
   std::vector<uint16_t> xb(static_cast<size_t>(io.n * w.kpad), 0);
   parallel_rows(io.n, [&](int64_t i) {
     uint16_t* dst = xb.data() + i * w.kpad;
@@ -660,10 +753,7 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
     }
   });
   std::vector<float> y(static_cast<size_t>(io.n * w.rows));
-  const Lut4Matrix v = decoded(w, scale);
-  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
-    k.matmul.lut4_bf16(v, xb.data(), io.n, w.kpad, r0, r1, y.data(), w.rows);
-  });
+  lut4_forward(w, xb.data(), io.n, k.matmul.lut4_bf16, y.data(), k);
   store_rows(y.data(), w.rows, w.rows, io);
 }
 
@@ -736,7 +826,7 @@ void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel) {
 void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k) {
   check_weight("matmul_transposed", w);
   std::vector<float> scale;  // double-quantized statistics, decoded
-  transposed(io.n == 0 ? w : decoded(w, scale), io, kLut4Chunk, k.matmul.lut4_t_f32);
+  transposed(io.n == 0 ? w : decoded(w, scale, k), io, kLut4Chunk, k.matmul.lut4_t_f32);
 }
 void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k) {
   transposed(w, io, kInt8Chunk, k.matmul.int8_t_f32);

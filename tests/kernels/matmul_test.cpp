@@ -1756,3 +1756,107 @@ INSTANTIATE_TEST_SUITE_P(AllIsas, Matmul, testing::ValuesIn(all_isas()), isa_par
 
 }  // namespace
 }  // namespace msbnb::test
+
+namespace msbnb::test {
+namespace {
+
+// Double-quantized statistics (Lut4NestedScale) give the same outputs, bit for bit, as the same
+// weight with the statistics decoded to float beforehand (what bitsandbytes' dequantize gives:
+// code[q] * nested, then + offset), on every path and in the transposed product, for tiles and
+// thread splits (600 rows of 256 / 32 statistics: two tiles) and for blocks straddling rows.
+TEST_P(Matmul, DoubleQuantMatchesDecodedScale) {
+  struct Shape {
+    int64_t rows, cols, block;
+  };
+  uint32_t seed = 91;
+  for (const Shape s : {Shape{70, 4096, 64}, Shape{33, 640, 128}, Shape{600, 256, 32}, Shape{17, 100, 64}}) {
+    const int64_t elems = s.rows * s.cols, blocks = K::ceil_div(elems, s.block);
+    std::vector<uint8_t> packed(static_cast<size_t>((elems + 1) / 2)), q(static_cast<size_t>(blocks));
+    std::mt19937 rng(seed++);
+    for (auto& b : packed) b = static_cast<uint8_t>(rng());
+    for (auto& b : q) b = static_cast<uint8_t>(rng());
+    const std::vector<float> code256 = gaussian(256, seed++),
+                             nested = gaussian(K::ceil_div(blocks, 256), seed++);
+    const float offset = 0.37f;
+    const K::PackedLut4 dq = K::pack_lut4_bnb_nested(packed.data(), s.rows, s.cols, s.block, q.data(),
+                                                     code256.data(), nested.data(), 256, offset, K::kCodeNF4);
+    ASSERT_EQ(dq.view.scale, nullptr);
+    std::vector<float> absmax(static_cast<size_t>(blocks));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float p = code256[q[b]] * nested[b / 256];
+      absmax[b] = p + offset;
+    }
+    const K::PackedLut4 ref =
+        K::pack_lut4_bnb(packed.data(), s.rows, s.cols, s.block, absmax.data(), K::kCodeNF4);
+    EXPECT_EQ(dq.bytes(), ref.bytes() - int64_t(ref.scale.size()) * 4 + blocks +
+                              4 * (256 + K::ceil_div(blocks, 256) + 1));
+    for (int threads : {1, 3}) {
+      ThreadScope ts(threads);
+      for (int64_t n : {1, 3, 9, 33})
+        for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+          const std::vector<float> x = gaussian(n * s.cols, seed++);
+          std::vector<float> y1(static_cast<size_t>(n * s.rows)), y2(y1.size());
+          MatmulIO io;
+          io.x = x.data();
+          io.n = n;
+          io.ldx = s.cols;
+          io.y = y1.data();
+          io.ldy = s.rows;
+          K::matmul(dq.view, io, path, kt());
+          io.y = y2.data();
+          K::matmul(ref.view, io, path, kt());
+          for (size_t i = 0; i < y1.size(); ++i)
+            ASSERT_EQ(bits_of(y1[i]), bits_of(y2[i]))
+                << s.rows << "x" << s.cols << " n " << n << " threads " << threads << " at " << i;
+        }
+      const int64_t n = 5;
+      const std::vector<float> gy = gaussian(n * s.rows, seed++);
+      std::vector<float> g1(static_cast<size_t>(n * s.cols)), g2(g1.size());
+      MatmulIO io;
+      io.x = gy.data();
+      io.n = n;
+      io.ldx = s.rows;
+      io.y = g1.data();
+      io.ldy = s.cols;
+      K::matmul_transposed(dq.view, io, kt());
+      io.y = g2.data();
+      K::matmul_transposed(ref.view, io, kt());
+      for (size_t i = 0; i < g1.size(); ++i)
+        ASSERT_EQ(bits_of(g1[i]), bits_of(g2[i])) << "transposed at " << i;
+    }
+  }
+}
+
+// Hand-built nested statistics that do not match the weight are refused, naming the field.
+TEST(MatmulArgs, BadNestedScale) {
+  std::vector<uint8_t> packed(17 * 128 / 2), q(34);
+  std::vector<float> code(256), nested(1), absmax(34, 1.0f);
+  const float offset = 0.0f;
+  const K::PackedLut4 p = K::pack_lut4_bnb(packed.data(), 17, 128, 64, absmax.data(), K::kCodeNF4);
+  K::Lut4NestedScale n;
+  n.q = q.data();
+  n.code = code.data();
+  n.nested = nested.data();
+  n.offset = &offset;
+  n.block = 256;
+  n.count = 34;
+  EXPECT_NO_THROW(K::with_nested_scale(p.view, n));
+  auto bad = [&](const char* word, auto edit) {
+    K::Lut4NestedScale b = n;
+    edit(b);
+    expect_invalid(word, word, [&] { K::with_nested_scale(p.view, b); });
+  };
+  bad("nested.count", [](K::Lut4NestedScale& b) { b.count = 33; });
+  bad("nested.count", [](K::Lut4NestedScale& b) { b.count = int64_t{1} << 62; });
+  bad("nested.block", [](K::Lut4NestedScale& b) { b.block = 0; });
+  bad("nested.code", [](K::Lut4NestedScale& b) { b.code = nullptr; });
+  bad("nested.offset", [](K::Lut4NestedScale& b) { b.offset = nullptr; });
+  bad("scale", [](K::Lut4NestedScale& b) { b.q = nullptr; });
+  expect_invalid("nested_block", "nested_block", [&] {
+    K::pack_lut4_bnb_nested(packed.data(), 17, 128, 64, q.data(), code.data(), nested.data(), 0, 0.0f,
+                            K::kCodeNF4);
+  });
+}
+
+}  // namespace
+}  // namespace msbnb::test

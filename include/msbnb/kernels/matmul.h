@@ -100,6 +100,9 @@ struct PackedLut4 {
   Lut4Matrix view;
   std::shared_ptr<uint8_t> codes;
   std::vector<float> scale, zero_point;
+  // Double-quantized statistics (view.nested points here; scale is empty).
+  std::vector<uint8_t> nested_q;
+  std::vector<float> nested_code, nested_absmax, nested_offset;
   int64_t bytes() const;  // codes + statistics, as read by one matmul
 };
 struct PackedInt8 {
@@ -145,7 +148,8 @@ Lut4Matrix int4_view(int64_t rows, int64_t cols, int64_t group, bool asym, const
 /// std::invalid_argument naming the argument.
 Lut4Matrix with_nested_scale(Lut4Matrix w, const Lut4NestedScale& nested);
 /// Statistics [s0, s1) of a double-quantized weight, as the kernels see them.
-void decode_nested_scale(const Lut4NestedScale& nested, int64_t s0, int64_t s1, float* out);
+void decode_nested_scale(const Lut4NestedScale& nested, int64_t s0, int64_t s1, float* out,
+                         const KernelTable& k = active_kernels());
 /// Int8: codes rows * round_up(cols, kInt8Chunk) bytes (64-byte aligned); scale, offset (if
 /// any) and row_sum [rows].
 int64_t int8_codes_bytes(int64_t rows, int64_t cols);
@@ -160,6 +164,12 @@ Int8Matrix int8_view(int64_t rows, int64_t cols, const int8_t* codes, const floa
 /// HIGH nibble first) with their float32 absmax per block and the 16-value codebook.
 PackedLut4 pack_lut4_bnb(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
                          const float* absmax, const float* code16);
+/// The same with double-quantized absmax (bitsandbytes' compress_statistics): absmax_q
+/// [ceil(rows * cols / blocksize)] codes into code256, nested_absmax per nested_block of them,
+/// and offset; the kernels decode them (Lut4NestedScale).
+PackedLut4 pack_lut4_bnb_nested(const uint8_t* packed, int64_t rows, int64_t cols, int64_t blocksize,
+                                const uint8_t* absmax_q, const float* code256, const float* nested_absmax,
+                                int64_t nested_block, float offset, const float* code16);
 /// Repacks MindSpore qint4x2 int4 (LOW nibble first, (cols + 1) / 2 bytes a row), groups of
 /// `group` along a row, scale [rows, groups] and, for asymmetric uint4, zero_point [rows, groups]
 /// (value = (q - zp) * scale); symmetric when zero_point is null.
