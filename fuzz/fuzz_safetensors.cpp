@@ -46,12 +46,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   check(file.size() % 8 == 0);
   file.append(reinterpret_cast<const char*>(data) + h.data_start, h.data_size);
-  const SafetensorsHeader h2 =
-      msbnb::io::parse_safetensors_header(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "fuzz2");
+  const SafetensorsHeader h2 = msbnb::io::parse_safetensors_header(
+      reinterpret_cast<const uint8_t*>(file.data()), file.size(), "fuzz2");
   check(h2.metadata == h.metadata && h2.tensors.size() == h.tensors.size() && h2.data_size == h.data_size);
   for (size_t i = 0; i < h.tensors.size(); ++i) {
     const auto &a = h.tensors[i], &b = h2.tensors[i];
-    check(a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.begin == b.begin && a.end == b.end);
+    check(a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.begin == b.begin &&
+          a.end == b.end);
   }
   return 0;
 }

@@ -4,8 +4,10 @@
 // any tensor is made (msbnb/io/safetensors_format.h lists every check). A tensor whose data is
 // aligned for its dtype is a view of the mapping (torch::from_blob), and keeps the mapping
 // alive: the SafetensorsFile may be destroyed before its tensors. Writing into such a tensor
-// changes private pages only, never the file. Misaligned data (a foreign writer that did not
-// pad its header) is copied. BOOL data is checked to be 0 / 1.
+// changes private pages only, never the file; but every get() of that tensor from the same
+// SafetensorsFile (or load_safetensors call) views the same pages: clone() for an independent
+// copy. Misaligned data (a foreign writer that did not pad its header) is copied. BOOL data is
+// checked to be 0 / 1.
 //
 // Every error (malformed file, I/O, bad arguments) is a c10::Error naming the file and, where
 // one is concerned, the tensor: what was expected and what came.
