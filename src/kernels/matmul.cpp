@@ -583,10 +583,11 @@ void unpack_lut4_codes(const Lut4Matrix& w, bool high_first, uint8_t* packed) {
         packed[f / 2] = static_cast<uint8_t>(f % 2 == 0 ? (packed[f / 2] & 0x0f) | (idx << 4)
                                                         : (packed[f / 2] & 0xf0) | idx);
       }
-    // bitsandbytes pads an odd count with the code of 0; it is not in the repacked codes.
+    // bitsandbytes pads an odd count with the code of 0 (the first +0: FP4 has two zeros, and
+    // 0 quantizes to index 0); it is not in the repacked codes.
     if ((w.rows * w.cols) % 2) {
       int zero = 0;
-      for (int i = 0; i < 16; ++i)
+      for (int i = 15; i >= 0; --i)
         if (w.lut[i] == 0.0f && !std::signbit(w.lut[i])) zero = i;
       uint8_t& last = packed[(w.rows * w.cols) / 2];
       last = static_cast<uint8_t>((last & 0xf0) | zero);

@@ -27,7 +27,9 @@ TEST(Formats, NF4AndFP4CodesAsDesign) {
   for (int i = 0; i < 16; ++i) EXPECT_NEAR(msbnb::kernels::kCodeNF4[i], nf4[i], 5e-8) << i;
   for (int i = 0; i < 8; ++i) {
     EXPECT_NEAR(msbnb::kernels::kCodeFP4[i], fp4[i], 5e-8) << i;
-    if (i > 0) EXPECT_EQ(msbnb::kernels::kCodeFP4[i + 8], -msbnb::kernels::kCodeFP4[i]) << i;
+    if (i > 0) {
+      EXPECT_EQ(msbnb::kernels::kCodeFP4[i + 8], -msbnb::kernels::kCodeFP4[i]) << i;
+    }
   }
   // Index 8 is +0, byte for byte bitsandbytes' quant_map (its `-0` is a Python int): a -0 here
   // made our saved quant_map differ from bitsandbytes' (torch::equal cannot see the sign).
