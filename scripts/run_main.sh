@@ -10,3 +10,7 @@ echo
 ./build/release/examples/functional_api
 echo
 ./build/release/examples/quantized_matmul
+echo
+./build/release/examples/model_conversion   # LLaMA 7B / 13B / 70B memory table from measured layers
+echo
+./build/release/examples/fashion_mnist      # a real classifier converted to int8 / int4 / nf4: accuracy
