@@ -1810,7 +1810,9 @@ TEST_P(Matmul, DoubleQuantMatchesDecodedScale) {
     ASSERT_EQ(dq.view.scale, nullptr);
     std::vector<float> absmax(static_cast<size_t>(blocks));
     for (int64_t b = 0; b < blocks; ++b) {
-      const float p = code256[q[b]] * nested[b / 256];
+      // Two roundings, as bitsandbytes: volatile keeps the compiler from fusing them into an FMA
+      // (g++ contracts across statements by default in C++, e.g. for aarch64).
+      volatile float p = code256[q[b]] * nested[b / 256];
       absmax[b] = p + offset;
     }
     const K::PackedLut4 ref =
