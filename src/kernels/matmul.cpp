@@ -355,6 +355,28 @@ std::vector<int64_t> int8_products(const Int8Matrix& w, const uint8_t* xu, int64
 }
 
 // y[i][r] = acc * (absmax_i * scale_r / 127) (+ offset_r * scale_r * sum_j x[i][j]).
+template <class Acc>
+void scale_int8_products(const std::vector<Acc>& acc, const std::vector<float>& absmax, int64_t rows,
+                         const float* scale, const float* offset, const MatmulIO& io, int64_t cols,
+                         std::vector<float>& y) {
+  y.assign(acc.size(), 0.0f);
+  for (int64_t i = 0; i < io.n; ++i) {
+    const float sx = absmax[i] * (1.0f / 127.0f);
+    // A denormal sx would round away up to 2^-149 / sx of itself: scale such rows in double.
+    const bool tiny = absmax[i] < 127.0f * std::numeric_limits<float>::min();
+    float xsum = 0.0f;
+    if (offset)
+      for (int64_t j = 0; j < cols; ++j) xsum += load_elem(io.x, io.x_dtype, i * io.ldx + j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Acc a = acc[i * rows + r];
+      float v = tiny ? static_cast<float>(double(a) * (double(absmax[i]) / 127.0) * scale[r])
+                     : static_cast<float>(a) * (sx * scale[r]);
+      if (offset) v += offset[r] * scale[r] * xsum;
+      y[i * rows + r] = v;
+    }
+  }
+}
+
 void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k, float threshold,
                        const std::vector<int64_t>& skip, std::vector<float>& y) {
   std::vector<uint8_t> xu(static_cast<size_t>(io.n * w.kpad));
@@ -362,22 +384,48 @@ void int8_forward_fast(const Int8Matrix& w, const MatmulIO& io, const KernelTabl
   quantize_rows_biased(io.x, io.x_dtype, io.n, w.cols, io.ldx, threshold, skip, xu.data(), w.kpad,
                        absmax.data(), k);
   const std::vector<int64_t> acc = int8_products(w, xu.data(), io.n, k);
-  y.assign(acc.size(), 0.0f);
-  for (int64_t i = 0; i < io.n; ++i) {
-    const float sx = absmax[i] * (1.0f / 127.0f);
-    // A denormal sx would round away up to 2^-149 / sx of itself: scale such rows in double.
-    const bool tiny = absmax[i] < 127.0f * std::numeric_limits<float>::min();
-    float xsum = 0.0f;
-    if (w.offset)
-      for (int64_t j = 0; j < w.cols; ++j) xsum += load_elem(io.x, io.x_dtype, i * io.ldx + j);
-    for (int64_t r = 0; r < w.rows; ++r) {
-      const int64_t a = acc[i * w.rows + r];
-      float v = tiny ? static_cast<float>(double(a) * (double(absmax[i]) / 127.0) * w.scale[r])
-                     : static_cast<float>(a) * (sx * w.scale[r]);
-      if (w.offset) v += w.offset[r] * w.scale[r] * xsum;
-      y[i * w.rows + r] = v;
-    }
+  scale_int8_products(acc, absmax, w.rows, w.scale, w.offset, io, w.cols, y);
+}
+
+// MatmulPath::int8 for 4-bit weights: the int8-activation GEMV (blocks of q8_block) for up to
+// kGemvMaxRows rows, else every weight row requantized to int8 and the int8 GEMM (lut4_i8).
+void lut4_forward_int8(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k, std::vector<float>& y) {
+  const std::vector<float> x = padded_f32(io, w.cols, w.kpad);
+  y.assign(static_cast<size_t>(io.n * w.rows), 0.0f);
+  const int64_t bs = q8_block(w);
+  if (io.n <= kGemvMaxRows && bs > 0) {
+    Lut4Q8Rows xq;
+    xq.n = io.n;
+    xq.block = bs;
+    xq.kpad = w.kpad;
+    const int64_t pitch = xq.pitch(), nb = xq.blocks();
+    std::vector<int8_t> q(static_cast<size_t>(io.n * pitch));
+    std::vector<float> d(static_cast<size_t>(io.n * nb));
+    std::vector<int32_t> sum(static_cast<size_t>(io.n * nb));
+    for (int64_t i = 0; i < io.n; ++i)
+      k.matmul.quantize_row_q8(x.data() + i * w.kpad, w.kpad, bs, q.data() + i * pitch, d.data() + i * nb,
+                               sum.data() + i * nb);
+    xq.q = q.data();
+    xq.d = d.data();
+    xq.sum = sum.data();
+    lut4_forward(
+        w, &xq, io.n,
+        [&](const Lut4Matrix& v, const Lut4Q8Rows* a, int64_t, int64_t, int64_t r0, int64_t r1, float* out,
+            int64_t ldy) { k.matmul.lut4_q8(v, *a, r0, r1, out, ldy); },
+        y.data(), k);
+    return;
   }
+  std::vector<uint8_t> xu(static_cast<size_t>(io.n * w.kpad));
+  std::vector<float> absmax(static_cast<size_t>(io.n)), wscale(static_cast<size_t>(w.rows));
+  quantize_rows_biased(x.data(), DType::f32, io.n, w.cols, w.kpad, 0.0f, {}, xu.data(), w.kpad, absmax.data(),
+                       k);
+  std::vector<float> stats;  // double-quantized statistics, decoded
+  const Lut4Matrix wd = decoded(w, stats, k);
+  std::vector<int32_t> acc(static_cast<size_t>(io.n * w.rows));
+  parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {
+    k.matmul.lut4_i8(wd, xu.data(), io.n, w.kpad, r0, r1, acc.data(), w.rows, wscale.data());
+  });
+  scale_int8_products(acc, absmax, w.rows, wscale.data(), nullptr, io, w.cols, y);
 }
 
 }  // namespace
@@ -697,6 +745,11 @@ void unpack_int8_codes(const Int8Matrix& w, int8_t* q) {
     std::memcpy(q + r * w.cols, w.codes + r * w.kpad, static_cast<size_t>(w.cols));
 }
 
+int64_t q8_block(const Lut4Matrix& w) {
+  if (w.group <= 0 || w.row_stride % w.group != 0) return 0;
+  return w.group % 128 == 0 ? 128 : w.group % 64 == 0 ? 64 : 0;
+}
+
 MatmulPath resolve_path(MatmulPath path, int64_t n) {
   // automatic is exact for every batch size: the fast paths change the class of error (bf16
   // operands, int8 activations without outlier handling), so they are only taken when asked.
@@ -735,9 +788,17 @@ void matmul(const Lut4Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   check_weight("matmul", w);
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
+  const MatmulPath resolved = resolve_path(path, io.n);
+  // The int32 products of the int8 GEMM are exact up to 2^17 columns; longer rows (and layouts
+  // without an int8 GEMV) take the exact path.
+  if (resolved == MatmulPath::int8 && w.kpad <= kInt8MaxK) {
+    std::vector<float> y;
+    lut4_forward_int8(w, io, k, y);
+    return store_rows(y.data(), w.rows, w.rows, io);
+  }
   // Up to kGemvMaxRows rows the exact GEMV is also the fastest 4-bit path (decode-bound either
   // way), so fast only changes larger batches.
-  if (resolve_path(path, io.n) == MatmulPath::exact || io.n <= kGemvMaxRows) {
+  if (resolved != MatmulPath::fast || io.n <= kGemvMaxRows) {
     const std::vector<float> x = padded_f32(io, w.cols, w.kpad);
     std::vector<float> y(static_cast<size_t>(io.n * w.rows));
     lut4_forward(w, x.data(), io.n, k.matmul.lut4_f32, y.data(), k);
@@ -762,6 +823,7 @@ void matmul(const Int8Matrix& w, const MatmulIO& io, MatmulPath path, const Kern
   check_weight("matmul", w);
   check_io("matmul", io, w.cols, w.rows);
   if (io.n == 0 || w.rows == 0) return;
+  // int8 weights: the int8 path is the fast one.
   if (resolve_path(path, io.n) == MatmulPath::exact) return forward_exact(w, io, k.matmul.int8_f32);
   std::vector<float> y;
   int8_forward_fast(w, io, k, 0.0f, {}, y);

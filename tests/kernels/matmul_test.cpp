@@ -456,7 +456,10 @@ struct RunSpec {
 };
 
 const char* path_name(MatmulPath p) {
-  return p == MatmulPath::exact ? "exact" : p == MatmulPath::fast ? "fast" : "automatic";
+  return p == MatmulPath::exact  ? "exact"
+         : p == MatmulPath::fast ? "fast"
+         : p == MatmulPath::int8 ? "int8"
+                                 : "automatic";
 }
 
 std::string describe(const Weight& w, int64_t n, const RunSpec& run) {
@@ -945,7 +948,7 @@ TEST_P(Matmul, ThreadCountInvariance) {
       const Acts x = make_acts(gaussian(n * cols, seed++), n, cols, cols, DType::f32);
       const DotRef ref = forward_ref(x, w.deq, rows, cols, rows);
       const DotRef refb = forward_ref(x, w.deq, rows, cols, rows, true);
-      for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+      for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast, MatmulPath::int8}) {
         Out y[2] = {make_out(DType::f32, n, rows), make_out(DType::f32, n, rows)};
         for (int t = 0; t < 2; ++t) {
           ThreadScope threads(t + 1);
@@ -953,7 +956,7 @@ TEST_P(Matmul, ThreadCountInvariance) {
         }
         const std::string ctx =
             w.name() + " n=" + std::to_string(n) + " " + path_name(path) + " 1 vs 2 threads";
-        if (path == MatmulPath::fast && w.is_int8()) {
+        if ((path == MatmulPath::fast && w.is_int8()) || path == MatmulPath::int8) {
           expect_same_bits(ctx, y[0], y[1]);
           continue;
         }
@@ -1822,7 +1825,7 @@ TEST_P(Matmul, DoubleQuantMatchesDecodedScale) {
     for (int threads : {1, 3}) {
       ThreadScope ts(threads);
       for (int64_t n : {1, 3, 9, 33})
-        for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast}) {
+        for (MatmulPath path : {MatmulPath::exact, MatmulPath::fast, MatmulPath::int8}) {
           const std::vector<float> x = gaussian(n * s.cols, seed++);
           std::vector<float> y1(static_cast<size_t>(n * s.rows)), y2(y1.size());
           MatmulIO io;
@@ -1885,6 +1888,297 @@ TEST(MatmulArgs, BadNestedScale) {
     K::pack_lut4_bnb_nested(packed.data(), 17, 128, 64, q.data(), code.data(), nested.data(), 0, 0.0f,
                             K::kCodeNF4);
   });
+}
+
+// ---- 5. MatmulPath::int8 for 4-bit weights -------------------------------------------------------
+//
+// GEMV (n <= kGemvMaxRows; kernels.def lut4_q8). Block a of an activation row has m = max |x|,
+// d = fl(m / 127), q = rne(x fl(127 / m)), so |q d - x| <= m / 254 (1 + u) + 3.0001 u |x| (the
+// fast int8 path's argument). The weight is taken as w^ = (T - zp) f s, T and f the int8 table
+// (integral tables as they are, f = 1; nf4 / fp4, max |lut| = 1: T = rne(127 lut), f = 1 / 127),
+// and the test adds the exact |w^ - w| of every weight. Rounding: each block's int32 sum is
+// exact; times sc = fl(s fl(f d)) (the same two roundings in the test's ideal value) and summed
+// in float, every term sees at most nb + 8 roundings (nb blocks, the lane tree, the zero-point
+// term, the last add) of lane values bounded by sum_j (T_j + 128) |q_j| + 128 |sum q| (AVX-512
+// adds 128 to T and takes it out per block; AVX2 multiplies signed values, which is less).
+// Against sum_j q d w^ the rounding of sc adds 3u sum |q d w^|.
+// GEMM (more rows, or layouts without a GEMV; lut4_i8): activations per row as the fast int8
+// path, weights requantized per row: |w8 ws - w| <= m_r / 254 (1 + u) + 3.0001 u |w| with
+// m_r = max_j |w_rj|; y = fl(acc) fl(fl(a fl(1/127)) ws): 6u of |acc| a ws / 127.
+
+struct Q8Expect {
+  std::vector<double> ideal, round_tol, total_tol;
+};
+
+// The int8 table a test expects for w (see above).
+void q8_table_of(const Weight& w, int8_t (&t)[16], float& f) {
+  const bool lut = w.fmt == WFormat::nf4 || w.fmt == WFormat::fp4;
+  for (int i = 0; i < 16; ++i)
+    t[i] = static_cast<int8_t>(lut ? std::nearbyint(w.p4.view.lut[i] * 127.0f) : w.p4.view.lut[i]);
+  f = lut ? 1.0f / 127.0f : 1.0f;
+}
+
+// Row i of x quantized in blocks of bs (the definition in matmul.h's Lut4Q8Rows).
+struct Q8Row {
+  std::vector<int32_t> q;
+  std::vector<float> d, m;
+  std::vector<int64_t> sum;
+};
+Q8Row q8_quantize(const Acts& x, int64_t i, int64_t kpad, int64_t bs) {
+  Q8Row o;
+  o.q.assign(sz(kpad), 0);
+  for (int64_t a = 0; a < kpad / bs; ++a) {
+    float m = 0.0f;
+    for (int64_t j = a * bs; j < (a + 1) * bs && j < x.cols; ++j) {
+      const float v = x.at(i, j);
+      if (std::isnan(v) || std::isnan(m))
+        m = std::numeric_limits<float>::quiet_NaN();
+      else
+        m = std::max(m, std::fabs(v));
+    }
+    o.m.push_back(m);
+    o.d.push_back(m / 127.0f);
+    int64_t s = 0;
+    if (m > 0.0f && std::isfinite(m)) {
+      const float inv = 127.0f / m;
+      for (int64_t j = a * bs; j < (a + 1) * bs && j < x.cols; ++j) {
+        const double v = std::isfinite(inv) ? double(x.at(i, j) * inv) : double(x.at(i, j)) * (127.0 / m);
+        o.q[sz(j)] = static_cast<int32_t>(std::nearbyint(v));
+        s += o.q[sz(j)];
+      }
+    }
+    o.sum.push_back(s);
+  }
+  return o;
+}
+
+Q8Expect q8_expect(const Weight& w, const Acts& x, int64_t ld) {
+  const Lut4Matrix& v = w.p4.view;
+  const int64_t bs = K::q8_block(v), nb = v.kpad / bs;
+  int8_t t[16];
+  float f;
+  q8_table_of(w, t, f);
+  Q8Expect e;
+  e.ideal.assign(sz(x.n * ld), 0.0);
+  e.round_tol = e.total_tol = e.ideal;
+  for (int64_t i = 0; i < x.n; ++i) {
+    const Q8Row xq = q8_quantize(x, i, v.kpad, bs);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      const uint8_t* codes = v.codes + r * (v.kpad / 2);
+      double ideal = 0.0, mag = 0.0, quant = 0.0, prod = 0.0;
+      for (int64_t a = 0; a < nb && a * bs < v.row_stride; ++a) {
+        const int64_t seg = (r * v.row_stride + a * bs) / v.group;
+        const float s = v.scale[seg], zp = v.zero_point ? v.zero_point[seg] : 0.0f;
+        const float sc = s * (f * xq.d[sz(a)]);
+        int64_t dot = 0, lanes = 0;
+        double qw = 0.0;
+        for (int64_t j = a * bs; j < (a + 1) * bs; ++j) {
+          const int idx = K::lut4_index(codes, j);
+          const int64_t q = xq.q[sz(j)];
+          dot += int64_t{t[idx]} * q;
+          lanes += (int64_t{t[idx]} + 128) * std::llabs(q);
+          qw += std::fabs(double(t[idx]) - zp) * std::llabs(q);
+          if (j >= w.cols) continue;
+          const double xv = x.at(i, j), wv = w.deq[sz(r * w.cols + j)];
+          const double what = (double(t[idx]) - zp) * f * s;
+          quant += (xq.m[sz(a)] / 254.0 * (1 + kU) + 3.0001 * kU * std::fabs(xv)) * std::fabs(what) +
+                   std::fabs(xv) * std::fabs(what - wv);
+        }
+        const double sum = double(xq.sum[sz(a)]);
+        ideal += double(sc) * (double(dot) - double(zp) * sum);
+        mag += std::fabs(sc) * (double(lanes) + 128 * std::fabs(sum) + std::fabs(zp * sum));
+        prod += std::fabs(sc) * qw;
+      }
+      const size_t at = sz(i * ld + r);
+      e.ideal[at] = ideal;
+      e.round_tol[at] = (double(nb) + 8) * (kU * mag + kDenorm) + kU * std::fabs(ideal);
+      e.total_tol[at] = quant + e.round_tol[at] + 3 * kU * prod;
+    }
+  }
+  return e;
+}
+
+// The GEMM's bound against the exact product (see above), no bias.
+std::vector<double> i8_gemm_bound(const Weight& w, const Acts& x, int64_t ld) {
+  std::vector<double> tol(sz(x.n * ld), 0.0), wm(sz(w.rows), 0.0);
+  for (int64_t r = 0; r < w.rows; ++r)
+    for (int64_t j = 0; j < w.cols; ++j)
+      wm[sz(r)] = std::max<double>(wm[sz(r)], std::fabs(w.deq[sz(r * w.cols + j)]));
+  for (int64_t i = 0; i < x.n; ++i) {
+    double a = 0.0;
+    for (int64_t j = 0; j < w.cols; ++j) a = std::max<double>(a, std::fabs(x.at(i, j)));
+    for (int64_t r = 0; r < w.rows; ++r) {
+      double b = 0.0, p = 0.0;
+      for (int64_t j = 0; j < w.cols; ++j) {
+        const double xv = std::fabs(x.at(i, j)), wv = std::fabs(w.deq[sz(r * w.cols + j)]);
+        const double ex = a / 254 * (1 + kU) + 3.0001 * kU * xv,
+                     ew = wm[sz(r)] / 254 * (1 + kU) + 3.0001 * kU * wv;
+        b += ex * (wv + ew) + xv * ew;
+        p += (xv + ex) * (wv + ew);
+      }
+      tol[sz(i * ld + r)] = b + 6 * kU * p + (double(w.cols) + 4) * kDenorm;
+    }
+  }
+  return tol;
+}
+
+const WCase kQ8Cases[] = {
+    {WFormat::nf4, 67, 640, 64},        {WFormat::nf4, 33, 384, 128},      {WFormat::fp4, 17, 256, 64},
+    {WFormat::int4_sym, 29, 300, 128},  {WFormat::int4_asym, 19, 200, 64}, {WFormat::int4_sym, 21, 512, 256},
+    {WFormat::int4_asym, 23, 448, 192}, {WFormat::nf4, 17, 100, 64},       {WFormat::int4_sym, 13, 130, 24},
+};
+
+// quantize_row_q8 bit for bit against the scalar reference, and against the definition.
+TEST_P(Matmul, Int8PathQuantizeRowMatchesReference) {
+  uint32_t seed = 501;
+  for (int64_t bs : {64, 128})
+    for (int64_t kpad : {128, 256, 640}) {
+      const int64_t nb = kpad / bs, pitch = kpad * 128 / bs;
+      for (int fill = 0; fill < 6; ++fill) {
+        std::vector<float> x = gaussian(kpad, seed++, fill == 1 ? 1e30f : fill == 2 ? 1e-30f : 1.0f);
+        if (fill == 3) std::fill(x.begin(), x.begin() + bs, 0.0f);  // a zero block
+        if (fill == 4) x[sz((bs + 3) % kpad)] = std::numeric_limits<float>::quiet_NaN();
+        if (fill == 5) x[sz(kpad - 1)] = -std::numeric_limits<float>::infinity();
+        if (fill == 2) x[0] = 1e-38f, std::fill(x.begin() + 1, x.begin() + bs, 0.0f);  // 127 / m overflows
+        std::vector<int8_t> q1(sz(pitch), 99), q2(sz(pitch), 98);
+        std::vector<float> d1(sz(nb)), d2(sz(nb));
+        std::vector<int32_t> s1(sz(nb)), s2(sz(nb));
+        scalar_table().matmul.quantize_row_q8(x.data(), kpad, bs, q1.data(), d1.data(), s1.data());
+        kt().matmul.quantize_row_q8(x.data(), kpad, bs, q2.data(), d2.data(), s2.data());
+        const std::string ctx =
+            "block " + std::to_string(bs) + " kpad " + std::to_string(kpad) + " fill " + std::to_string(fill);
+        EXPECT_EQ(q1, q2) << ctx;
+        EXPECT_EQ(s1, s2) << ctx;
+        for (int64_t a = 0; a < nb; ++a)
+          EXPECT_TRUE(bits_of(d1[sz(a)]) == bits_of(d2[sz(a)]) ||
+                      (std::isnan(d1[sz(a)]) && std::isnan(d2[sz(a)])))
+              << ctx << " d[" << a << "] " << d1[sz(a)] << " vs " << d2[sz(a)];
+        // The definition, column by column (the layout of matmul.h).
+        const Acts xa = make_acts(x, 1, kpad, kpad, DType::f32);
+        const Q8Row ref = q8_quantize(xa, 0, kpad, bs);
+        for (int64_t j = 0; j < kpad; ++j) {
+          const int64_t c = j / 128, e = j % 128, sblk = e / 32, h = (e % 32) / 16, tt = e % 16;
+          const int64_t at = bs == 128 ? c * 128 + 64 * h + 4 * tt + sblk
+                                       : c * 256 + 128 * (sblk / 2) + 64 * h + 4 * tt + sblk;
+          ASSERT_EQ(int32_t{q2[sz(at)]}, ref.q[sz(j)]) << ctx << " column " << j;
+        }
+        for (int64_t a = 0; a < nb; ++a)
+          EXPECT_EQ(int64_t{s2[sz(a)]}, ref.sum[sz(a)]) << ctx << " block " << a;
+        // Every byte not holding a column of its block is 0 (block 64: the other half's bytes).
+        int64_t nonzero = 0;
+        for (int8_t b : q2) nonzero += b != 0;
+        int64_t expect = 0;
+        for (int32_t v : ref.q) expect += v != 0;
+        EXPECT_EQ(nonzero, expect) << ctx;
+      }
+    }
+}
+
+// The raw lut4_q8 entry against its definition, over row ranges and every n <= kGemvMaxRows.
+TEST_P(Matmul, Int8PathGemvMatchesDefinition) {
+  if (!kt().matmul.lut4_q8) GTEST_SKIP() << "no lut4_q8 entry";
+  uint32_t seed = 601;
+  for (const WCase& wc : kQ8Cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const Lut4Matrix& v = w.p4.view;
+    const int64_t bs = K::q8_block(v);
+    if (bs == 0) continue;
+    const int64_t kpad = v.kpad, ldy = w.rows + 3;
+    for (int64_t n : {1, 2, 3, 5, 8}) {
+      std::vector<float> xv = gaussian(n * w.cols, seed++);
+      if (n > 2) std::fill(xv.begin() + w.cols, xv.begin() + 2 * w.cols, 0.0f);  // a zero row
+      const Acts x = make_acts(xv, n, w.cols, w.cols, DType::f32);
+      K::Lut4Q8Rows xq;
+      xq.n = n;
+      xq.block = bs;
+      xq.kpad = kpad;
+      std::vector<int8_t> q(sz(n * xq.pitch()));
+      std::vector<float> d(sz(n * xq.blocks())), xpad(sz(kpad));
+      std::vector<int32_t> sum(sz(n * xq.blocks()));
+      for (int64_t i = 0; i < n; ++i) {
+        std::fill(xpad.begin(), xpad.end(), 0.0f);
+        std::copy(xv.begin() + i * w.cols, xv.begin() + (i + 1) * w.cols, xpad.begin());
+        kt().matmul.quantize_row_q8(xpad.data(), kpad, bs, q.data() + i * xq.pitch(),
+                                    d.data() + i * xq.blocks(), sum.data() + i * xq.blocks());
+      }
+      xq.q = q.data();
+      xq.d = d.data();
+      xq.sum = sum.data();
+      const Q8Expect e = q8_expect(w, x, ldy);
+      for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, w.rows}, {1, 2}, {w.rows - 5, w.rows}}) {
+        Out y = make_out(DType::f32, n, ldy);
+        kt().matmul.lut4_q8(v, xq, r0, r1, y.f32.data(), ldy);
+        std::ostringstream ctx;
+        ctx << w.name() << " n=" << n << " rows [" << r0 << ", " << r1 << ") lut4_q8";
+        expect_within(ctx.str(), y, e.ideal, e.round_tol, r0, r1);
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
+// The driver's int8 path against the exact product: GEMV and GEMM, odd shapes, tiny and huge
+// activations, layouts without a GEMV; lut4_i8 bit for bit against the scalar reference.
+TEST_P(Matmul, Int8PathErrorBound) {
+  uint32_t seed = 701;
+  for (const WCase& wc : kQ8Cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const bool gemv_layout = K::q8_block(w.p4.view) > 0;
+    for (int64_t n : {1, 3, 8, 9, 33})
+      for (float amp : {1.0f, 1e-30f, 1e30f}) {
+        const Acts x = make_acts(gaussian(n * w.cols, seed++, amp), n, w.cols, w.cols + 1, DType::f32);
+        const DotRef ref = forward_ref(x, w.deq, w.rows, w.cols, w.rows);
+        Out y = make_out(DType::f32, n, w.rows);
+        call_matmul(w, make_io(x, y, nullptr), MatmulPath::int8, kt());
+        const bool gemv = gemv_layout && n <= K::kGemvMaxRows;
+        const std::vector<double> tol =
+            gemv ? q8_expect(w, x, w.rows).total_tol : i8_gemm_bound(w, x, w.rows);
+        std::ostringstream ctx;
+        ctx << w.name() << " n=" << n << " amp=" << amp << (gemv ? " int8 GEMV" : " int8 GEMM");
+        expect_within(ctx.str(), y, ref.y, tol, 0, w.rows);
+        if (HasFailure()) return;
+      }
+    // lut4_i8 against the scalar reference, bit for bit (acc and the row scales).
+    if (!kt().matmul.lut4_i8) continue;
+    const int64_t kpad = w.p4.view.kpad, n = 6;
+    std::vector<uint8_t> xu(sz(n * kpad));
+    std::mt19937 rng(seed++);
+    for (uint8_t& b : xu) b = static_cast<uint8_t>(1 + rng() % 255);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = w.cols; j < kpad; ++j) xu[sz(i * kpad + j)] = 128;
+    std::vector<int32_t> a1(sz(n * w.rows), 7), a2 = a1;
+    std::vector<float> s1(sz(w.rows), 7.0f), s2 = s1;
+    scalar_table().matmul.lut4_i8(w.p4.view, xu.data(), n, kpad, 0, w.rows, a1.data(), w.rows, s1.data());
+    kt().matmul.lut4_i8(w.p4.view, xu.data(), n, kpad, 0, w.rows, a2.data(), w.rows, s2.data());
+    EXPECT_EQ(a1, a2) << w.name() << " lut4_i8 acc";
+    for (int64_t r = 0; r < w.rows; ++r)
+      EXPECT_EQ(bits_of(s1[sz(r)]), bits_of(s2[sz(r)])) << w.name() << " wscale " << r;
+  }
+}
+
+// NaN or Inf in an activation row: that row's outputs are NaN on the int8 path (GEMV and GEMM),
+// the other rows exactly as without it.
+TEST_P(Matmul, Int8PathNonFiniteActivations) {
+  const Weight w = make_weight(WFormat::nf4, 37, 512, 64, 801);
+  for (int64_t n : {4, 12}) {
+    std::vector<float> xv = gaussian(n * w.cols, 802);
+    std::vector<float> bad = xv;
+    bad[sz(1 * w.cols + 77)] = std::numeric_limits<float>::quiet_NaN();
+    bad[sz(2 * w.cols + 300)] = std::numeric_limits<float>::infinity();
+    Out y0 = make_out(DType::f32, n, w.rows), y1 = make_out(DType::f32, n, w.rows);
+    call_matmul(w, make_io(make_acts(xv, n, w.cols, w.cols, DType::f32), y0, nullptr), MatmulPath::int8,
+                kt());
+    call_matmul(w, make_io(make_acts(bad, n, w.cols, w.cols, DType::f32), y1, nullptr), MatmulPath::int8,
+                kt());
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = 0; r < w.rows; ++r) {
+        if (i == 1 || i == 2)
+          ASSERT_TRUE(std::isnan(y1.at(i, r)))
+              << "n=" << n << " row " << i << " col " << r << ": " << y1.at(i, r);
+        else
+          ASSERT_EQ(y0.raw(i, r), y1.raw(i, r)) << "n=" << n << " row " << i << " col " << r;
+      }
+  }
 }
 
 }  // namespace

@@ -26,6 +26,13 @@
 //          fast): weights and activations rounded to bf16, products summed in fp32;
 //          error <= (2^-7 + 2^-16) sum |x w| per output (two roundings of at most 2^-8),
 //          typically about 0.23 % relative.
+//   int8   int8 activations for every format. 4-bit weights, n <= kGemvMaxRows: activations
+//          quantized per block of 64 or 128 columns (Lut4Q8Rows), each 4-bit code turned into
+//          an int8 by a 16-entry byte table (integral tables as they are, nf4 / fp4 as
+//          rne(127 lut / max|lut|)), exact int32 dot products per block, one scale multiply per
+//          block. More rows: each weight row requantized to int8 per row (rne(v * 127 / max|v|)
+//          of the dequantized values v) and the int8 GEMM of the fast int8 path, activations
+//          per row (lut4_i8). int8 weights: the same as fast. Errors: docs/matmul.md.
 //   auto   exact for every n: the fast paths change the class of error (bf16 operands; int8
 //          activations without outlier handling lose 10-15 % on rows with an LLM outlier
 //          feature), so they are opt-in; LLM.int8() with a threshold is matmul_llm_int8.
@@ -183,9 +190,31 @@ PackedInt8 pack_int8(const int8_t* q, int64_t rows, int64_t cols, const float* s
 /// The inverse of pack_int8 for the codes.
 void unpack_int8_codes(const Int8Matrix& w, int8_t* q);
 
-enum class MatmulPath : uint8_t { automatic, exact, fast };
+enum class MatmulPath : uint8_t { automatic, exact, fast, int8 };
 /// The path `path` resolves to for a batch of n rows.
 MatmulPath resolve_path(MatmulPath path, int64_t n);
+
+/// Activations of the int8-activation 4-bit GEMV (MatmulPath::int8, kernel lut4_q8), made by
+/// quantize_row_q8 from rows of kpad floats (zero tail): block a of `block` (64 or 128) columns
+/// of row i holds q = rne(x * fl(127 / m)) with m = max |x| over the block, d[a] = fl(m / 127)
+/// (m = 0: q = 0, d = 0; m Inf or NaN: q = 0, d = m / 127, so the row's outputs are NaN) and
+/// sum[a] = the sum of its q. In each 128-column chunk the codes lie in the order of the weight
+/// codes' nibbles (matmul.h's Lut4Matrix layout): plane 0 byte 4t + s = column 32s + t, plane 1
+/// byte 4t + s = column 32s + 16 + t. block 128: the chunk is [plane 0, plane 1] (128 bytes);
+/// block 64: [plane 0, plane 1] with only the bytes of block 2c (s < 2) kept, the others 0, then
+/// the same for block 2c + 1 (s >= 2): 256 bytes, so an int32 lane of a dot product never mixes
+/// two blocks.
+struct Lut4Q8Rows {
+  const int8_t* q = nullptr;     // [n][pitch], pitch = kpad * 128 / block bytes
+  const float* d = nullptr;      // [n][kpad / block]
+  const int32_t* sum = nullptr;  // [n][kpad / block]
+  int64_t n = 0, block = 0, kpad = 0;
+  int64_t pitch() const { return block > 0 ? kpad * 128 / block : 0; }
+  int64_t blocks() const { return block > 0 ? kpad / block : 0; }
+};
+/// The activation block of the int8 GEMV for a weight: 128 if its groups are multiples of 128,
+/// 64 if of 64, else 0 (that layout has no int8 GEMV; the driver takes lut4_i8 for every n).
+int64_t q8_block(const Lut4Matrix& w);
 
 /// Activations and outputs: row-major, row i of x at x + i * ldx elements (ldx >= cols), row i of
 /// y at y + i * ldy (ldy >= rows); dtype f32 or bf16.

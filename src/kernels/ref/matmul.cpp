@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/isa_kernels.h"
+#include "kernels/q8.h"
 #include "kernels/scalar_math.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
@@ -91,6 +92,21 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
     const int8_t* q = w.codes + r * w.kpad;
     for (int64_t i = 0; i < n; ++i) {
       int64_t sum = 0;  // fits int32 for k <= 2^17 (the driver's chunks); no signed overflow inside
+      for (int64_t j = 0; j < w.kpad; ++j) sum += (static_cast<int32_t>(xu[i * ldx + j]) - 128) * q[j];
+      acc[i * ldy + r] = static_cast<int32_t>(sum);
+    }
+  }
+}
+
+void lut4_i8(const Lut4Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+             int32_t* acc, int64_t ldy, float* wscale) {
+  std::vector<float> v(w.kpad);
+  std::vector<int8_t> q(w.kpad);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode_lut4_row(w, r, v.data());
+    wscale[r] = requantize_row_i8(v.data(), w.kpad, q.data());
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t sum = 0;
       for (int64_t j = 0; j < w.kpad; ++j) sum += (static_cast<int32_t>(xu[i * ldx + j]) - 128) * q[j];
       acc[i * ldy + r] = static_cast<int32_t>(sum);
     }

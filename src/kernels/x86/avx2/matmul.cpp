@@ -22,10 +22,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
 #include "kernels/gemm_blocking.h"
+#include "kernels/q8.h"
 #include "kernels/x86/avx2/simd.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
@@ -290,6 +292,49 @@ struct I8Dot {
   static Out reduce(Vec a) { return hsum_epi32(a); }
 };
 
+// Activation rows xu - 128 widened to int16 (I16Dot's X), nr rows at a time into buf.
+struct Int16Rows {
+  const uint8_t* xu;
+  int64_t ldx, kpad;
+  int16_t* buf;
+  std::pair<const int16_t*, int64_t> operator()(int64_t i, int nr) const {
+    for (int k = 0; k < nr; ++k) {
+      const uint8_t* src = xu + (i + k) * ldx;
+      int16_t* dst = buf + k * kpad;
+      for (int64_t j = 0; j < kpad; j += 16) {
+        const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)),
+                                        _mm_set1_epi8(static_cast<char>(0x80)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_cvtepi8_epi16(v));
+      }
+    }
+    return {buf, kpad};
+  }
+};
+
+// A decoded row requantized to int8 (q8.h's requantize_row_i8, bit for bit).
+inline float requantize_row(const float* v, int64_t kpad, int8_t* q) {
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t j = 0; j < kpad; j += 8)
+    m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)),
+                                             _mm256_set1_epi32(0x7fffffff)));
+  alignas(32) uint32_t l[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), m);
+  const uint32_t bits = *std::max_element(l, l + 8);
+  float mx;
+  std::memcpy(&mx, &bits, 4);
+  if (!(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(127.0f / mx)) return requantize_row_i8(v, kpad, q);
+  const __m256 inv = _mm256_set1_ps(127.0f / mx);
+  for (int64_t j = 0; j < kpad; j += 16) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + j + 8), inv));
+    // packs: 16 int16 in lane order a0-3 b0-3 a4-7 b4-7; then to bytes and back in order.
+    const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);
+    const __m128i w8 = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), w8);
+  }
+  return mx / 127.0f;
+}
+
 // The same on int16 copies of both operands.
 struct I16Dot {
   using X = int16_t;
@@ -419,24 +464,34 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
                               [](int64_t, int64_t) {});
   const int64_t kpad = w.kpad;
   std::vector<int16_t> xbuf(static_cast<size_t>(I16Dot::kNR * kpad));
-  const auto xtile = [&](int64_t i, int nr) {
-    for (int k = 0; k < nr; ++k) {
-      const uint8_t* src = xu + (i + k) * ldx;
-      int16_t* dst = xbuf.data() + k * kpad;
-      for (int64_t j = 0; j < kpad; j += 16) {
-        const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)),
-                                        _mm_set1_epi8(static_cast<char>(0x80)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_cvtepi8_epi16(v));
-      }
-    }
-    return std::pair<const int16_t*, int64_t>{xbuf.data(), kpad};
-  };
-  decoded_gemm<I16Dot>(kpad, n, xtile, r0, r1, acc, ldy, [&](int64_t r, int16_t* dst) {
-    const int8_t* src = w.codes + r * kpad;
-    for (int64_t j = 0; j < kpad; j += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                          _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(src + j))));
-  });
+  decoded_gemm<I16Dot>(
+      kpad, n, Int16Rows{xu, ldx, kpad, xbuf.data()}, r0, r1, acc, ldy, [&](int64_t r, int16_t* dst) {
+        const int8_t* src = w.codes + r * kpad;
+        for (int64_t j = 0; j < kpad; j += 16)
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(dst + j),
+              _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(src + j))));
+      });
+}
+
+void lut4_i8(const Lut4Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+             int32_t* acc, int64_t ldy, float* wscale) {
+  if (!w.simd_friendly()) return scalar::lut4_i8(w, xu, n, ldx, r0, r1, acc, ldy, wscale);
+  const int64_t kpad = w.kpad;
+  std::vector<int16_t> xbuf(static_cast<size_t>(I16Dot::kNR * kpad));
+  std::vector<float> v(static_cast<size_t>(kpad));
+  std::vector<int8_t> q(static_cast<size_t>(kpad));
+  // The activations are taken as xu - 128 here, so no correction follows.
+  decoded_gemm<I16Dot>(
+      kpad, n, Int16Rows{xu, ldx, kpad, xbuf.data()}, r0, r1, acc, ldy, [&](int64_t r, int16_t* dst) {
+        decode_lut4_row_f32(w, r, v.data());
+        std::fill(v.begin() + w.cols, v.end(), 0.0f);
+        wscale[r] = requantize_row(v.data(), kpad, q.data());
+        for (int64_t j = 0; j < kpad; j += 16)
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(dst + j),
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q.data() + j))));
+      });
 }
 
 void lut4_t_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t c0, int64_t c1,

@@ -10,9 +10,12 @@
 // used as stored), then tiles of up to 4 activation rows x 4 weight rows accumulate dot
 // products over the whole row (vfmadd / vdpbf16ps / vpdpbusd), reduced once per tile.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/gemm_blocking.h"
+#include "kernels/q8.h"
 #include "kernels/x86/avx512/simd.h"
 
 namespace msbnb::kernels::MSBNB_ISA_NS {
@@ -115,6 +118,32 @@ inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + j))));
     _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_add_ps(v, off), s));
   }
+}
+
+// A decoded row requantized to int8 (q8.h's requantize_row_i8, bit for bit); `sum` gets the sum
+// of its codes.
+inline float requantize_row(const float* v, int64_t kpad, int8_t* q, int32_t& sum) {
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t j = 0; j < kpad; j += 16)
+    m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(v + j), _mm512_set1_epi32(0x7fffffff)));
+  const uint32_t bits = static_cast<uint32_t>(_mm512_reduce_max_epu32(m));
+  float mx;
+  std::memcpy(&mx, &bits, 4);
+  if (!(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(127.0f / mx)) {
+    const float s = requantize_row_i8(v, kpad, q);
+    sum = 0;
+    for (int64_t j = 0; j < kpad; ++j) sum += q[j];
+    return s;
+  }
+  const __m512 inv = _mm512_set1_ps(127.0f / mx);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t j = 0; j < kpad; j += 16) {
+    const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + j), inv));
+    acc = _mm512_add_epi32(acc, c);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtepi32_epi8(c));
+  }
+  sum = _mm512_reduce_add_epi32(acc);
+  return mx / 127.0f;
 }
 
 // ---- GEMV: decode in registers -------------------------------------------------------------------
@@ -413,6 +442,25 @@ void int8_i8(const Int8Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
             acc[i * ldy + b + m] = static_cast<int32_t>(static_cast<uint32_t>(acc[i * ldy + b + m]) -
                                                         128u * static_cast<uint32_t>(w.row_sum[b + m]));
       });
+}
+#endif
+
+#if defined(__AVX512VNNI__)
+void lut4_i8(const Lut4Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int64_t r0, int64_t r1,
+             int32_t* acc, int64_t ldy, float* wscale) {
+  if (!w.simd_friendly()) return scalar::lut4_i8(w, xu, n, ldx, r0, r1, acc, ldy, wscale);
+  std::vector<float> v(static_cast<size_t>(w.kpad));
+  std::vector<int32_t> sums(static_cast<size_t>(r1 - r0));
+  decoded_gemm<I8Dot>(w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy, [&](int64_t r, int8_t* out) {
+    decode_lut4_row_f32(w, r, v.data());
+    std::fill(v.begin() + w.cols, v.end(), 0.0f);
+    wscale[r] = requantize_row(v.data(), w.kpad, out, sums[r - r0]);
+  });
+  // sum (xu - 128) w8 = sum xu w8 - 128 sum w8, in uint32 (the biased sum may wrap).
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = r0; r < r1; ++r)
+      acc[i * ldy + r] = static_cast<int32_t>(static_cast<uint32_t>(acc[i * ldy + r]) -
+                                              128u * static_cast<uint32_t>(sums[r - r0]));
 }
 #endif
 

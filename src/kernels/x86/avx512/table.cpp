@@ -3,6 +3,8 @@
 // them from the tier below: avx512's int8_i8 is avx2's).
 #if !defined(__AVX512VNNI__)
 #define MSBNB_LACKS_int8_i8 MSBNB_LACKS
+#define MSBNB_LACKS_lut4_i8 MSBNB_LACKS
+#define MSBNB_LACKS_lut4_q8 MSBNB_LACKS
 #endif
 #if !defined(__AVX512BF16__)
 #define MSBNB_LACKS_lut4_bf16 MSBNB_LACKS
