@@ -3,7 +3,7 @@
 //
 //   msbnb_bench_matmul [--quick] [--shapes=4096x4096,11008x4096] [--n=1,16] [--threads=1,2]
 //                      [--formats=nf4,int8_sym,llm_int8] [--isa=active|scalar|avx2|avx512|all]
-//                      [--paths=exact,fast] [--ops=matmul,matmul_transposed,matmul_llm_int8,
+//                      [--paths=exact,fast,int8] [--ops=matmul,matmul_transposed,matmul_llm_int8,
 //                      torch_linear,torch_mv] [--min-bytes=1G] [--case-seconds=1.0] [--no-torch]
 //                      [--no-hugepages] [--wait-idle=S] [--retries=2] [--list] > results.jsonl
 //
@@ -17,7 +17,7 @@
 //                    both variants, all every format (default all)
 //   --isa=..         kernel table: active (default, active_kernels()), scalar, avx2, avx512, or all
 //                    (every ISA this CPU runs; scalar only at n = 1)
-//   --paths=..       MatmulPath of op matmul: exact, fast, auto (default exact, fast; auto is the
+//   --paths=..       MatmulPath of op matmul: exact, fast, int8, auto (default exact, fast, int8; auto is the
 //                    library's default, MatmulPath::automatic, which resolves to one of the two:
 //                    see resolve_path in matmul.h)
 //   --ops=..         restrict the ops (default all of them)
@@ -40,6 +40,8 @@
 //   {"op":"info", ...}                               the machine and the settings
 //   {"op":"read_bandwidth","threads":T,"GB_s":..}    per thread count, at startup: best of 3 read
 //                                                    passes (after one warm-up) over a 1 GiB buffer
+//   {"op":"vnni_peak","threads":T,"GOP_s":..}        per thread count, at startup: vpdpbusd on
+//                                                    registers, 2 * 64 ops each (0 without VNNI)
 //   {"op","format","path","isa","m","k","n","threads","median_us","min_us","samples","copies",
 //    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu","check"}  one per case
 // op: matmul (path exact / fast), matmul_transposed (exact; nf4 and int8_sym, n in {1, 16, 128}),
@@ -179,7 +181,7 @@ struct Options {
   std::vector<int> threads{1, 2};
   std::vector<const FormatCase*> formats;
   std::string isa = "active";
-  std::vector<std::string> paths{"exact", "fast"};
+  std::vector<std::string> paths{"exact", "fast", "int8"};
   std::vector<std::string> ops{"matmul", "matmul_transposed", "matmul_llm_int8", "torch_linear", "torch_mv"};
   int64_t min_bytes = int64_t{1} << 30;
   double case_seconds = 1.0;
@@ -228,7 +230,7 @@ int64_t parse_bytes(const std::string& s) {
 void usage() {
   std::fprintf(stderr,
                "msbnb_bench_matmul [--quick] [--shapes=MxK,..] [--n=..] [--threads=..] [--formats=..]\n"
-               "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,auto]\n"
+               "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,int8,auto]\n"
                "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
                "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
                "                   [--wait-idle=SECONDS] [--retries=2] [--list] [--check-only]\n"
@@ -283,7 +285,7 @@ Options parse_options(int argc, char** argv) {
     } else if (key == "--paths") {
       o.paths = split_list(val);
       for (const std::string& p : o.paths)
-        if (p != "exact" && p != "fast" && p != "auto")
+        if (p != "exact" && p != "fast" && p != "int8" && p != "auto")
           die("bad path '" + p + "' (expected exact, fast, auto)");
     } else if (key == "--ops") {
       const Options all;
@@ -558,6 +560,7 @@ struct Group {
 mk::MatmulPath path_of(const std::string& p) {
   return p == "exact"  ? mk::MatmulPath::exact
          : p == "fast" ? mk::MatmulPath::fast
+         : p == "int8" ? mk::MatmulPath::int8
                        : mk::MatmulPath::automatic;
 }
 
@@ -851,7 +854,13 @@ int64_t check_forward(const std::string& name, const W& wq, const float* x, int6
   const bool int8 = std::is_same_v<W, mk::Int8Matrix>;
   const mk::MatmulPath resolved = mk::resolve_path(path, n);
   const bool bf16 = !llm && !int8 && resolved == mk::MatmulPath::fast && n > mk::kGemvMaxRows;
-  const bool same_bits = !llm && int8 && resolved == mk::MatmulPath::fast;
+  // The int8 path: integer products, exact; the 4-bit GEMV sums its blocks in float (with lane
+  // values up to (|T| + 128) / |T| times the products' on AVX-512: 8 p covers them).
+  bool q8_gemv = false;
+  if constexpr (!std::is_same_v<W, mk::Int8Matrix>)
+    q8_gemv = resolved == mk::MatmulPath::int8 && n <= mk::kGemvMaxRows && mk::q8_block(w) > 0;
+  const bool same_bits =
+      !llm && ((int8 && resolved != mk::MatmulPath::exact) || (resolved == mk::MatmulPath::int8 && !q8_gemv));
   std::vector<float> wrow(static_cast<size_t>(kk));
   for (const Range& rg : check_ranges(m, 16, row_align(w))) {
     const int64_t len = rg.hi - rg.lo;
@@ -882,7 +891,7 @@ int64_t check_forward(const std::string& name, const W& wq, const float* x, int6
             p += bf16 ? std::fabs(double(round_bf16(xv)) * round_bf16(wv)) : std::fabs(double(xv) * wv);
           }
           const double kd = static_cast<double>(kk) + 4;
-          bound = 2 * (kd * kU * p + kd * (bf16 ? 0x1p-126 : 0x1p-149));
+          bound = 2 * (kd * kU * (q8_gemv ? 8 * p : p) + kd * (bf16 ? 0x1p-126 : 0x1p-149));
         }
         ck.compare("y", i, r, got, want, bound);
       }
@@ -1135,6 +1144,9 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
     std::fprintf(stderr, "read bandwidth, %d thread%s: %.2f GB/s (1 GiB)\n", t, t == 1 ? "" : "s",
                  startup_bw[t]);
+    const double peak = mb::vnni_peak_gops(t);
+    std::printf("{\"op\":\"vnni_peak\",\"threads\":%d,\"GOP_s\":%s}\n", t, num(peak).c_str());
+    std::fprintf(stderr, "vpdpbusd peak, %d thread%s: %.0f GOP/s\n", t, t == 1 ? "" : "s", peak);
   }
 
   std::vector<Result> results;
