@@ -346,8 +346,9 @@ torch::Tensor Linear4bitImpl::forward(const torch::Tensor& x) {
   const PackedWeight w = packed_weight();
   // bitsandbytes' compute_dtype: the product in compute_dtype, the result in x's dtype.
   if (options.compute_dtype() && *options.compute_dtype() != x.scalar_type())
-    return quantized_matmul(x.to(*options.compute_dtype()), w, bias).to(x.scalar_type());
-  return quantized_matmul(x, w, bias);
+    return quantized_matmul(x.to(*options.compute_dtype()), w, bias, options.matmul_path())
+        .to(x.scalar_type());
+  return quantized_matmul(x, w, bias, options.matmul_path());
 }
 
 void Linear4bitImpl::set_packed(const PackedWeight& w) {

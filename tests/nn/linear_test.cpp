@@ -489,5 +489,30 @@ TEST(NnLinear, BadInputNamesArgumentExpectedAndGot) {
   expect_error([] { Linear8bit(Linear8bitOptions(8, 8).threshold(NAN)); }, {"threshold", "finite"});
 }
 
+// matmul_path reaches the forward (int8: the same bits as the functional call on the layer's packed
+// weight, not those of the exact path); the backward stays exact on every path.
+TEST(NnLinear, Linear4bitMatmulPathInt8) {
+  torch::manual_seed(kSeed);
+  for (const std::string qt : {"nf4", "int4"}) {
+    Linear4bit exact(Linear4bitOptions(256, 40).quant_type(qt));
+    Linear4bit int8(Linear4bitOptions(256, 40).quant_type(qt).matmul_path(MatmulPath::int8));
+    exact->quantize_weights(torch::randn({40, 256}));
+    load_quantized_state_dict(*int8, quantized_state_dict(*exact));
+    const torch::Tensor x8 = torch::randn({3, 256}).requires_grad_(true);
+    const torch::Tensor xe = x8.detach().clone().requires_grad_(true);
+    const torch::Tensor y8 = int8->forward(x8), ye = exact->forward(xe);
+    {
+      torch::NoGradGuard no_grad;
+      EXPECT_TRUE(
+          torch::equal(y8, msbnb::quantized_matmul(x8, int8->packed_weight(), int8->bias, MatmulPath::int8)))
+          << qt;
+      EXPECT_FALSE(torch::equal(y8, ye)) << qt << ": the int8 path gave the exact path's bits";
+    }
+    y8.sum().backward();
+    ye.sum().backward();
+    EXPECT_TRUE(torch::equal(x8.grad(), xe.grad())) << qt << ": backward";
+  }
+}
+
 }  // namespace
 }  // namespace msbnb::nn::test

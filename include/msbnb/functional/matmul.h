@@ -18,6 +18,9 @@ namespace msbnb {
 /// exact: fp32 activations, weights decoded exactly as dequantize gives them.
 /// fast:  4-bit weights multiply in bf16 (~0.2 % error), int8 weights with activations
 ///        quantized per row to int8 (LLM.int8() numerics, ~0.9 % error on Gaussian rows).
+/// int8:  int8 activations for 4-bit weights too: per block of 64 / 128 with the weight's codes
+///        as int8 through a byte table up to 8 rows (the fastest decode, ~0.6-0.9 % error),
+///        rows requantized to int8 and the int8 GEMM above (~1.2 %, more with outliers).
 /// automatic: exact for every batch size (the fast paths change the class of error: opt in);
 ///        LLM.int8() with a threshold is int8_matmul. docs/matmul.md has the bounds per format.
 using MatmulPath = kernels::MatmulPath;

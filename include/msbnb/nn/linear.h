@@ -214,6 +214,9 @@ struct Linear4bitOptions {
   TORCH_ARG(bool, compress_statistics) = true;
   TORCH_ARG(std::optional<torch::Dtype>, compute_dtype) = std::nullopt;
   TORCH_ARG(bool, symmetric) = true;
+  /// The forward's MatmulPath (docs/matmul.md): automatic (exact), or int8 (int8 activations, the
+  /// fastest decode) / fast. The backward is exact either way.
+  TORCH_ARG(MatmulPath, matmul_path) = MatmulPath::automatic;
 };
 
 class Linear4bit;
