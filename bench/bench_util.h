@@ -215,16 +215,29 @@ inline double read_bandwidth(const float* x, int64_t n, int threads, bool avx2, 
 /// operands in registers. 0 where the CPU lacks AVX512-VNNI. The int8 GEMM is held to a fraction
 /// of this.
 __attribute__((target("avx512f,avx512vnni"))) inline double vnni_chain(int64_t iters) {
-  __m512i a[16];
-  for (int i = 0; i < 16; ++i) a[i] = _mm512_set1_epi32(i);
+  __m512i a0 = _mm512_set1_epi32(1), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+          a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
   const __m512i x = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-2);
-  for (int64_t it = 0; it < iters; ++it)
-    for (int i = 0; i < 16; ++i) {
-      a[i] = _mm512_dpbusd_epi32(a[i], x, w);
-      __asm__ volatile("" : "+v"(a[i]));  // keep every step: the loop is not folded
-    }
+  // 16 independent vpdpbusd on named registers, nothing else in the loop body.
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile(
+        "vpdpbusd %[w], %[x], %[a0]\n\tvpdpbusd %[w], %[x], %[a1]\n\tvpdpbusd %[w], %[x], %[a2]\n\t"
+        "vpdpbusd %[w], %[x], %[a3]\n\tvpdpbusd %[w], %[x], %[a4]\n\tvpdpbusd %[w], %[x], %[a5]\n\t"
+        "vpdpbusd %[w], %[x], %[a6]\n\tvpdpbusd %[w], %[x], %[a7]"
+        : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3), [a4] "+v"(a4), [a5] "+v"(a5),
+          [a6] "+v"(a6), [a7] "+v"(a7)
+        : [x] "v"(x), [w] "v"(w));
+    __asm__ volatile(
+        "vpdpbusd %[w], %[x], %[a0]\n\tvpdpbusd %[w], %[x], %[a1]\n\tvpdpbusd %[w], %[x], %[a2]\n\t"
+        "vpdpbusd %[w], %[x], %[a3]\n\tvpdpbusd %[w], %[x], %[a4]\n\tvpdpbusd %[w], %[x], %[a5]\n\t"
+        "vpdpbusd %[w], %[x], %[a6]\n\tvpdpbusd %[w], %[x], %[a7]"
+        : [a0] "+v"(a8), [a1] "+v"(a9), [a2] "+v"(a10), [a3] "+v"(a11), [a4] "+v"(a12), [a5] "+v"(a13),
+          [a6] "+v"(a14), [a7] "+v"(a15)
+        : [x] "v"(x), [w] "v"(w));
+  }
+  const __m512i all[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
   alignas(64) int32_t lanes[16 * 16];
-  for (int i = 0; i < 16; ++i) _mm512_store_si512(lanes + 16 * i, a[i]);
+  for (int i = 0; i < 16; ++i) _mm512_store_si512(lanes + 16 * i, all[i]);
   double sum = 0;
   for (int32_t v : lanes) sum += v;
   return sum;

@@ -257,7 +257,7 @@ struct I8Dot {
   using Acc = __m512i;
   using Out = int32_t;
   static constexpr int kStep = 64;
-  static constexpr int kNR = 4, kMR = 4;
+  static constexpr int kNR = 6, kMR = 4;
   static constexpr bool kStreamsFromDram = true;
   static Acc zero() { return _mm512_setzero_si512(); }
   static __m512i load(const void* p) { return _mm512_loadu_si512(p); }
@@ -338,6 +338,50 @@ void tile(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t
 
 #if defined(__AVX512VNNI__)
 MSBNB_ASM_TILE(I8Dot, "vpdpbusd")
+// y[0..3] = the wrapping int32 sums of a, b, c, d (14 instructions for 4 sums, against 4 x 7).
+inline void reduce4_store(__m512i a, __m512i b, __m512i c, __m512i d, int32_t* y) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  // Per 128-bit lane: [sum a, sum b, sum c, sum d] of that lane.
+  const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(y),
+                   _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+// 6 activation rows x 4 weight rows: 24 accumulators, 10 loads per 24 products (4 x 4: 8 per 16).
+template <>
+void tile<I8Dot, 6, 4>(const I8Dot::X* x, int64_t ldx, const I8Dot::W* w, int64_t ldw, int64_t len,
+                       I8Dot::Out* y, int64_t ldy) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0,
+          c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0,
+          f0 = a0, f1 = a0, f2 = a0, f3 = a0;
+  for (int64_t j = 0; j < len; j += 64) {
+    const I8Dot::W* wj = w + j;
+    const I8Dot::X* xj = x + j;
+    for (int m = 0; m < 4; ++m) _mm_prefetch(reinterpret_cast<const char*>(wj + m * ldw) + 8192, _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(wj), w1 = _mm512_loadu_si512(wj + ldw),
+                  w2 = _mm512_loadu_si512(wj + 2 * ldw), w3 = _mm512_loadu_si512(wj + 3 * ldw);
+    {
+      const __m512i x0 = _mm512_loadu_si512(xj), x1 = _mm512_loadu_si512(xj + ldx);
+      MSBNB_ASM_HALF("vpdpbusd", a, b, x0, x1);
+    }
+    {
+      const __m512i x2 = _mm512_loadu_si512(xj + 2 * ldx), x3 = _mm512_loadu_si512(xj + 3 * ldx);
+      MSBNB_ASM_HALF("vpdpbusd", c, d, x2, x3);
+    }
+    {
+      const __m512i x4 = _mm512_loadu_si512(xj + 4 * ldx), x5 = _mm512_loadu_si512(xj + 5 * ldx);
+      MSBNB_ASM_HALF("vpdpbusd", e, f, x4, x5);
+    }
+  }
+  reduce4_store(a0, a1, a2, a3, y);
+  reduce4_store(b0, b1, b2, b3, y + ldy);
+  reduce4_store(c0, c1, c2, c3, y + 2 * ldy);
+  reduce4_store(d0, d1, d2, d3, y + 3 * ldy);
+  reduce4_store(e0, e1, e2, e3, y + 4 * ldy);
+  reduce4_store(f0, f1, f2, f3, y + 5 * ldy);
+}
 #endif
 #if defined(__AVX512BF16__)
 MSBNB_ASM_TILE(Bf16Dot, "vdpbf16ps")
