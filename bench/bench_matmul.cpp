@@ -5,8 +5,8 @@
 //                      [--formats=nf4,int8_sym,llm_int8] [--isa=active|scalar|avx2|avx512|all]
 //                      [--paths=exact,fast] [--ops=matmul,matmul_transposed,matmul_llm_int8,
 //                      torch_linear,torch_mv] [--min-bytes=1G] [--case-seconds=1.0] [--no-torch]
-//                      [--no-hugepages] [--wait-idle=S] [--retries=2] [--contention=N] [--list]
-//                      > results.jsonl
+//                      [--no-hugepages] [--wait-idle=S] [--retries=2] [--contention=N] [--contention-ms=3]
+//                      [--list] > results.jsonl
 //
 //   --quick          4096x4096, n 1 and 128, threads 2 then 1, formats nf4 int4_sym int8_sym
 //                    llm_int8, 0.5 s per case (each other flag still overrides its part)
@@ -35,6 +35,7 @@
 //                    other, like make -jN (a plain busy loop did not show the cost of a thread
 //                    descheduled mid-call); started before the weights exist, paused (SIGSTOP)
 //                    outside the timed calls; "contention":N in every JSON line (default 0)
+//   --contention-ms=M each child's CPU work in ms (default 3)
 //   --list           print the planned cases (stderr) and exit
 //   --check-only     only the checks against the scalar kernels (below), no timing (for ctest)
 //
@@ -197,11 +198,12 @@ struct Options {
   double case_seconds = 1.0;
   bool torch = true;
   bool huge = true;
-  bool list = false;        // print the planned cases and exit
-  bool check_only = false;  // run the checks against the scalar kernels, time nothing
-  double wait_idle = 0;     // seconds to wait for an idle machine before each case (0: do not wait)
-  int retries = 2;          // reruns of a case disturbed by other processes (with wait_idle)
-  int contention = 0;       // compile-like competing workers during the timed calls
+  bool list = false;         // print the planned cases and exit
+  bool check_only = false;   // run the checks against the scalar kernels, time nothing
+  double wait_idle = 0;      // seconds to wait for an idle machine before each case (0: do not wait)
+  int retries = 2;           // reruns of a case disturbed by other processes (with wait_idle)
+  int contention = 0;        // compile-like competing workers during the timed calls
+  double contention_ms = 3;  // CPU time of each of their short-lived children
   bool has_op(const char* op) const { return std::find(ops.begin(), ops.end(), op) != ops.end(); }
 };
 
@@ -239,15 +241,15 @@ int64_t parse_bytes(const std::string& s) {
 }
 
 void usage() {
-  std::fprintf(
-      stderr,
-      "msbnb_bench_matmul [--quick] [--shapes=MxK,..] [--n=..] [--threads=..] [--formats=..]\n"
-      "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,auto]\n"
-      "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
-      "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
-      "                   [--wait-idle=SECONDS] [--retries=2] [--contention=N] [--list] [--check-only]\n"
-      "formats: nf4 nf4_dq fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
-      "JSON lines on stdout, progress and a summary on stderr; see the top of bench_matmul.cpp.\n");
+  std::fprintf(stderr,
+               "msbnb_bench_matmul [--quick] [--shapes=MxK,..] [--n=..] [--threads=..] [--formats=..]\n"
+               "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,auto]\n"
+               "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
+               "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
+               "                   [--wait-idle=SECONDS] [--retries=2] [--contention=N] [--contention-ms=3]\n"
+               "                   [--list] [--check-only]\n"
+               "formats: nf4 nf4_dq fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
+               "JSON lines on stdout, progress and a summary on stderr; see the top of bench_matmul.cpp.\n");
 }
 
 Options parse_options(int argc, char** argv) {
@@ -308,6 +310,8 @@ Options parse_options(int argc, char** argv) {
       char* end = nullptr;
       o.wait_idle = std::strtod(val.c_str(), &end);
       if (val.empty() || *end || !(o.wait_idle >= 0)) die("bad value '" + val + "' in --wait-idle");
+    } else if (key == "--contention-ms") {
+      o.contention_ms = static_cast<double>(parse_int(val, "--contention-ms", 1, 10000));
     } else if (key == "--contention") {
       o.contention = static_cast<int>(parse_int(val, "--contention", 0, 64));
     } else if (key == "--retries") {
@@ -687,12 +691,12 @@ void wait_idle(double max_s, double sample_s) {
 // Only async-signal-safe calls after fork (the parent may have threads).
 class CompetingLoad {
  public:
-  explicit CompetingLoad(int n) {
+  CompetingLoad(int n, double child_ms) {
     const pid_t self = getpid();
     for (int i = 0; i < n; ++i) {
       const pid_t pid = fork();
       if (pid < 0) die("--contention: fork failed");
-      if (pid == 0) driver(self);
+      if (pid == 0) driver(self, child_ms / 1e3);
       setpgid(pid, pid);
       pids_.push_back(pid);
     }
@@ -727,7 +731,7 @@ class CompetingLoad {
     for (size_t i = 0; now() - t0 < seconds; i = (i + 4096) % sizeof pages) pages[i] = static_cast<char>(i);
     _exit(0);
   }
-  [[noreturn]] static void driver(pid_t parent) {
+  [[noreturn]] static void driver(pid_t parent, double child_s) {
     setpgid(0, 0);
     // Gone with the bench, however it ends (die() exits without destructors).
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -739,7 +743,7 @@ class CompetingLoad {
       const pid_t c = fork();
       if (c == 0) {
         signal(SIGTERM, SIG_DFL);
-        burn(0.003);
+        burn(child_s);
       }
       if (c < 0) continue;
       while (waitpid(c, nullptr, 0) < 0 && errno == EINTR) {
@@ -1150,7 +1154,8 @@ int main(int argc, char** argv) {
   const Options o = parse_options(argc, argv);
   const auto t_start = Clock::now();
   std::unique_ptr<CompetingLoad> competing;
-  if (o.contention > 0 && !o.list && !o.check_only) competing = std::make_unique<CompetingLoad>(o.contention);
+  if (o.contention > 0 && !o.list && !o.check_only)
+    competing = std::make_unique<CompetingLoad>(o.contention, o.contention_ms);
 
   // Kernel tables.
   std::vector<const KernelTable*> tables;
