@@ -22,7 +22,7 @@ namespace {
 // How long an idle worker (or a caller waiting for the last chunks) polls before it blocks: long
 // enough to catch the next call of a layer-by-layer loop without a wake-up, short enough that an
 // idle pool costs nothing measurable.
-constexpr std::chrono::microseconds kSpin{50};
+constexpr std::chrono::microseconds kSpin{30};
 
 void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -32,15 +32,19 @@ void cpu_relax() {
 #endif
 }
 
-// Polls done() for up to kSpin; true if it came.
+// Polls done() for up to kSpin; true if it came. Between short bursts of polling it yields: on a
+// busy machine the thread it waits for may be queued behind it on the same CPU, and a plain spin
+// would hold that CPU until the scheduler's tick.
 template <class Done>
 bool spin_until(Done done) {
   const auto deadline = std::chrono::steady_clock::now() + kSpin;
   for (;;) {
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < 32; ++i) {
       if (done()) return true;
       cpu_relax();
     }
+    std::this_thread::yield();
+    if (done()) return true;
     if (std::chrono::steady_clock::now() >= deadline) return false;
   }
 }
