@@ -5,7 +5,8 @@
 //                      [--formats=nf4,int8_sym,llm_int8] [--isa=active|scalar|avx2|avx512|all]
 //                      [--paths=exact,fast,int8] [--ops=matmul,matmul_transposed,matmul_llm_int8,
 //                      torch_linear,torch_mv] [--min-bytes=1G] [--case-seconds=1.0] [--no-torch]
-//                      [--no-hugepages] [--wait-idle=S] [--retries=2] [--list] > results.jsonl
+//                      [--no-hugepages] [--wait-idle=S] [--retries=2] [--contention=N] [--contention-ms=3]
+//                      [--list] > results.jsonl
 //
 //   --quick          4096x4096, n 1 and 128, threads 2 then 1, formats nf4 int4_sym int8_sym
 //                    llm_int8, 0.5 s per case (each other flag still overrides its part)
@@ -29,6 +30,12 @@
 //   --wait-idle=S    before each case wait up to S seconds for other processes to use < 0.15 CPUs,
 //                    and rerun a case they disturbed anyway (other_cpu >= 0.1) up to --retries times
 //                    (default 0: no waiting; other_cpu is reported either way)
+//   --contention=N   time every case under a competing load of N compile-like workers: processes
+//                    that each fork short-lived children doing ~3 ms of CPU work, one after the
+//                    other, like make -jN (a plain busy loop did not show the cost of a thread
+//                    descheduled mid-call); started before the weights exist, paused (SIGSTOP)
+//                    outside the timed calls; "contention":N in every JSON line (default 0)
+//   --contention-ms=M each child's CPU work in ms (default 3)
 //   --list           print the planned cases (stderr) and exit
 //   --check-only     only the checks against the scalar kernels (below), no timing (for ctest)
 //
@@ -43,7 +50,8 @@
 //   {"op":"vnni_peak","threads":T,"GOP_s":..}        per thread count, at startup: vpdpbusd on
 //                                                    registers, 2 * 64 ops each (0 without VNNI)
 //   {"op","format","path","isa","m","k","n","threads","median_us","min_us","samples","copies",
-//    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu","check"}  one per case
+//    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu","contention","check"} one
+//    per case
 // op: matmul (path exact / fast), matmul_transposed (exact; nf4 and int8_sym, n in {1, 16, 128}),
 // matmul_llm_int8 (int8_sym weights; path thr0 = threshold 0, thr6 = threshold 6.0 with 0.1 % of
 // the activation columns planted as outliers; also "threshold" and "outlier_cols"), torch_linear
@@ -68,9 +76,14 @@
 // (found with dlsym) for its BLAS.
 #include <dlfcn.h>
 #include <omp.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -187,10 +200,12 @@ struct Options {
   double case_seconds = 1.0;
   bool torch = true;
   bool huge = true;
-  bool list = false;        // print the planned cases and exit
-  bool check_only = false;  // run the checks against the scalar kernels, time nothing
-  double wait_idle = 0;     // seconds to wait for an idle machine before each case (0: do not wait)
-  int retries = 2;          // reruns of a case disturbed by other processes (with wait_idle)
+  bool list = false;         // print the planned cases and exit
+  bool check_only = false;   // run the checks against the scalar kernels, time nothing
+  double wait_idle = 0;      // seconds to wait for an idle machine before each case (0: do not wait)
+  int retries = 2;           // reruns of a case disturbed by other processes (with wait_idle)
+  int contention = 0;        // compile-like competing workers during the timed calls
+  double contention_ms = 3;  // CPU time of each of their short-lived children
   bool has_op(const char* op) const { return std::find(ops.begin(), ops.end(), op) != ops.end(); }
 };
 
@@ -233,7 +248,8 @@ void usage() {
                "                   [--isa=active|scalar|avx2|avx512|all] [--paths=exact,fast,int8,auto]\n"
                "                   [--ops=matmul,matmul_transposed,matmul_llm_int8,torch_linear,torch_mv]\n"
                "                   [--min-bytes=1G] [--case-seconds=1.0] [--no-torch] [--no-hugepages]\n"
-               "                   [--wait-idle=SECONDS] [--retries=2] [--list] [--check-only]\n"
+               "                   [--wait-idle=SECONDS] [--retries=2] [--contention=N] [--contention-ms=3]\n"
+               "                   [--list] [--check-only]\n"
                "formats: nf4 nf4_dq fp4 int4_sym int4_asym int8_sym int8_asym llm_int8 (int4, int8, all)\n"
                "JSON lines on stdout, progress and a summary on stderr; see the top of bench_matmul.cpp.\n");
 }
@@ -296,6 +312,10 @@ Options parse_options(int argc, char** argv) {
       char* end = nullptr;
       o.wait_idle = std::strtod(val.c_str(), &end);
       if (val.empty() || *end || !(o.wait_idle >= 0)) die("bad value '" + val + "' in --wait-idle");
+    } else if (key == "--contention-ms") {
+      o.contention_ms = static_cast<double>(parse_int(val, "--contention-ms", 1, 10000));
+    } else if (key == "--contention") {
+      o.contention = static_cast<int>(parse_int(val, "--contention", 0, 64));
     } else if (key == "--retries") {
       o.retries = static_cast<int>(parse_int(val, "--retries", 0, 100));
     } else if (key == "--min-bytes") {
@@ -666,6 +686,78 @@ void wait_idle(double max_s, double sample_s) {
   }
 }
 
+// ---- competing load ----------------------------------------------------------------------------
+
+// N driver processes, each in its own process group, each like one job of make -jN: fork a child
+// that burns ~3 ms of CPU (touching fresh stack pages, as a compiler touches memory) and exits,
+// reap it, repeat. Forked before the weights are allocated, so a fork copies few page tables.
+// Only async-signal-safe calls after fork (the parent may have threads).
+class CompetingLoad {
+ public:
+  CompetingLoad(int n, double child_ms) {
+    const pid_t self = getpid();
+    for (int i = 0; i < n; ++i) {
+      const pid_t pid = fork();
+      if (pid < 0) die("--contention: fork failed");
+      if (pid == 0) driver(self, child_ms / 1e3);
+      setpgid(pid, pid);
+      pids_.push_back(pid);
+    }
+    pause();
+  }
+  ~CompetingLoad() {
+    for (pid_t p : pids_) {
+      kill(-p, SIGTERM);
+      kill(-p, SIGCONT);
+    }
+    for (pid_t p : pids_) waitpid(p, nullptr, 0);
+  }
+  CompetingLoad(const CompetingLoad&) = delete;
+  CompetingLoad& operator=(const CompetingLoad&) = delete;
+  void resume() { signal_all(SIGCONT); }
+  void pause() { signal_all(SIGSTOP); }
+
+ private:
+  void signal_all(int sig) {
+    for (pid_t p : pids_) kill(-p, sig);
+  }
+  static volatile sig_atomic_t stop_;
+  static void on_term(int) { stop_ = 1; }
+  static double now() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+  }
+  [[noreturn]] static void burn(double seconds) {
+    volatile char pages[1 << 18];
+    const double t0 = now();
+    for (size_t i = 0; now() - t0 < seconds; i = (i + 4096) % sizeof pages) pages[i] = static_cast<char>(i);
+    _exit(0);
+  }
+  [[noreturn]] static void driver(pid_t parent, double child_s) {
+    setpgid(0, 0);
+    // Gone with the bench, however it ends (die() exits without destructors).
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(0);
+    struct sigaction sa {};
+    sa.sa_handler = on_term;
+    sigaction(SIGTERM, &sa, nullptr);
+    while (!stop_) {
+      const pid_t c = fork();
+      if (c == 0) {
+        signal(SIGTERM, SIG_DFL);
+        burn(child_s);
+      }
+      if (c < 0) continue;
+      while (waitpid(c, nullptr, 0) < 0 && errno == EINTR) {
+      }
+    }
+    _exit(0);
+  }
+  std::vector<pid_t> pids_;
+};
+volatile sig_atomic_t CompetingLoad::stop_ = 0;
+
 // ---- timing ------------------------------------------------------------------------------------
 
 struct Timing {
@@ -954,6 +1046,7 @@ struct Result {
   Shape shape;
   int64_t n = 0;
   int threads = 1;
+  int contention = 0;  // competing compile-like workers during the timing
   double median_us = 0, min_us = 0;
   int64_t samples = 0, copies = 0, weight_bytes = 0;
   double bw = 0, bw_after = 0;      // read GB/s just before and just after
@@ -996,7 +1089,8 @@ void emit(const Result& r) {
                      ",\"weight_bytes\":" + std::to_string(r.weight_bytes) + ",\"GB_s\":" + num(r.gb_s()) +
                      ",\"GFLOP_s\":" + num(r.gflop_s()) + ",\"bw_GB_s\":" + num(r.bw) +
                      ",\"bw_after_GB_s\":" + num(r.bw_after) + ",\"pct_bw\":" + num(r.pct_bw(), 2) +
-                     ",\"other_cpu\":" + num(r.other_cpu, 3) + ",\"check\":\"" + r.check + "\"";
+                     ",\"other_cpu\":" + num(r.other_cpu, 3) +
+                     ",\"contention\":" + std::to_string(r.contention) + ",\"check\":\"" + r.check + "\"";
   if (r.llm)
     line += ",\"threshold\":" + num(r.threshold, 1) +
             ",\"outlier_cols\":" + std::to_string(r.threshold > 0 ? r.outlier_cols : 0);
@@ -1068,6 +1162,9 @@ std::string thp_mode() {
 int main(int argc, char** argv) {
   const Options o = parse_options(argc, argv);
   const auto t_start = Clock::now();
+  std::unique_ptr<CompetingLoad> competing;
+  if (o.contention > 0 && !o.list && !o.check_only)
+    competing = std::make_unique<CompetingLoad>(o.contention, o.contention_ms);
 
   // Kernel tables.
   std::vector<const KernelTable*> tables;
@@ -1105,11 +1202,11 @@ int main(int argc, char** argv) {
   std::printf(
       "{\"op\":\"info\",\"cpu\":\"%s\",\"active_isa\":\"%s\",\"isas\":\"%s\",\"torch\":%s,"
       "\"blas_threads_set\":%s,\"hugepages\":%s,\"thp\":\"%s\",\"min_bytes\":%lld,\"case_seconds\":%s,"
-      "\"quick\":%s}\n",
+      "\"quick\":%s,\"contention\":%d}\n",
       json_escape(cpu_model()).c_str(), mk::isa_name(mk::active_isa()), isa_names.c_str(),
       torch ? "true" : "false", torch && blas_set_threads() ? "true" : "false", o.huge ? "true" : "false",
       thp_mode().c_str(), static_cast<long long>(o.min_bytes), num(o.case_seconds, 3).c_str(),
-      o.quick ? "true" : "false");
+      o.quick ? "true" : "false", o.contention);
   std::fflush(stdout);
 
   int64_t nmax = 1;
@@ -1195,6 +1292,7 @@ int main(int argc, char** argv) {
         r.shape = s;
         r.n = c.n;
         r.threads = c.threads;
+        r.contention = o.contention;
         r.copies = copies;
         r.weight_bytes = bytes_each;
         r.llm = c.op == Op::llm;
@@ -1244,6 +1342,7 @@ int main(int argc, char** argv) {
             r.bw = mb::read_bandwidth(bw_buffer.data(), bw_case_elems, c.threads, avx2, 2);
             const KernelTable& k = c.table ? *c.table : mk::active_kernels();
             const mk::MatmulPath path = path_of(c.path);
+            if (competing) competing->resume();
             switch (c.op) {
               case Op::matmul:
                 if (is_lut4(g.weight))
@@ -1283,9 +1382,11 @@ int main(int argc, char** argv) {
                 break;
               }
             }
+            if (competing) competing->pause();
             r.bw_after = mb::read_bandwidth(bw_buffer.data(), bw_case_elems, c.threads, avx2, 1);
             r.other_cpu = other_cpu(snap0, cpu_snapshot(), seconds_since(w0));
-            if (o.wait_idle <= 0 || !(r.other_cpu >= kDisturbed) || attempt >= o.retries) break;
+            // Under --contention the other load is the point: no reruns.
+            if (o.wait_idle <= 0 || competing || !(r.other_cpu >= kDisturbed) || attempt >= o.retries) break;
             std::fprintf(stderr, "[%3d/%d] disturbed (other processes used %.2f CPUs), attempt %d\n", done,
                          total, r.other_cpu, attempt + 1);
           }

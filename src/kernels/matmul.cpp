@@ -1,8 +1,6 @@
 // Repacking and the threaded drivers of the fused dequantize-matmul (kernels/matmul.h).
 #include "msbnb/kernels/matmul.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -11,8 +9,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "kernels/parallel_errors.h"
 #include "kernels/scalar_math.h"
+#include "kernels/thread_pool.h"
 #include "msbnb/kernels/kernel_table.h"
 #include "msbnb/kernels/ops.h"
 
@@ -52,35 +50,42 @@ void put_lut4(uint8_t* row, int64_t j, int idx) {
 }
 
 // [begin, end) of part t of `parts` over [0, n) in multiples of `unit` (the last part takes the rest).
-std::pair<int64_t, int64_t> split(int64_t n, int64_t unit, int t, int parts) {
+std::pair<int64_t, int64_t> split(int64_t n, int64_t unit, int64_t t, int64_t parts) {
   const int64_t units = ceil_div(n, unit);
   const int64_t b = units * t / parts * unit, e = units * (t + 1) / parts * unit;
   return {std::min(b, n), std::min(e, n)};
 }
 
-// Runs fn(begin, end) on each thread's share of [0, n), in multiples of `unit`.
+// Chunks per thread of a parallel call: the threads take chunks as they come (kernels/
+// thread_pool.h), so one the OS deschedules delays the call by one chunk, not by its share.
+constexpr int64_t kChunksPerThread = 8;
+
+// Runs fn(begin, end) on chunks of [0, n) in multiples of `unit`, up to kChunksPerThread per
+// thread. Each output comes from one chunk, computed as by any other split.
 template <class Fn>
 void parallel_split(int64_t n, int64_t unit, Fn fn) {
-  const int threads =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), ceil_div(n, unit))));
+  const int64_t units = ceil_div(n, unit);
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), units)));
   if (threads == 1) return fn(int64_t{0}, n);
-  ParallelErrors errors;
-#pragma omp parallel num_threads(threads)
-  {
-    const auto [b, e] = split(n, unit, omp_get_thread_num(), omp_get_num_threads());
-    if (b < e) errors.run([&, b = b, e = e] { fn(b, e); });
-  }
-  errors.rethrow();
+  const int64_t chunks = std::min(units, threads * kChunksPerThread);
+  parallel_for_chunks(chunks, threads, [&](int64_t c) {
+    const auto [b, e] = split(n, unit, c, chunks);
+    if (b < e) fn(b, e);
+  });
 }
 
 // Runs fn(i) for the n activation rows, in parallel when there are several.
 template <class Fn>
 void parallel_rows(int64_t n, Fn fn) {
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), n)));
-  ParallelErrors errors;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) errors.run([&] { fn(i); });
-  errors.rethrow();
+  if (threads == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  const int64_t chunks = std::min(n, threads * kChunksPerThread);
+  parallel_for_chunks(chunks, threads, [&](int64_t c) {
+    for (int64_t i = n * c / chunks, e = n * (c + 1) / chunks; i < e; ++i) fn(i);
+  });
 }
 
 // Activations (or output gradients) as float32 rows of kpad (zero tail).
@@ -212,7 +217,7 @@ constexpr int64_t kTilePrefetch = 32768;
 
 // kernel(view, x, n, ldx, r0, r1, y, ldy) over the rows of w, threads splitting them. Double-
 // quantized statistics are decoded tile by tile (rows of whole groups: a tile's statistics are
-// contiguous) into a thread's buffer, the kernel running on a tile-local view; other layouts
+// contiguous) into a chunk's buffer, the kernel running on a tile-local view; other layouts
 // (groups straddling rows) decode them all per call. Each output is the same as with the decoded
 // float statistics: a row's sum does not depend on the rows around it.
 template <class X, class Kernel>
@@ -224,7 +229,7 @@ void lut4_forward(const Lut4Matrix& w, const X* x, int64_t n, Kernel kernel, flo
     if (!tiled) return kernel(wd, x, n, w.kpad, r0, r1, y, w.rows);
     const int64_t per_row = w.row_stride / w.group;
     // GEMV tiles keep the statistics in L1 / L2 next to the codes; larger batches are compute-
-    // bound (decoding is ~1/64 of the weights' work per activation row), so one tile per thread
+    // bound (decoding is ~1/64 of the weights' work per activation row), so one tile per chunk
     // keeps the GEMM kernels' own blocking over the activations.
     const int64_t tile = n > kGemvMaxRows ? r1 - r0 : std::max<int64_t>(16, kTileStats / per_row / 16 * 16);
     std::vector<float> buf;
@@ -321,7 +326,7 @@ std::vector<int64_t> int8_products(const Int8Matrix& w, const uint8_t* xu, int64
     });
     return std::vector<int64_t>(acc.begin(), acc.end());
   }
-  // Long rows: each thread copies chunks of 16 of its weight rows into a chunk-wide matrix
+  // Long rows: each chunk copies runs of 16 of its weight rows into a chunk-wide matrix
   // (with its own row sums) and adds the kernel's exact int32 results in int64.
   std::vector<int64_t> acc(count, 0);
   parallel_split(w.rows, 16, [&](int64_t r0, int64_t r1) {

@@ -11,8 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/parallel_errors.h"
 #include "kernels/scalar_math.h"
+#include "kernels/thread_pool.h"
 
 namespace msbnb::kernels {
 
@@ -73,17 +73,15 @@ const char* byte_ptr(const void* x, DType dt, int64_t i) {
   return static_cast<const char*>(x) + i * static_cast<int64_t>(dtype_size(dt));
 }
 
-// Runs fn(start, count) over [0, n) in chunks of `chunk` elements.
+// Runs fn(start, count) over [0, n) in chunks of `chunk` elements, the threads taking chunks as
+// they come (kernels/thread_pool.h).
 template <typename Fn>
 void parallel_chunks(int64_t n, int64_t chunk, Fn fn) {
   const int64_t tasks = ceil_div(n, chunk);
-  ParallelErrors errors;
-#pragma omp parallel for schedule(static) num_threads(threads_for(tasks))
-  for (int64_t t = 0; t < tasks; ++t) {
+  parallel_for_chunks(tasks, threads_for(tasks), [&](int64_t t) {
     const int64_t start = t * chunk;
-    errors.run([&] { fn(start, std::min(chunk, n - start)); });
-  }
-  errors.rethrow();
+    fn(start, std::min(chunk, n - start));
+  });
 }
 
 // Per-block statistics of x into out_a[b] (and out_b[b] unless null) with reduce(data, dtype,

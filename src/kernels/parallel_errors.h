@@ -1,5 +1,5 @@
-// An exception thrown inside an OpenMP region would be std::terminate: each task body runs in
-// ParallelErrors::run, which keeps the first exception, and rethrow() raises it after the region.
+// An exception thrown on a pool worker (kernels/thread_pool.h) would be std::terminate: each chunk
+// runs in ParallelErrors::run, which keeps the first exception, and rethrow() raises it in the caller.
 #pragma once
 #include <exception>
 #include <mutex>
