@@ -40,12 +40,17 @@ inline Q8Table q8_table(const Lut4Matrix& w) {
   return q;
 }
 
+/// Blocks of 64: the byte order of each 16-byte lane of a plane (new position p holds old byte
+/// kQ8Pair[p]; it is its own inverse), so that int32 lane j of a dot product sums bytes of one
+/// block: j even block 2c (s < 2), j odd block 2c + 1.
+inline constexpr uint8_t kQ8Pair[16] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
+
 /// Byte offset of column j in a Lut4Q8Rows row (see matmul.h).
 inline int64_t q8_offset(int64_t j, int64_t block) {
   const int64_t c = j / kLut4Chunk, e = j % kLut4Chunk;
   const int64_t s = e / 32, h = (e % 32) / 16, t = e % 16;
   if (block == 128) return c * 128 + 64 * h + 4 * t + s;
-  return c * 256 + 128 * (s / 2) + 64 * h + 4 * t + s;
+  return c * 128 + 64 * h + 16 * (t / 4) + kQ8Pair[4 * (t % 4) + s];
 }
 
 /// 127 / m as the int8 quantizers use it (m > 0 finite): in float, or in double when the float

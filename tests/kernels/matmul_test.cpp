@@ -2033,7 +2033,7 @@ TEST_P(Matmul, Int8PathQuantizeRowMatchesReference) {
   uint32_t seed = 501;
   for (int64_t bs : {64, 128})
     for (int64_t kpad : {128, 256, 640}) {
-      const int64_t nb = kpad / bs, pitch = kpad * 128 / bs;
+      const int64_t nb = kpad / bs, pitch = kpad;
       for (int fill = 0; fill < 6; ++fill) {
         std::vector<float> x = gaussian(kpad, seed++, fill == 1 ? 1e30f : fill == 2 ? 1e-30f : 1.0f);
         if (fill == 3) std::fill(x.begin(), x.begin() + bs, 0.0f);  // a zero block
@@ -2058,13 +2058,15 @@ TEST_P(Matmul, Int8PathQuantizeRowMatchesReference) {
         const Q8Row ref = q8_quantize(xa, 0, kpad, bs);
         for (int64_t j = 0; j < kpad; ++j) {
           const int64_t c = j / 128, e = j % 128, sblk = e / 32, h = (e % 32) / 16, tt = e % 16;
+          // Blocks of 64: each 16-byte lane reordered so that an int32 lane holds one block's bytes.
+          const int64_t pair[16] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
           const int64_t at = bs == 128 ? c * 128 + 64 * h + 4 * tt + sblk
-                                       : c * 256 + 128 * (sblk / 2) + 64 * h + 4 * tt + sblk;
+                                       : c * 128 + 64 * h + 16 * (tt / 4) + pair[4 * (tt % 4) + sblk];
           ASSERT_EQ(int32_t{q2[sz(at)]}, ref.q[sz(j)]) << ctx << " column " << j;
         }
         for (int64_t a = 0; a < nb; ++a)
           EXPECT_EQ(int64_t{s2[sz(a)]}, ref.sum[sz(a)]) << ctx << " block " << a;
-        // Every byte not holding a column of its block is 0 (block 64: the other half's bytes).
+        // Every byte holds one column: as many nonzero bytes as nonzero codes.
         int64_t nonzero = 0;
         for (int8_t b : q2) nonzero += b != 0;
         int64_t expect = 0;

@@ -200,16 +200,16 @@ MatmulPath resolve_path(MatmulPath path, int64_t n);
 /// (m = 0: q = 0, d = 0; m Inf or NaN: q = 0, d = m / 127, so the row's outputs are NaN) and
 /// sum[a] = the sum of its q. In each 128-column chunk the codes lie in the order of the weight
 /// codes' nibbles (matmul.h's Lut4Matrix layout): plane 0 byte 4t + s = column 32s + t, plane 1
-/// byte 4t + s = column 32s + 16 + t. block 128: the chunk is [plane 0, plane 1] (128 bytes);
-/// block 64: [plane 0, plane 1] with only the bytes of block 2c (s < 2) kept, the others 0, then
-/// the same for block 2c + 1 (s >= 2): 256 bytes, so an int32 lane of a dot product never mixes
-/// two blocks.
+/// byte 4t + s = column 32s + 16 + t; the chunk is [plane 0, plane 1] (128 bytes). With blocks
+/// of 64 the bytes of each 16-byte lane of a plane are reordered (q8.h's kQ8Pair: new byte p =
+/// old byte kQ8Pair[p]) so that every 4 bytes an int32 lane of a dot product sums belong to one
+/// block (the kernel shuffles the weight codes the same way).
 struct Lut4Q8Rows {
   const int8_t* q = nullptr;     // [n][pitch], pitch = kpad * 128 / block bytes
   const float* d = nullptr;      // [n][kpad / block]
   const int32_t* sum = nullptr;  // [n][kpad / block]
   int64_t n = 0, block = 0, kpad = 0;
-  int64_t pitch() const { return block > 0 ? kpad * 128 / block : 0; }
+  int64_t pitch() const { return kpad; }
   int64_t blocks() const { return block > 0 ? kpad / block : 0; }
 };
 /// The activation block of the int8 GEMV for a weight: 128 if its groups are multiples of 128,

@@ -12,7 +12,7 @@
 namespace msbnb::kernels::MSBNB_ISA_NS {
 
 void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, float* d, int32_t* sum) {
-  std::memset(q, 0, static_cast<size_t>(kpad * 128 / block));
+  std::memset(q, 0, static_cast<size_t>(kpad));
   for (int64_t a = 0; a < kpad / block; ++a) {
     const float* xb = x + a * block;
     float m = 0.0f;

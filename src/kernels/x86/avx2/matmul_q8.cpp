@@ -48,7 +48,6 @@ inline float hsum8(__m256 v) {
 void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, float* d, int32_t* sum) {
   const int64_t per_chunk = kLut4Chunk / block;  // 1 or 2 blocks a chunk
   const __m256i lo8 = _mm256_set1_epi32(0xff);
-  const __m256i keep01 = _mm256_set1_epi32(0x0000ffff);  // bytes s < 2 of each int32 lane
   float inv[2];
   for (int64_t c = 0; c < kpad / kLut4Chunk; ++c) {
     bool plain = true;
@@ -60,9 +59,9 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
       inv[b] = 127.0f / m;
     }
     const float* xc = x + c * kLut4Chunk;
-    int8_t* qc = q + c * (per_chunk * 128);
+    int8_t* qc = q + c * 128;
     if (!plain) {  // zeros, NaN / Inf, or a tiny scale: the reference's code for this chunk
-      std::memset(qc, 0, static_cast<size_t>(per_chunk * 128));
+      std::memset(qc, 0, 128);
       for (int64_t b = 0; b < per_chunk; ++b) {
         const int64_t a = c * per_chunk + b;
         sum[a] = 0;
@@ -77,6 +76,8 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
       }
       continue;
     }
+    const __m256i pair =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8Pair)));
     __m256i s01 = _mm256_setzero_si256(), s23 = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h)
       for (int half = 0; half < 2; ++half) {  // lanes t = 8 half .. 8 half + 7 of plane h
@@ -91,13 +92,8 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
             s23 = _mm256_add_epi32(s23, v);
           p = _mm256_or_si256(p, _mm256_slli_epi32(_mm256_and_si256(v, lo8), 8 * s));
         }
-        __m256i* out = reinterpret_cast<__m256i*>(qc + 64 * h + 32 * half);
-        if (per_chunk == 1) {
-          _mm256_storeu_si256(out, p);
-        } else {
-          _mm256_storeu_si256(out, _mm256_and_si256(p, keep01));
-          _mm256_storeu_si256(out + 4, _mm256_andnot_si256(keep01, p));  // + 128 bytes
-        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qc + 64 * h + 32 * half),
+                            per_chunk == 2 ? _mm256_shuffle_epi8(p, pair) : p);
       }
     if (per_chunk == 1) {
       sum[c] = hsum8(_mm256_add_epi32(s01, s23));
@@ -122,38 +118,44 @@ template <int N, bool Half>
 void q8_rows(Q8Scales& k, __m256i tab, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   const Lut4Matrix& w = k.w;
   const int64_t pitch = k.x.pitch(), nb = k.nb, chunks = w.kpad / kLut4Chunk;
-  constexpr int64_t kChunkBytes = Half ? 256 : 128;
   const __m256i m0f = _mm256_set1_epi8(0x0f);
+  const __m256i pair =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8Pair)));
   for (int64_t r = r0; r < r1; ++r) {
     float zc[N];
     k.row<N>(r, zc);
     const uint8_t* codes = w.codes + r * (w.kpad / 2);
-    __m256 ya[N][2];
-    for (auto& a : ya) a[0] = a[1] = _mm256_setzero_ps();
+    __m256 ya[N];
+    for (auto& a : ya) a = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * c) + kQ8Prefetch, _MM_HINT_T0);
       __m256i wl[2], wh[2], al[2], ah[2];
       for (int half = 0; half < 2; ++half) {
-        const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + 64 * c + 32 * half));
+        __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + 64 * c + 32 * half));
+        if constexpr (Half) q = _mm256_shuffle_epi8(q, pair);  // int32 lanes: even block 2c, odd 2c + 1
         wl[half] = _mm256_shuffle_epi8(tab, _mm256_and_si256(q, m0f));
         wh[half] = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(q, 4), m0f));
         al[half] = _mm256_abs_epi8(wl[half]);
         ah[half] = _mm256_abs_epi8(wh[half]);
       }
       for (int i = 0; i < N; ++i) {
-        const int8_t* xr = k.x.q + i * pitch + c * kChunkBytes;
+        const int8_t* xb = k.x.q + i * pitch + c * 128;
         const float* sc = k.sc.data() + i * nb;
-        for (int b = 0; b < (Half ? 2 : 1); ++b) {
-          const int8_t* xb = xr + 128 * b;
-          __m256i acc = _mm256_add_epi32(dot32(al[0], wl[0], xb), dot32(al[1], wl[1], xb + 32));
-          acc = _mm256_add_epi32(acc, dot32(ah[0], wh[0], xb + 64));
-          acc = _mm256_add_epi32(acc, dot32(ah[1], wh[1], xb + 96));
-          const int64_t a = Half ? 2 * c + b : c;
-          ya[i][b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(sc[a]), ya[i][b]);
+        __m256i acc = _mm256_add_epi32(dot32(al[0], wl[0], xb), dot32(al[1], wl[1], xb + 32));
+        acc = _mm256_add_epi32(acc, dot32(ah[0], wh[0], xb + 64));
+        acc = _mm256_add_epi32(acc, dot32(ah[1], wh[1], xb + 96));
+        __m256 s;
+        if constexpr (Half) {
+          double d;
+          std::memcpy(&d, sc + 2 * c, 8);  // the two block scales, alternating over the lanes
+          s = _mm256_castpd_ps(_mm256_set1_pd(d));
+        } else {
+          s = _mm256_set1_ps(sc[c]);
         }
+        ya[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, ya[i]);
       }
     }
-    for (int i = 0; i < N; ++i) y[i * ldy + r] = hsum8(_mm256_add_ps(ya[i][0], ya[i][1])) - zc[i];
+    for (int i = 0; i < N; ++i) y[i * ldy + r] = hsum8(ya[i]) - zc[i];
   }
 }
 

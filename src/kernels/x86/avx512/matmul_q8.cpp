@@ -4,7 +4,9 @@
 // them down by 4) gives the indices of two planes of 64 columns, each turned into unsigned int8
 // weights T + 128 by one vpshufb, and multiplied with the activations of the same plane (which
 // quantize_row_q8 laid out in that order) by one vpdpbusd: per 128 weights two shuffles and two
-// dot products, against eight vpermps and eight FMAs on the exact path. The +128 is taken out
+// dot products, against eight vpermps and eight FMAs on the exact path. With blocks of 64 one
+// more vpshufb reorders the code bytes (q8.h's kQ8Pair) so that even int32 lanes sum block 2c
+// and odd ones block 2c + 1, scaled by one vector of alternating block scales. The +128 is taken out
 // of each block's int32 sum by starting it at -128 * sum(q) (lane 0), the zero point (int4
 // asymmetric) in float at the end of the row. Needs VNNI; below it the AVX2 kernel runs.
 #include <algorithm>
@@ -39,7 +41,7 @@ inline bool plain_block(float m) { return m > 0.0f && std::isfinite(m) && std::i
 void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, float* d, int32_t* sum) {
   const int64_t per_chunk = kLut4Chunk / block;  // 1 or 2 blocks a chunk
   const __m512i lo8 = _mm512_set1_epi32(0xff);
-  const __m512i keep01 = _mm512_set1_epi32(0x0000ffff);  // bytes s < 2 of each int32 lane
+  const __m512i pair = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8Pair)));
   float inv[2];
   for (int64_t c = 0; c < kpad / kLut4Chunk; ++c) {
     bool plain = true;
@@ -51,9 +53,9 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
       inv[b] = 127.0f / m;
     }
     const float* xc = x + c * kLut4Chunk;
-    int8_t* qc = q + c * (per_chunk * 128);
+    int8_t* qc = q + c * 128;
     if (!plain) {  // zeros, NaN / Inf, or a tiny scale: the reference's code for this chunk
-      std::memset(qc, 0, static_cast<size_t>(per_chunk * 128));
+      std::memset(qc, 0, 128);
       for (int64_t b = 0; b < per_chunk; ++b) {
         const int64_t a = c * per_chunk + b;
         sum[a] = 0;
@@ -68,7 +70,7 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
       }
       continue;
     }
-    __m512i plane[2], s01 = _mm512_setzero_si512(), s23 = _mm512_setzero_si512();
+    __m512i s01 = _mm512_setzero_si512(), s23 = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       __m512i p = _mm512_setzero_si512();
       for (int s = 0; s < 4; ++s) {
@@ -80,17 +82,11 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
           s23 = _mm512_add_epi32(s23, v);
         p = _mm512_or_si512(p, _mm512_slli_epi32(_mm512_and_si512(v, lo8), 8 * s));
       }
-      plane[h] = p;
+      _mm512_storeu_si512(qc + 64 * h, per_chunk == 2 ? _mm512_shuffle_epi8(p, pair) : p);
     }
     if (per_chunk == 1) {
-      _mm512_storeu_si512(qc, plane[0]);
-      _mm512_storeu_si512(qc + 64, plane[1]);
       sum[c] = _mm512_reduce_add_epi32(_mm512_add_epi32(s01, s23));
     } else {
-      _mm512_storeu_si512(qc, _mm512_and_si512(plane[0], keep01));
-      _mm512_storeu_si512(qc + 64, _mm512_and_si512(plane[1], keep01));
-      _mm512_storeu_si512(qc + 128, _mm512_andnot_si512(keep01, plane[0]));
-      _mm512_storeu_si512(qc + 192, _mm512_andnot_si512(keep01, plane[1]));
       sum[2 * c] = _mm512_reduce_add_epi32(s01);
       sum[2 * c + 1] = _mm512_reduce_add_epi32(s23);
     }
@@ -102,6 +98,13 @@ namespace {
 
 // How far ahead the code stream is prefetched (as the exact GEMV).
 constexpr int64_t kQ8Prefetch = 4096;
+
+// Two floats as the bits of one double (for a 64-bit broadcast).
+inline double load_pair(const float* p) {
+  double d;
+  std::memcpy(&d, p, 8);
+  return d;
+}
 
 // The call's scales (q8.h) and the unsigned weight table T + 128 in every 128-bit lane.
 struct Q8Call : Q8Scales {
@@ -117,8 +120,8 @@ template <int N, bool Half>
 void q8_rows(Q8Call& k, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   const Lut4Matrix& w = k.w;
   const int64_t pitch = k.x.pitch(), nb = k.nb, chunks = w.kpad / kLut4Chunk;
-  constexpr int64_t kChunkBytes = Half ? 256 : 128;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
+  const __m512i pair = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8Pair)));
   for (int64_t r = r0; r < r1; ++r) {
     float zc[N];
     k.row<N>(r, zc);
@@ -128,11 +131,12 @@ void q8_rows(Q8Call& k, int64_t r0, int64_t r1, float* y, int64_t ldy) {
     auto chunk = [&](int64_t c, auto slot) {
       constexpr int S = decltype(slot)::value;
       _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * c) + kQ8Prefetch, _MM_HINT_T0);
-      const __m512i q = _mm512_load_si512(codes + 64 * c);
+      __m512i q = _mm512_load_si512(codes + 64 * c);
+      if constexpr (Half) q = _mm512_shuffle_epi8(q, pair);  // int32 lanes: even block 2c, odd 2c + 1
       const __m512i wl = _mm512_shuffle_epi8(k.tab, _mm512_and_si512(q, m0f));
       const __m512i wh = _mm512_shuffle_epi8(k.tab, _mm512_and_si512(_mm512_srli_epi16(q, 4), m0f));
       for (int i = 0; i < N; ++i) {
-        const int8_t* xr = k.x.q + i * pitch + c * kChunkBytes;
+        const int8_t* xr = k.x.q + i * pitch + c * 128;
         const float* sc = k.sc.data() + i * nb;
         const int32_t* c128 = k.c128.data() + i * nb;
         if constexpr (!Half) {
@@ -141,14 +145,13 @@ void q8_rows(Q8Call& k, int64_t r0, int64_t r1, float* y, int64_t ldy) {
           acc = _mm512_dpbusd_epi32(acc, wh, _mm512_loadu_si512(xr + 64));
           ya[i][S] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(sc[c]), ya[i][S]);
         } else {
-          __m512i a0 = _mm512_zextsi128_si512(_mm_cvtsi32_si128(c128[2 * c]));
-          __m512i a1 = _mm512_zextsi128_si512(_mm_cvtsi32_si128(c128[2 * c + 1]));
-          a0 = _mm512_dpbusd_epi32(a0, wl, _mm512_loadu_si512(xr));
-          a0 = _mm512_dpbusd_epi32(a0, wh, _mm512_loadu_si512(xr + 64));
-          a1 = _mm512_dpbusd_epi32(a1, wl, _mm512_loadu_si512(xr + 128));
-          a1 = _mm512_dpbusd_epi32(a1, wh, _mm512_loadu_si512(xr + 192));
-          ya[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_set1_ps(sc[2 * c]), ya[i][0]);
-          ya[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_set1_ps(sc[2 * c + 1]), ya[i][1]);
+          // Lanes 0 / 1 start at -128 sum(q) of blocks 2c / 2c + 1; scales alternate the same way.
+          __m512i acc =
+              _mm512_zextsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c128 + 2 * c)));
+          acc = _mm512_dpbusd_epi32(acc, wl, _mm512_loadu_si512(xr));
+          acc = _mm512_dpbusd_epi32(acc, wh, _mm512_loadu_si512(xr + 64));
+          const __m512 s2 = _mm512_castpd_ps(_mm512_set1_pd(load_pair(sc + 2 * c)));
+          ya[i][S] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s2, ya[i][S]);
         }
       }
     };
