@@ -951,8 +951,11 @@ int64_t check_forward(const std::string& name, const W& wq, const float* x, int6
   bool q8_gemv = false;
   if constexpr (!std::is_same_v<W, mk::Int8Matrix>)
     q8_gemv = resolved == mk::MatmulPath::int8 && n <= mk::kGemvMaxRows && mk::q8_block(w) > 0;
-  const bool same_bits =
-      !llm && ((int8 && resolved != mk::MatmulPath::exact) || (resolved == mk::MatmulPath::int8 && !q8_gemv));
+  // Where the table's int8 GEMM does not pay, the int8 path runs exact, and so does the reference.
+  const bool int8_exact = !int8 && resolved == mk::MatmulPath::int8 && !q8_gemv && !mk::int8_gemm_pays(k);
+  const mk::MatmulPath ref_path = int8_exact ? mk::MatmulPath::exact : path;
+  const bool same_bits = !llm && ((int8 && resolved != mk::MatmulPath::exact) ||
+                                  (resolved == mk::MatmulPath::int8 && !q8_gemv && !int8_exact));
   std::vector<float> wrow(static_cast<size_t>(kk));
   for (const Range& rg : check_ranges(m, 16, row_align(w))) {
     const int64_t len = rg.hi - rg.lo;
@@ -962,7 +965,7 @@ int64_t check_forward(const std::string& name, const W& wq, const float* x, int6
     rio.y = ref.data();
     rio.ldy = len;
     const W sub = rows_of(w, rg.lo, rg.hi);
-    run_forward(sub, rio, path, llm, threshold, &outliers, scalar);
+    run_forward(sub, rio, ref_path, llm, threshold, &outliers, scalar);
     std::vector<char> is_outlier(static_cast<size_t>(kk), 0);
     for (int64_t c : outliers) is_outlier[static_cast<size_t>(c)] = 1;
     for (int64_t r = rg.lo; r < rg.hi; ++r) {

@@ -216,6 +216,11 @@ struct Lut4Q8Rows {
 /// 64 if of 64, else 0 (that layout has no int8 GEMV; the driver takes lut4_i8 for every n).
 int64_t q8_block(const Lut4Matrix& w);
 
+/// Whether MatmulPath::int8 runs the int8 GEMM (lut4_i8) with table k for batches above
+/// kGemvMaxRows (and layouts without an int8 GEMV): not on AVX2 / AVX-512 without VNNI, whose
+/// int8 GEMM is slower than their exact f32 GEMM, which runs instead.
+bool int8_gemm_pays(const KernelTable& k);
+
 /// Activations and outputs: row-major, row i of x at x + i * ldx elements (ldx >= cols), row i of
 /// y at y + i * ldy (ldy >= rows); dtype f32 or bf16.
 struct MatmulIO {
