@@ -52,8 +52,9 @@ esac
 extra=()
 command -v ccache >/dev/null && extra+=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 command -v ninja >/dev/null && extra+=(-G Ninja)
-# ik_llama.cpp: its FlashAttention kernels are a large share of the build and unused here.
-[[ -f "$ggml_dir/include/ggml-cpu.h" ]] || extra+=(-DGGML_IQK_FLASH_ATTENTION=OFF -DGGML_IQK_FA_ALL_QUANTS=OFF)
+# ik_llama.cpp: FlashAttention for every K/V type is a large share of the build and unused here
+# (GGML_IQK_FLASH_ATTENTION=OFF itself does not link: ggml.c still calls iqk_flash_attn_noalibi).
+[[ -f "$ggml_dir/include/ggml-cpu.h" ]] || extra+=(-DGGML_IQK_FLASH_ATTENTION=ON -DGGML_IQK_FA_ALL_QUANTS=OFF)
 
 echo "bench_ggml.sh: building $ggml_dir ($isa) in $build_dir" >&2
 cmake -S "$here/ggml_harness" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DGGML_SOURCE_DIR="$ggml_dir" \
