@@ -187,6 +187,7 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
                int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
+  const int64_t per_row = w.row_stride / w.group;
   for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
     const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
     for (int64_t r = r0; r < r1; ++r) {
@@ -202,6 +203,11 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
       for (int64_t c = cb; c < ce; c += kLut4Chunk) {
         // Without running ahead, one thread reads only ~10 GB/s from DRAM.
         _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
+        // The statistics two rows on: with several column passes (long rows) a pass reads short
+        // runs of each row's statistics, which the hardware prefetcher does not follow.
+        _mm_prefetch(reinterpret_cast<const char*>(w.scale + row.seg + 2 * per_row), _MM_HINT_T0);
+        if (w.zero_point)
+          _mm_prefetch(reinterpret_cast<const char*>(w.zero_point + row.seg + 2 * per_row), _MM_HINT_T0);
         const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
         const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
         for_each_v<0>([&](auto v) {

@@ -128,7 +128,7 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
                int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m512 base = _mm512_loadu_ps(w.lut);
-  const int64_t pitch = w.kpad / 2;
+  const int64_t pitch = w.kpad / 2, per_row = w.row_stride / w.group;
   for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
     const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
     for (int64_t r = r0; r < r1; ++r) {
@@ -139,6 +139,10 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
         for (auto& b : a) b = _mm512_setzero_ps();
       for (int64_t c = cb; c < ce; c += kLut4Chunk) {
         prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
+        // Their statistics too: with several column passes (long rows) a pass reads short runs
+        // of each row's statistics, which the hardware prefetcher does not follow.
+        prefetch(w.scale + row.seg + 2 * per_row);
+        if (w.zero_point) prefetch(w.zero_point + row.seg + 2 * per_row);
         const __m512i q = _mm512_load_si512(codes + c / 2);
         for_each_v<0>([&](auto v) {
           constexpr int V = decltype(v)::value;
