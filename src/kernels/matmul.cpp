@@ -841,8 +841,10 @@ void transposed(const W& w, const MatmulIO& io, int64_t unit, Kernel kernel, Row
       rows_kernel(w, gy.data(), io.n, w.rows, r0, r1, gx.get() + p * size, w.kpad, false);
     }
   });
+  // The parts added in order (elements in units of 16384: a few parts of one row of gy are
+  // added faster than a parallel region starts).
   if (parts > 1)
-    parallel_split(size, 1024, [&](int64_t e0, int64_t e1) {
+    parallel_split(size, 16384, [&](int64_t e0, int64_t e1) {
       float* out = gx.get();
       for (int64_t p = 1; p < parts; ++p) {
         const float* part = gx.get() + p * size;
