@@ -47,6 +47,10 @@ constexpr int64_t gemv_cols(int64_t unit) {
   return std::max<int64_t>(unit, (int64_t{16} << 10) / (4 * N) / unit * unit);
 }
 
+// Rows per group of the 4-bit GEMV when a row takes several column passes (the group's codes,
+// 16 rows of up to some 10 KiB, stay in L2 across its passes).
+constexpr int64_t kGemvGroupRows = 16;
+
 // The GEMV kernels as gemv_n's K<N>::run.
 template <int N>
 struct Lut4Gemv {

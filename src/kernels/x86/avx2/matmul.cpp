@@ -187,43 +187,56 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
                int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
-  const int64_t per_row = w.row_stride / w.group;
-  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
-    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
-    for (int64_t r = r0; r < r1; ++r) {
-      Lut4Row<> row(w, r, base_lo, base_hi);
-      if (cb) row.seek(r, cb);
-      const uint8_t* codes = w.codes + r * (w.kpad / 2);
-      __m256 acc[N][A];
-      for (auto& a : acc)
-        for (auto& b : a) b = _mm256_setzero_ps();
-      // One pointer per activation row, advanced a chunk at a time (constant offsets below).
-      const float* xp[N];
-      for (int i = 0; i < N; ++i) xp[i] = x + i * ldx + cb;
-      for (int64_t c = cb; c < ce; c += kLut4Chunk) {
-        // Without running ahead, one thread reads only ~10 GB/s from DRAM.
-        _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
-        // The statistics two rows on: with several column passes (long rows) a pass reads short
-        // runs of each row's statistics, which the hardware prefetcher does not follow.
-        _mm_prefetch(reinterpret_cast<const char*>(w.scale + row.seg + 2 * per_row), _MM_HINT_T0);
-        if (w.zero_point)
-          _mm_prefetch(reinterpret_cast<const char*>(w.zero_point + row.seg + 2 * per_row), _MM_HINT_T0);
-        const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
-        const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
-        for_each_v<0>([&](auto v) {
-          constexpr int V = decltype(v)::value;
-          row.at(c + 16 * V);
-          const __m256 w0 = decode8<V>(q0, row.lo, row.hi);
-          for (int i = 0; i < N; ++i)
-            acc[i][(2 * V) % A] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[i] + 16 * V), acc[i][(2 * V) % A]);
-          const __m256 w1 = decode8<V>(q1, row.lo, row.hi);
-          for (int i = 0; i < N; ++i)
-            acc[i][(2 * V + 1) % A] =
-                _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[i] + 16 * V + 8), acc[i][(2 * V + 1) % A]);
-        });
-        for (int i = 0; i < N; ++i) xp[i] += kLut4Chunk;
+  const int64_t per_row = w.row_stride / w.group, pitch = w.kpad / 2;
+  // Rows longer than one column pass are walked kGemvGroupRows at a time, pass by pass (each
+  // row's passes still in order: the same sums), while the next group's codes stream into L2 in
+  // address order, a line per chunk read (as in the AVX-512 kernel).
+  const int64_t group = w.kpad > gemv_cols<N>(kLut4Chunk) ? kGemvGroupRows : r1 - r0;
+  for (int64_t g0 = r0; g0 < r1; g0 += group) {
+    const int64_t g1 = std::min(r1, g0 + group);
+    const uint8_t* ahead = w.codes + g1 * pitch;
+    const uint8_t* const ahead_end = w.codes + std::min(r1, g1 + group) * pitch;
+    for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+      const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
+      for (int64_t r = g0; r < g1; ++r) {
+        Lut4Row<> row(w, r, base_lo, base_hi);
+        if (cb) row.seek(r, cb);
+        const uint8_t* codes = w.codes + r * pitch;
+        __m256 acc[N][A];
+        for (auto& a : acc)
+          for (auto& b : a) b = _mm256_setzero_ps();
+        // One pointer per activation row, advanced a chunk at a time (constant offsets below).
+        const float* xp[N];
+        for (int i = 0; i < N; ++i) xp[i] = x + i * ldx + cb;
+        for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+          // Without running ahead, one thread reads only ~10 GB/s from DRAM.
+          _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
+          // The statistics two rows on: with several column passes (long rows) a pass reads
+          // short runs of each row's statistics, which the hardware prefetcher does not follow.
+          _mm_prefetch(reinterpret_cast<const char*>(w.scale + row.seg + 2 * per_row), _MM_HINT_T0);
+          if (w.zero_point)
+            _mm_prefetch(reinterpret_cast<const char*>(w.zero_point + row.seg + 2 * per_row), _MM_HINT_T0);
+          if (ahead < ahead_end) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
+            ahead += 64;
+          }
+          const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
+          const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
+          for_each_v<0>([&](auto v) {
+            constexpr int V = decltype(v)::value;
+            row.at(c + 16 * V);
+            const __m256 w0 = decode8<V>(q0, row.lo, row.hi);
+            for (int i = 0; i < N; ++i)
+              acc[i][(2 * V) % A] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[i] + 16 * V), acc[i][(2 * V) % A]);
+            const __m256 w1 = decode8<V>(q1, row.lo, row.hi);
+            for (int i = 0; i < N; ++i)
+              acc[i][(2 * V + 1) % A] =
+                  _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[i] + 16 * V + 8), acc[i][(2 * V + 1) % A]);
+          });
+          for (int i = 0; i < N; ++i) xp[i] += kLut4Chunk;
+        }
+        reduce_store<N, A>(acc, y, ldy, r, cb == 0);
       }
-      reduce_store<N, A>(acc, y, ldy, r, cb == 0);
     }
   }
 }

@@ -129,32 +129,45 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
   constexpr int A = kAccPerRow<N>;
   const __m512 base = _mm512_loadu_ps(w.lut);
   const int64_t pitch = w.kpad / 2, per_row = w.row_stride / w.group;
-  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
-    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
-    for (int64_t r = r0; r < r1; ++r) {
-      Lut4Row row(w, r, base, cb);
-      const uint8_t* codes = w.codes + r * pitch;
-      __m512 acc[N][A];
-      for (auto& a : acc)
-        for (auto& b : a) b = _mm512_setzero_ps();
-      for (int64_t c = cb; c < ce; c += kLut4Chunk) {
-        prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
-        // Their statistics too: with several column passes (long rows) a pass reads short runs
-        // of each row's statistics, which the hardware prefetcher does not follow.
-        prefetch(w.scale + row.seg + 2 * per_row);
-        if (w.zero_point) prefetch(w.zero_point + row.seg + 2 * per_row);
-        const __m512i q = _mm512_load_si512(codes + c / 2);
-        for_each_v<0>([&](auto v) {
-          constexpr int V = decltype(v)::value;
-          const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
-          for (int i = 0; i < N; ++i)
-            acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
-        });
-      }
-      for (int i = 0; i < N; ++i) {
-        __m512 s = acc[i][0];
-        for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
-        y[i * ldy + r] = (cb ? y[i * ldy + r] : 0.0f) + _mm512_reduce_add_ps(s);
+  // Rows longer than one column pass are walked kGemvGroupRows at a time, pass by pass (each
+  // row's passes still in order: the same sums), while the next group's codes stream into L2 in
+  // address order, a line per chunk read: the passes alone read short runs of each row, which
+  // the hardware prefetcher follows poorly.
+  const int64_t group = w.kpad > gemv_cols<N>(kLut4Chunk) ? kGemvGroupRows : r1 - r0;
+  for (int64_t g0 = r0; g0 < r1; g0 += group) {
+    const int64_t g1 = std::min(r1, g0 + group);
+    const uint8_t* ahead = w.codes + g1 * pitch;
+    const uint8_t* const ahead_end = w.codes + std::min(r1, g1 + group) * pitch;
+    for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+      const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
+      for (int64_t r = g0; r < g1; ++r) {
+        Lut4Row row(w, r, base, cb);
+        const uint8_t* codes = w.codes + r * pitch;
+        __m512 acc[N][A];
+        for (auto& a : acc)
+          for (auto& b : a) b = _mm512_setzero_ps();
+        for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+          prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
+          // Their statistics too (the passes read short runs of them as well).
+          prefetch(w.scale + row.seg + 2 * per_row);
+          if (w.zero_point) prefetch(w.zero_point + row.seg + 2 * per_row);
+          if (ahead < ahead_end) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
+            ahead += 64;
+          }
+          const __m512i q = _mm512_load_si512(codes + c / 2);
+          for_each_v<0>([&](auto v) {
+            constexpr int V = decltype(v)::value;
+            const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
+            for (int i = 0; i < N; ++i)
+              acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
+          });
+        }
+        for (int i = 0; i < N; ++i) {
+          __m512 s = acc[i][0];
+          for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
+          y[i * ldy + r] = (cb ? y[i * ldy + r] : 0.0f) + _mm512_reduce_add_ps(s);
+        }
       }
     }
   }
