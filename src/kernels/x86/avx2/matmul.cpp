@@ -182,16 +182,17 @@ inline void reduce_store(__m256 (&acc)[N][A], float* y, int64_t ldy, int64_t r, 
   }
 }
 
-template <int N>
-void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
+// Multi: rows longer than one column pass (see below); otherwise one pass, the plain walk.
+template <int N, bool Multi>
+void lut4_gemv_walk(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                    int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
   const int64_t per_row = w.row_stride / w.group, pitch = w.kpad / 2;
   // Rows longer than one column pass are walked kGemvGroupRows at a time, pass by pass (each
   // row's passes still in order: the same sums), while the next group's codes stream into L2 in
   // address order, a line per chunk read (as in the AVX-512 kernel).
-  const int64_t group = w.kpad > gemv_cols<N>(kLut4Chunk) ? kGemvGroupRows : r1 - r0;
+  const int64_t group = Multi ? kGemvGroupRows : r1 - r0;
   for (int64_t g0 = r0; g0 < r1; g0 += group) {
     const int64_t g1 = std::min(r1, g0 + group);
     const uint8_t* ahead = w.codes + g1 * pitch;
@@ -211,14 +212,16 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
         for (int64_t c = cb; c < ce; c += kLut4Chunk) {
           // Without running ahead, one thread reads only ~10 GB/s from DRAM.
           _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
-          // The statistics two rows on: with several column passes (long rows) a pass reads
-          // short runs of each row's statistics, which the hardware prefetcher does not follow.
-          _mm_prefetch(reinterpret_cast<const char*>(w.scale + row.seg + 2 * per_row), _MM_HINT_T0);
-          if (w.zero_point)
-            _mm_prefetch(reinterpret_cast<const char*>(w.zero_point + row.seg + 2 * per_row), _MM_HINT_T0);
-          if (ahead < ahead_end) {
-            _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
-            ahead += 64;
+          if constexpr (Multi) {
+            // The statistics two rows on: a pass reads short runs of each row's statistics,
+            // which the hardware prefetcher does not follow.
+            _mm_prefetch(reinterpret_cast<const char*>(w.scale + row.seg + 2 * per_row), _MM_HINT_T0);
+            if (w.zero_point)
+              _mm_prefetch(reinterpret_cast<const char*>(w.zero_point + row.seg + 2 * per_row), _MM_HINT_T0);
+            if (ahead < ahead_end) {
+              _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
+              ahead += 64;
+            }
           }
           const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
           const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
@@ -239,6 +242,13 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
       }
     }
   }
+}
+
+template <int N>
+void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  if (w.kpad > gemv_cols<N>(kLut4Chunk)) return lut4_gemv_walk<N, true>(w, x, ldx, r0, r1, y, ldy);
+  lut4_gemv_walk<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
 
 // y = sum_j ((q + offset) * scale) * x: each weight decoded to exactly what dequantize gives

@@ -123,9 +123,10 @@ inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
 template <int N>
 constexpr int kAccPerRow = N >= 4 ? 1 : 4 / N;
 
-template <int N>
-void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
+// Multi: rows longer than one column pass (see below); otherwise one pass, the plain walk.
+template <int N, bool Multi>
+void lut4_gemv_walk(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                    int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m512 base = _mm512_loadu_ps(w.lut);
   const int64_t pitch = w.kpad / 2, per_row = w.row_stride / w.group;
@@ -133,7 +134,7 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
   // row's passes still in order: the same sums), while the next group's codes stream into L2 in
   // address order, a line per chunk read: the passes alone read short runs of each row, which
   // the hardware prefetcher follows poorly.
-  const int64_t group = w.kpad > gemv_cols<N>(kLut4Chunk) ? kGemvGroupRows : r1 - r0;
+  const int64_t group = Multi ? kGemvGroupRows : r1 - r0;
   for (int64_t g0 = r0; g0 < r1; g0 += group) {
     const int64_t g1 = std::min(r1, g0 + group);
     const uint8_t* ahead = w.codes + g1 * pitch;
@@ -148,12 +149,14 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
           for (auto& b : a) b = _mm512_setzero_ps();
         for (int64_t c = cb; c < ce; c += kLut4Chunk) {
           prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
-          // Their statistics too (the passes read short runs of them as well).
-          prefetch(w.scale + row.seg + 2 * per_row);
-          if (w.zero_point) prefetch(w.zero_point + row.seg + 2 * per_row);
-          if (ahead < ahead_end) {
-            _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
-            ahead += 64;
+          if constexpr (Multi) {
+            // Their statistics too (the passes read short runs of them as well).
+            prefetch(w.scale + row.seg + 2 * per_row);
+            if (w.zero_point) prefetch(w.zero_point + row.seg + 2 * per_row);
+            if (ahead < ahead_end) {
+              _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
+              ahead += 64;
+            }
           }
           const __m512i q = _mm512_load_si512(codes + c / 2);
           for_each_v<0>([&](auto v) {
@@ -171,6 +174,13 @@ void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int
       }
     }
   }
+}
+
+template <int N>
+void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  if (w.kpad > gemv_cols<N>(kLut4Chunk)) return lut4_gemv_walk<N, true>(w, x, ldx, r0, r1, y, ldy);
+  lut4_gemv_walk<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
 
 // y = sum_j ((q + offset) * scale) * x: each weight is exactly the dequantized one (symmetric
