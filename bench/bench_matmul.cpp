@@ -52,7 +52,7 @@
 //   {"op","format","path","isa","m","k","n","threads","median_us","min_us","samples","copies",
 //    "weight_bytes","GB_s","GFLOP_s","bw_GB_s","bw_after_GB_s","pct_bw","other_cpu","contention","check"} one
 //    per case
-// op: matmul (path exact / fast), matmul_transposed (exact; nf4 and int8_sym, n in {1, 16, 128}),
+// op: matmul (path exact / fast / int8), matmul_transposed (exact; nf4, nf4_dq, int4_sym and int8_sym),
 // matmul_llm_int8 (int8_sym weights; path thr0 = threshold 0, thr6 = threshold 6.0 with 0.1 % of
 // the activation columns planted as outliers; also "threshold" and "outlier_cols"), torch_linear
 // (at::linear on a float32 [m, k] weight) and torch_mv (at::mv, n = 1), format f32, isa torch.
@@ -146,7 +146,7 @@ const FormatCase kFormats[] = {
     {"nf4", Weight::nf4, false, true},
     {"nf4_dq", Weight::nf4_dq, false, true},
     {"fp4", Weight::fp4, false, false},
-    {"int4_sym", Weight::int4_sym, false, false},
+    {"int4_sym", Weight::int4_sym, false, true},
     {"int4_asym", Weight::int4_asym, false, false},
     {"int8_sym", Weight::int8_sym, false, true},
     {"int8_asym", Weight::int8_asym, false, false},
@@ -608,7 +608,7 @@ std::vector<Group> plan_shape(const Options& o, const std::vector<const KernelTa
             }
             if (o.has_op("matmul"))
               for (const std::string& p : o.paths) g.cases.push_back({Op::matmul, f, p, k, n, t, 0.0f});
-            if (f->transposed && o.has_op("matmul_transposed") && (n == 1 || n == 16 || n == 128))
+            if (f->transposed && o.has_op("matmul_transposed"))
               g.cases.push_back({Op::transposed, f, "exact", k, n, t, 0.0f});
           }
       }

@@ -47,6 +47,10 @@ constexpr int64_t gemv_cols(int64_t unit) {
   return std::max<int64_t>(unit, (int64_t{16} << 10) / (4 * N) / unit * unit);
 }
 
+// Rows per group of the 4-bit GEMV when a row takes several column passes (the group's codes,
+// 16 rows of up to some 10 KiB, stay in L2 across its passes).
+constexpr int64_t kGemvGroupRows = 16;
+
 // The GEMV kernels as gemv_n's K<N>::run.
 template <int N>
 struct Lut4Gemv {
@@ -164,6 +168,34 @@ void exact_f32(const M& w, const float* x, int64_t n, int64_t ldx, int64_t r0, i
   }
   decoded_gemm<Dot>(w.kpad, n, DirectRows<float>{x, ldx}, r0, r1, y, ldy,
                     [&](int64_t r, float* out) { DecodeRow(w, r, out); });
+}
+
+// ---- transposed product over rows (small n) ------------------------------------------------------
+
+// block(N, R, i, r) (N, R as integral constants) over the weight rows [r0, r1), R at a time then
+// one at a time, for the rows of gy in passes of up to NMax from row i; zeroes gx [n][kpad] first
+// unless accumulating. Each pass adds the rows in increasing order.
+template <int R, int NMax, class Block>
+void t_rows(int64_t kpad, int64_t n, int64_t r0, int64_t r1, float* gx, int64_t ldx, bool accumulate,
+            const Block& block) {
+  if (!accumulate)
+    for (int64_t i = 0; i < n; ++i) std::fill(gx + i * ldx, gx + i * ldx + kpad, 0.0f);
+  for (int64_t i = 0; i < n; i += NMax) {
+    const auto pass = [&](auto nn) {
+      int64_t r = r0;
+      for (; r + R <= r1; r += R) block(nn, std::integral_constant<int, R>{}, i, r);
+      for (; r < r1; ++r) block(nn, std::integral_constant<int, 1>{}, i, r);
+    };
+    const int64_t m = std::min<int64_t>(NMax, n - i);
+    if (m == 1) pass(std::integral_constant<int, 1>{});
+    if constexpr (NMax >= 2)
+      if (m == 2) pass(std::integral_constant<int, 2>{});
+    if constexpr (NMax >= 3)
+      if (m == 3) pass(std::integral_constant<int, 3>{});
+    if constexpr (NMax >= 4)
+      if (m == 4) pass(std::integral_constant<int, 4>{});
+    static_assert(NMax <= 4, "t_rows: passes of up to 4 rows of gy");
+  }
 }
 
 }  // namespace

@@ -938,8 +938,11 @@ TEST_P(Matmul, RawForwardEntriesNoRows) {
 // int8 path bit for bit (matmul.h); docs/matmul.md promises bit-identical results on every path.
 
 TEST_P(Matmul, ThreadCountInvariance) {
-  const WCase cases[] = {
-      {WFormat::nf4, 67, 640, 64}, {WFormat::int4_sym, 129, 130, 24}, {WFormat::int8_asym, 129, 640, 0}};
+  const WCase cases[] = {{WFormat::nf4, 67, 640, 64},
+                         {WFormat::int4_sym, 129, 130, 24},
+                         {WFormat::int8_asym, 129, 640, 0},
+                         {WFormat::nf4, 600, 256, 64},
+                         {WFormat::int8_sym, 777, 130, 0}};  // several row parts (transposed)
   uint32_t seed = 201;
   for (const WCase& wc : cases) {
     const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
@@ -1072,6 +1075,63 @@ TEST_P(Matmul, TransposedRawColumnRanges) {
           else
             kt().matmul.lut4_t_f32(w.p4.view, gy.f32.data(), n, ldg, c0, c1, gx.f32.data(), ldo, accumulate);
           expect_within(ctx.str(), gx, want, tol, c0, std::min(c1, cols), c1);
+          if (HasFailure()) return;
+        }
+    }
+  }
+}
+
+// The row entries over weight rows [r0, r1) (empty, one row, odd starts and tails of the 4-row
+// blocks), with and without accumulate: gy outside [r0, r1) is NaN (never read), columns
+// [cols, kpad) are padding (anything), [kpad, ldx) untouched.
+TEST_P(Matmul, TransposedRawRowRanges) {
+  const WCase cases[] = {
+      {WFormat::nf4, 67, 640, 64},      {WFormat::fp4, 17, 257, 64},       {WFormat::int4_asym, 23, 257, 32},
+      {WFormat::int4_sym, 29, 130, 24}, {WFormat::int4_sym, 13, 384, 128}, {WFormat::nf4, 9, 100, 64},
+      {WFormat::int8_sym, 67, 257, 0},  {WFormat::int8_asym, 17, 100, 0},
+  };
+  uint32_t seed = 451;
+  for (const WCase& wc : cases) {
+    const Weight w = make_weight(wc.fmt, wc.rows, wc.cols, wc.block, seed++);
+    const int64_t rows = w.rows, cols = w.cols, kpad = w.is_int8() ? w.p8.view.kpad : w.p4.view.kpad;
+    const std::vector<std::pair<int64_t, int64_t>> ranges = {{0, rows},        {0, 0}, {1, rows},    {3, 10},
+                                                             {rows - 1, rows}, {0, 5}, {2, rows - 3}};
+    for (int64_t n : {1, 2, 3, 4, 5, 9}) {
+      const int64_t ldg = rows + 3, ldo = kpad + 5;
+      const std::vector<float> gv = gaussian(n * rows, seed++);
+      for (auto [b, e] : ranges)
+        for (bool accumulate : {false, true}) {
+          const int64_t r1 = std::min(e, rows), r0 = std::min(b, r1);
+          std::ostringstream ctx;
+          ctx << w.name() << " raw transposed rows n=" << n << " rows [" << r0 << ", " << r1 << ")"
+              << (accumulate ? " accumulate" : "");
+          std::vector<float> in_range(gv);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t r = 0; r < rows; ++r)
+              if (r < r0 || r >= r1) in_range[sz(i * rows + r)] = 0.0f;
+          const Acts ref_gy = make_acts(in_range, n, rows, ldg, DType::f32);
+          Acts gy = make_acts(gv, n, rows, ldg, DType::f32);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t r = 0; r < rows; ++r)
+              if (r < r0 || r >= r1) gy.f32[sz(i * ldg + r)] = std::numeric_limits<float>::quiet_NaN();
+          const DotRef ref = transposed_ref(ref_gy, w.deq, rows, cols, ldo);
+          Out gx = make_out(DType::f32, n, ldo);
+          const std::vector<float> init = gaussian(n * ldo, seed++);
+          std::vector<double> want(ref.y), tol(ref.y.size());
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < kpad; ++j) {
+              const size_t at = sz(i * ldo + j);
+              gx.f32[at] = accumulate ? init[at] : std::numeric_limits<float>::quiet_NaN();
+              if (accumulate) want[at] += init[at];
+              tol[at] = exact_bound(r1 - r0 + 1, ref.p[at], accumulate ? init[at] : 0.0);
+            }
+          if (w.is_int8())
+            kt().matmul.int8_t_rows_f32(w.p8.view, gy.f32.data(), n, ldg, r0, r1, gx.f32.data(), ldo,
+                                        accumulate);
+          else
+            kt().matmul.lut4_t_rows_f32(w.p4.view, gy.f32.data(), n, ldg, r0, r1, gx.f32.data(), ldo,
+                                        accumulate);
+          expect_within(ctx.str(), gx, want, tol, 0, cols, kpad);
           if (HasFailure()) return;
         }
     }
@@ -1510,6 +1570,52 @@ TEST_P(Matmul, ZeroWeightsOrActivationsGiveTheBias) {
             expect_exactly_bias(ctx.str() + " transposed", gx, {}, false);
           }
       if (HasFailure()) return;
+    }
+}
+
+// The row entries against the scalar table's on special values: NaN, +-Inf and zeros in gy,
+// huge and tiny weights. Non-finite outputs match in class (NaN, or the same infinity), finite
+// ones lie within the bound of the double reference.
+TEST_P(Matmul, TransposedRowsSpecialValues) {
+  uint32_t seed = 481;
+  for (WFormat fmt : kAllFormats)
+    for (float amp : {1.0f, 1e30f, 1e-30f}) {
+      const Weight w = make_weight(fmt, 21, 257, block_for(fmt), seed++, amp);
+      const int64_t rows = w.rows, cols = w.cols, kpad = w.is_int8() ? w.p8.view.kpad : w.p4.view.kpad;
+      for (int64_t n : {1, 3, 6}) {
+        std::vector<float> gv = gaussian(n * rows, seed++);
+        for (int64_t r = 0; r < rows; r += 4) gv[sz(r)] = 0.0f;  // zeros in row 0
+        if (n > 1) {
+          gv[sz(rows + 2)] = std::numeric_limits<float>::quiet_NaN();
+          gv[sz(rows + 7)] = std::numeric_limits<float>::infinity();
+        }
+        gv[sz((n - 1) * rows + 5)] = -std::numeric_limits<float>::infinity();
+        const Acts gy = make_acts(gv, n, rows, rows, DType::f32);
+        const DotRef ref = transposed_ref(gy, w.deq, rows, cols, kpad);
+        std::vector<float> got(sz(n * kpad)), want(sz(n * kpad));
+        if (w.is_int8()) {
+          kt().matmul.int8_t_rows_f32(w.p8.view, gy.f32.data(), n, rows, 0, rows, got.data(), kpad, false);
+          scalar_table().matmul.int8_t_rows_f32(w.p8.view, gy.f32.data(), n, rows, 0, rows, want.data(), kpad,
+                                                false);
+        } else {
+          kt().matmul.lut4_t_rows_f32(w.p4.view, gy.f32.data(), n, rows, 0, rows, got.data(), kpad, false);
+          scalar_table().matmul.lut4_t_rows_f32(w.p4.view, gy.f32.data(), n, rows, 0, rows, want.data(), kpad,
+                                                false);
+        }
+        int bad = 0;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < cols; ++j) {
+            const size_t at = sz(i * kpad + j);
+            const float g = got[at], s = want[at];
+            const bool ok = std::isfinite(s) ? std::isfinite(g) && std::fabs(double(g) - ref.y[at]) <=
+                                                                       exact_bound(rows, ref.p[at])
+                                             : (std::isnan(s) ? std::isnan(g) : g == s);
+            if (!ok && ++bad <= 5)
+              ADD_FAILURE() << w.name() << " amp=" << amp << " n=" << n << " element (" << i << ", " << j
+                            << ") = " << g << ", scalar " << s << ", reference " << ref.y[at];
+          }
+        if (HasFailure()) return;
+      }
     }
 }
 

@@ -250,7 +250,8 @@ void matmul_llm_int8(const Int8Matrix& w, const MatmulIO& io, float threshold,
 
 /// The transposed product for backward: gx = gy · dequant(W) (+= if accumulate), exact fp32 path;
 /// gy is [n, rows] (io.x, io.ldx >= rows), gx [n, cols] (io.y, io.ldy >= cols); io.bias unused.
-/// Threads split the columns of W.
+/// n <= 16: threads take fixed parts of the rows of W (summed in order: the same bits for every
+/// thread count); larger n: threads split the columns of W.
 void matmul_transposed(const Lut4Matrix& w, const MatmulIO& io, const KernelTable& k = active_kernels());
 void matmul_transposed(const Int8Matrix& w, const MatmulIO& io, const KernelTable& k = active_kernels());
 

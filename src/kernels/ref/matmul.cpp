@@ -60,6 +60,22 @@ void transposed_f32(Decode decode, int64_t rows, int64_t kpad, const float* gy, 
   }
 }
 
+// gx[i][0, kpad) (+)= sum over rows [r0, r1) in order; the padding decodes to 0 here.
+template <class Decode>
+void transposed_rows_f32(Decode decode, int64_t kpad, const float* gy, int64_t n, int64_t ldy, int64_t r0,
+                         int64_t r1, float* gx, int64_t ldx, bool accumulate) {
+  if (!accumulate)
+    for (int64_t i = 0; i < n; ++i) std::fill(gx + i * ldx, gx + i * ldx + kpad, 0.0f);
+  std::vector<float> wrow(kpad);
+  for (int64_t r = r0; r < r1; ++r) {
+    decode(r, wrow.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = gy[i * ldy + r];
+      for (int64_t j = 0; j < kpad; ++j) gx[i * ldx + j] += g * wrow[j];
+    }
+  }
+}
+
 }  // namespace
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
@@ -123,6 +139,18 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                 float* gx, int64_t ldx, bool accumulate) {
   transposed_f32([&](int64_t r, float* out) { decode_int8_row(w, r, out); }, w.rows, w.kpad, gy, n, ldy, c0,
                  c1, gx, ldx, accumulate);
+}
+
+void lut4_t_rows_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t r0, int64_t r1,
+                     float* gx, int64_t ldx, bool accumulate) {
+  transposed_rows_f32([&](int64_t r, float* out) { decode_lut4_row(w, r, out); }, w.kpad, gy, n, ldy, r0, r1,
+                      gx, ldx, accumulate);
+}
+
+void int8_t_rows_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t r0, int64_t r1,
+                     float* gx, int64_t ldx, bool accumulate) {
+  transposed_rows_f32([&](int64_t r, float* out) { decode_int8_row(w, r, out); }, w.kpad, gy, n, ldy, r0, r1,
+                      gx, ldx, accumulate);
 }
 
 void quantize_row_u8(const float* x, int64_t cols, float inv, uint8_t* xu) {

@@ -184,44 +184,73 @@ inline void reduce_store(__m256 (&acc)[N][A], float* y, int64_t ldy, int64_t r, 
   }
 }
 
+// Multi: rows longer than one column pass (see below); otherwise one pass, the plain walk.
+template <int N, bool Multi>
+void lut4_gemv_walk(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                    int64_t ldy) {
+  constexpr int A = kAccPerRow<N>;
+  const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
+  const int64_t per_row = w.row_stride / w.group, pitch = w.kpad / 2;
+  // Rows longer than one column pass are walked kGemvGroupRows at a time, pass by pass (each
+  // row's passes still in order: the same sums), while the next group's codes stream into L2 in
+  // address order, a line per chunk read (as in the AVX-512 kernel).
+  const int64_t group = Multi ? kGemvGroupRows : r1 - r0;
+  for (int64_t g0 = r0; g0 < r1; g0 += group) {
+    const int64_t g1 = std::min(r1, g0 + group);
+    const uint8_t* ahead = w.codes + g1 * pitch;
+    const uint8_t* const ahead_end = w.codes + std::min(r1, g1 + group) * pitch;
+    for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+      const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
+      for (int64_t r = g0; r < g1; ++r) {
+        Lut4Row<> row(w, r, base_lo, base_hi);
+        if (cb) row.seek(r, cb);
+        const uint8_t* codes = w.codes + r * pitch;
+        __m256 acc[N][A];
+        for (auto& a : acc)
+          for (auto& b : a) b = _mm256_setzero_ps();
+        // One pointer per activation row, advanced a chunk at a time (constant offsets below).
+        const float* xp[N];
+        for (int i = 0; i < N; ++i) xp[i] = x + i * ldx + cb;
+        for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+          // Without running ahead, one thread reads only ~10 GB/s from DRAM.
+          _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
+          if constexpr (Multi) {
+            // The statistics two rows on: a pass reads short runs of each row's statistics,
+            // which the hardware prefetcher does not follow.
+            _mm_prefetch(reinterpret_cast<const char*>(w.scale + row.seg + 2 * per_row), _MM_HINT_T0);
+            if (w.zero_point)
+              _mm_prefetch(reinterpret_cast<const char*>(w.zero_point + row.seg + 2 * per_row), _MM_HINT_T0);
+            if (ahead < ahead_end) {
+              _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
+              ahead += 64;
+            }
+          }
+          const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
+          const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
+          for_each_v<0>([&](auto v) {
+            constexpr int V = decltype(v)::value;
+            row.at(c + 16 * V);
+            const __m256 w0 = decode8<V>(q0, row.lo, row.hi);
+            for (int i = 0; i < N; ++i)
+              acc[i][(2 * V) % A] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[i] + 16 * V), acc[i][(2 * V) % A]);
+            const __m256 w1 = decode8<V>(q1, row.lo, row.hi);
+            for (int i = 0; i < N; ++i)
+              acc[i][(2 * V + 1) % A] =
+                  _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[i] + 16 * V + 8), acc[i][(2 * V + 1) % A]);
+          });
+          for (int i = 0; i < N; ++i) xp[i] += kLut4Chunk;
+        }
+        reduce_store<N, A>(acc, y, ldy, r, cb == 0);
+      }
+    }
+  }
+}
+
 template <int N>
 void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
                int64_t ldy) {
-  constexpr int A = kAccPerRow<N>;
-  const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
-  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
-    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
-    for (int64_t r = r0; r < r1; ++r) {
-      Lut4Row<> row(w, r, base_lo, base_hi);
-      if (cb) row.seek(r, cb);
-      const uint8_t* codes = w.codes + r * (w.kpad / 2);
-      __m256 acc[N][A];
-      for (auto& a : acc)
-        for (auto& b : a) b = _mm256_setzero_ps();
-      // One pointer per activation row, advanced a chunk at a time (constant offsets below).
-      const float* xp[N];
-      for (int i = 0; i < N; ++i) xp[i] = x + i * ldx + cb;
-      for (int64_t c = cb; c < ce; c += kLut4Chunk) {
-        // Without running ahead, one thread reads only ~10 GB/s from DRAM.
-        _mm_prefetch(reinterpret_cast<const char*>(codes + c / 2) + 4096, _MM_HINT_T0);
-        const __m256i q0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2));
-        const __m256i q1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + c / 2 + 32));
-        for_each_v<0>([&](auto v) {
-          constexpr int V = decltype(v)::value;
-          row.at(c + 16 * V);
-          const __m256 w0 = decode8<V>(q0, row.lo, row.hi);
-          for (int i = 0; i < N; ++i)
-            acc[i][(2 * V) % A] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[i] + 16 * V), acc[i][(2 * V) % A]);
-          const __m256 w1 = decode8<V>(q1, row.lo, row.hi);
-          for (int i = 0; i < N; ++i)
-            acc[i][(2 * V + 1) % A] =
-                _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[i] + 16 * V + 8), acc[i][(2 * V + 1) % A]);
-        });
-        for (int i = 0; i < N; ++i) xp[i] += kLut4Chunk;
-      }
-      reduce_store<N, A>(acc, y, ldy, r, cb == 0);
-    }
-  }
+  if (w.kpad > gemv_cols<N>(kLut4Chunk)) return lut4_gemv_walk<N, true>(w, x, ldx, r0, r1, y, ldy);
+  lut4_gemv_walk<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
 
 // y = sum_j ((q + offset) * scale) * x: each weight decoded to exactly what dequantize gives
@@ -436,6 +465,102 @@ void transposed_f32(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64
   }
 }
 
+// ---- transposed product over rows (small n) -------------------------------------------------------
+
+// gx[i][0, kpad) += sum of gy[i][r + q] * w[r + q][:] for the R weight rows from r and N rows of gy:
+// the rows stream in order, each 8-column piece of them decoded once and added into gx (L1 / L2
+// resident) in row order. Groups lie inside rows (simd_friendly), so every row's segments start
+// at the same columns (multiples of group).
+template <int N, int R>
+void lut4_t_rows_block(const Lut4Matrix& w, __m256 base_lo, __m256 base_hi, const float* gy, int64_t ldy,
+                       int64_t r, float* gx, int64_t ldx) {
+  const int64_t pitch = w.kpad / 2, per_row = w.row_stride / w.group, group = w.group;
+  const float* scale = w.scale;
+  const float* zp = w.zero_point;
+  const uint8_t* codes = w.codes + r * pitch;
+  float g[N][R];
+  for (int i = 0; i < N; ++i)
+    for (int q = 0; q < R; ++q) g[i][q] = gy[i * ldy + r + q];
+  __m256 lo[R], hi[R];
+  int64_t seg = 0, next = group;  // the segment (within a row) and where the next starts
+  auto build = [&] {
+    // Padding past the row's own segments decodes to 0 (0 * Inf must not make columns NaN).
+    const bool past = seg * group >= w.row_stride;
+    for (int q = 0; q < R; ++q) {
+      if (past) {
+        lo[q] = hi[q] = _mm256_setzero_ps();
+        continue;
+      }
+      const int64_t s = (r + q) * per_row + seg;
+      __m256 a = base_lo, b = base_hi;
+      if (zp) {
+        const __m256 z = _mm256_set1_ps(zp[s]);
+        a = _mm256_sub_ps(a, z);
+        b = _mm256_sub_ps(b, z);
+      }
+      const __m256 sc = _mm256_set1_ps(scale[s]);
+      lo[q] = _mm256_mul_ps(a, sc);
+      hi[q] = _mm256_mul_ps(b, sc);
+    }
+  };
+  build();
+  for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+    for (int q = 0; q < R; ++q)
+      _mm_prefetch(reinterpret_cast<const char*>(codes + q * pitch + c / 2 + R * pitch), _MM_HINT_T0);
+    for_each_v<0>([&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if (c + 16 * V == next) {
+        ++seg;
+        next += group;
+        build();
+      }
+      for (int u = 0; u < 2; ++u) {
+        __m256 wv[R];
+        for (int q = 0; q < R; ++q)
+          wv[q] = decode8<V>(
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + q * pitch + c / 2 + 32 * u)), lo[q],
+              hi[q]);
+        for (int i = 0; i < N; ++i) {
+          float* o = gx + i * ldx + c + 16 * V + 8 * u;
+          __m256 a = _mm256_loadu_ps(o);
+          for (int q = 0; q < R; ++q) a = _mm256_fmadd_ps(_mm256_set1_ps(g[i][q]), wv[q], a);
+          _mm256_storeu_ps(o, a);
+        }
+      }
+    });
+  }
+}
+
+template <int N, bool Offset, int R>
+void int8_t_rows_block(const Int8Matrix& w, const float* gy, int64_t ldy, int64_t r, float* gx, int64_t ldx) {
+  const int64_t kpad = w.kpad;
+  const int8_t* codes = w.codes + r * kpad;
+  float g[N][R], off[R], s[R];
+  for (int q = 0; q < R; ++q) {
+    off[q] = Offset ? w.offset[r + q] : 0.0f;
+    s[q] = w.scale[r + q];
+    for (int i = 0; i < N; ++i) g[i][q] = gy[i * ldy + r + q];
+  }
+  for (int64_t j = 0; j < kpad; j += 64) {
+    for (int q = 0; q < R; ++q)
+      _mm_prefetch(reinterpret_cast<const char*>(codes + q * kpad + j + R * kpad), _MM_HINT_T0);
+    for (int v = 0; v < 8; ++v) {
+      __m256 wv[R];
+      for (int q = 0; q < R; ++q) {
+        wv[q] = cvt8_i8(codes + q * kpad + j + 8 * v);
+        if constexpr (Offset) wv[q] = _mm256_add_ps(wv[q], _mm256_set1_ps(off[q]));
+        wv[q] = _mm256_mul_ps(wv[q], _mm256_set1_ps(s[q]));
+      }
+      for (int i = 0; i < N; ++i) {
+        float* o = gx + i * ldx + j + 8 * v;
+        __m256 a = _mm256_loadu_ps(o);
+        for (int q = 0; q < R; ++q) a = _mm256_fmadd_ps(_mm256_set1_ps(g[i][q]), wv[q], a);
+        _mm256_storeu_ps(o, a);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
@@ -506,6 +631,27 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
                 float* gx, int64_t ldx, bool accumulate) {
   transposed_f32(w.rows, gy, n, ldy, c0, c1, gx, ldx, accumulate,
                  [&](int64_t r, int64_t cb, int64_t ce, float* out) { decode_int8_cols(w, r, cb, ce, out); });
+}
+
+void lut4_t_rows_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t r0, int64_t r1,
+                     float* gx, int64_t ldx, bool accumulate) {
+  if (!w.simd_friendly()) return scalar::lut4_t_rows_f32(w, gy, n, ldy, r0, r1, gx, ldx, accumulate);
+  const __m256 base_lo = _mm256_loadu_ps(w.lut), base_hi = _mm256_loadu_ps(w.lut + 8);
+  t_rows<2, 4>(w.kpad, n, r0, r1, gx, ldx, accumulate, [&](auto nn, auto rr, int64_t i, int64_t r) {
+    lut4_t_rows_block<decltype(nn)::value, decltype(rr)::value>(w, base_lo, base_hi, gy + i * ldy, ldy, r,
+                                                                gx + i * ldx, ldx);
+  });
+}
+
+void int8_t_rows_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t r0, int64_t r1,
+                     float* gx, int64_t ldx, bool accumulate) {
+  t_rows<4, 4>(w.kpad, n, r0, r1, gx, ldx, accumulate, [&](auto nn, auto rr, int64_t i, int64_t r) {
+    constexpr int N = decltype(nn)::value, R = decltype(rr)::value;
+    if (w.offset)
+      int8_t_rows_block<N, true, R>(w, gy + i * ldy, ldy, r, gx + i * ldx, ldx);
+    else
+      int8_t_rows_block<N, false, R>(w, gy + i * ldy, ldy, r, gx + i * ldx, ldx);
+  });
 }
 
 }  // namespace msbnb::kernels::MSBNB_ISA_NS

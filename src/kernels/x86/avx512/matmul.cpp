@@ -152,37 +152,64 @@ inline float requantize_row(const float* v, int64_t kpad, int8_t* q, int32_t& su
 template <int N>
 constexpr int kAccPerRow = N >= 4 ? 1 : 4 / N;
 
-template <int N>
-void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
-               int64_t ldy) {
+// Multi: rows longer than one column pass (see below); otherwise one pass, the plain walk.
+template <int N, bool Multi>
+void lut4_gemv_walk(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+                    int64_t ldy) {
   constexpr int A = kAccPerRow<N>;
   const __m512 base = _mm512_loadu_ps(w.lut);
-  const int64_t pitch = w.kpad / 2;
-  for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
-    const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
-    for (int64_t r = r0; r < r1; ++r) {
-      Lut4Row row(w, r, base, cb);
-      const uint8_t* codes = w.codes + r * pitch;
-      __m512 acc[N][A];
-      for (auto& a : acc)
-        for (auto& b : a) b = _mm512_setzero_ps();
-      for (int64_t c = cb; c < ce; c += kLut4Chunk) {
-        prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
-        const __m512i q = _mm512_load_si512(codes + c / 2);
-        for_each_v<0>([&](auto v) {
-          constexpr int V = decltype(v)::value;
-          const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
-          for (int i = 0; i < N; ++i)
-            acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
-        });
-      }
-      for (int i = 0; i < N; ++i) {
-        __m512 s = acc[i][0];
-        for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
-        y[i * ldy + r] = (cb ? y[i * ldy + r] : 0.0f) + _mm512_reduce_add_ps(s);
+  const int64_t pitch = w.kpad / 2, per_row = w.row_stride / w.group;
+  // Rows longer than one column pass are walked kGemvGroupRows at a time, pass by pass (each
+  // row's passes still in order: the same sums), while the next group's codes stream into L2 in
+  // address order, a line per chunk read: the passes alone read short runs of each row, which
+  // the hardware prefetcher follows poorly.
+  const int64_t group = Multi ? kGemvGroupRows : r1 - r0;
+  for (int64_t g0 = r0; g0 < r1; g0 += group) {
+    const int64_t g1 = std::min(r1, g0 + group);
+    const uint8_t* ahead = w.codes + g1 * pitch;
+    const uint8_t* const ahead_end = w.codes + std::min(r1, g1 + group) * pitch;
+    for (int64_t cb = 0; cb < w.kpad; cb += gemv_cols<N>(kLut4Chunk)) {
+      const int64_t ce = std::min(w.kpad, cb + gemv_cols<N>(kLut4Chunk));
+      for (int64_t r = g0; r < g1; ++r) {
+        Lut4Row row(w, r, base, cb);
+        const uint8_t* codes = w.codes + r * pitch;
+        __m512 acc[N][A];
+        for (auto& a : acc)
+          for (auto& b : a) b = _mm512_setzero_ps();
+        for (int64_t c = cb; c < ce; c += kLut4Chunk) {
+          prefetch(codes + c / 2 + 2 * pitch);  // the same columns, two rows on
+          if constexpr (Multi) {
+            // Their statistics too (the passes read short runs of them as well).
+            prefetch(w.scale + row.seg + 2 * per_row);
+            if (w.zero_point) prefetch(w.zero_point + row.seg + 2 * per_row);
+            if (ahead < ahead_end) {
+              _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
+              ahead += 64;
+            }
+          }
+          const __m512i q = _mm512_load_si512(codes + c / 2);
+          for_each_v<0>([&](auto v) {
+            constexpr int V = decltype(v)::value;
+            const __m512 wv = decode16<V>(q, row.at(c + 16 * V));
+            for (int i = 0; i < N; ++i)
+              acc[i][V % A] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * ldx + c + 16 * V), acc[i][V % A]);
+          });
+        }
+        for (int i = 0; i < N; ++i) {
+          __m512 s = acc[i][0];
+          for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[i][a]);
+          y[i * ldy + r] = (cb ? y[i * ldy + r] : 0.0f) + _mm512_reduce_add_ps(s);
+        }
       }
     }
   }
+}
+
+template <int N>
+void lut4_gemv(const Lut4Matrix& w, const float* x, int64_t ldx, int64_t r0, int64_t r1, float* y,
+               int64_t ldy) {
+  if (w.kpad > gemv_cols<N>(kLut4Chunk)) return lut4_gemv_walk<N, true>(w, x, ldx, r0, r1, y, ldy);
+  lut4_gemv_walk<N, false>(w, x, ldx, r0, r1, y, ldy);
 }
 
 // y = sum_j ((q + offset) * scale) * x: each weight is exactly the dequantized one (symmetric
@@ -452,6 +479,94 @@ void transposed(int64_t rows, const float* gy, int64_t n, int64_t ldy, int64_t c
   }
 }
 
+// ---- transposed product over rows (small n) -------------------------------------------------------
+
+// gx[i][0, kpad) += sum of gy[i][r + q] * w[r + q][:] for the R weight rows from r and N rows of gy:
+// the R rows stream in order, each 16-column piece of them is decoded once and added into gx
+// (L1 / L2 resident) in row order. Groups lie inside rows (simd_friendly), so every row's
+// segments start at the same columns (multiples of group).
+template <int N, int R>
+void lut4_t_rows_block(const Lut4Matrix& w, __m512 base, const float* gy, int64_t ldy, int64_t r, float* gx,
+                       int64_t ldx) {
+  const int64_t pitch = w.kpad / 2, per_row = w.row_stride / w.group, group = w.group;
+  const float* scale = w.scale;
+  const float* zp = w.zero_point;
+  const uint8_t* codes = w.codes + r * pitch;
+  __m512 g[N][R];
+  for (int i = 0; i < N; ++i)
+    for (int q = 0; q < R; ++q) g[i][q] = _mm512_set1_ps(gy[i * ldy + r + q]);
+  __m512 tab[R];
+  int64_t seg = 0, next = group;  // the segment (within a row) and where the next starts
+  auto build = [&] {
+    // Padding past the row's own segments decodes to 0 (0 * Inf must not make columns NaN).
+    const bool past = seg * group >= w.row_stride;
+    for (int q = 0; q < R; ++q) {
+      if (past) {
+        tab[q] = _mm512_setzero_ps();
+        continue;
+      }
+      const int64_t s = (r + q) * per_row + seg;
+      __m512 t = base;
+      if (zp) t = _mm512_sub_ps(t, _mm512_set1_ps(zp[s]));
+      tab[q] = _mm512_mul_ps(t, _mm512_set1_ps(scale[s]));
+    }
+  };
+  build();
+  for (int64_t c = 0; c < w.kpad; c += kLut4Chunk) {
+    __m512i qv[R];
+    for (int q = 0; q < R; ++q) {
+      prefetch(codes + q * pitch + c / 2 + R * pitch);  // the same columns of the next rows
+      qv[q] = _mm512_load_si512(codes + q * pitch + c / 2);
+    }
+    for_each_v<0>([&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if (c + 16 * V == next) {
+        ++seg;
+        next += group;
+        build();
+      }
+      __m512 wv[R];
+      for (int q = 0; q < R; ++q) wv[q] = decode16<V>(qv[q], tab[q]);
+      for (int i = 0; i < N; ++i) {
+        float* o = gx + i * ldx + c + 16 * V;
+        __m512 a = _mm512_loadu_ps(o);
+        for (int q = 0; q < R; ++q) a = _mm512_fmadd_ps(g[i][q], wv[q], a);
+        _mm512_storeu_ps(o, a);
+      }
+    });
+  }
+}
+
+template <int N, bool Offset, int R>
+void int8_t_rows_block(const Int8Matrix& w, const float* gy, int64_t ldy, int64_t r, float* gx, int64_t ldx) {
+  const int64_t kpad = w.kpad;
+  const int8_t* codes = w.codes + r * kpad;
+  __m512 g[N][R], off[R], s[R];
+  for (int q = 0; q < R; ++q) {
+    off[q] = _mm512_set1_ps(Offset ? w.offset[r + q] : 0.0f);
+    s[q] = _mm512_set1_ps(w.scale[r + q]);
+    for (int i = 0; i < N; ++i) g[i][q] = _mm512_set1_ps(gy[i * ldy + r + q]);
+  }
+  for (int64_t j = 0; j < kpad; j += 64) {
+    for (int q = 0; q < R; ++q) prefetch(codes + q * kpad + j + R * kpad);
+    for (int v = 0; v < 4; ++v) {
+      __m512 wv[R];
+      for (int q = 0; q < R; ++q) {
+        wv[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_load_si128(reinterpret_cast<const __m128i*>(codes + q * kpad + j + 16 * v))));
+        if constexpr (Offset) wv[q] = _mm512_add_ps(wv[q], off[q]);
+        wv[q] = _mm512_mul_ps(wv[q], s[q]);
+      }
+      for (int i = 0; i < N; ++i) {
+        float* o = gx + i * ldx + j + 16 * v;
+        __m512 a = _mm512_loadu_ps(o);
+        for (int q = 0; q < R; ++q) a = _mm512_fmadd_ps(g[i][q], wv[q], a);
+        _mm512_storeu_ps(o, a);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void lut4_f32(const Lut4Matrix& w, const float* x, int64_t n, int64_t ldx, int64_t r0, int64_t r1, float* y,
@@ -557,6 +672,27 @@ void int8_t_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, in
       one(std::integral_constant<int, 2>{});
       one(std::integral_constant<int, 3>{});
     };
+  });
+}
+
+void lut4_t_rows_f32(const Lut4Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t r0, int64_t r1,
+                     float* gx, int64_t ldx, bool accumulate) {
+  if (!w.simd_friendly()) return scalar::lut4_t_rows_f32(w, gy, n, ldy, r0, r1, gx, ldx, accumulate);
+  const __m512 base = _mm512_loadu_ps(w.lut);
+  t_rows<4, 4>(w.kpad, n, r0, r1, gx, ldx, accumulate, [&](auto nn, auto rr, int64_t i, int64_t r) {
+    lut4_t_rows_block<decltype(nn)::value, decltype(rr)::value>(w, base, gy + i * ldy, ldy, r, gx + i * ldx,
+                                                                ldx);
+  });
+}
+
+void int8_t_rows_f32(const Int8Matrix& w, const float* gy, int64_t n, int64_t ldy, int64_t r0, int64_t r1,
+                     float* gx, int64_t ldx, bool accumulate) {
+  t_rows<4, 4>(w.kpad, n, r0, r1, gx, ldx, accumulate, [&](auto nn, auto rr, int64_t i, int64_t r) {
+    constexpr int N = decltype(nn)::value, R = decltype(rr)::value;
+    if (w.offset)
+      int8_t_rows_block<N, true, R>(w, gy + i * ldy, ldy, r, gx + i * ldx, ldx);
+    else
+      int8_t_rows_block<N, false, R>(w, gy + i * ldy, ldy, r, gx + i * ldx, ldx);
   });
 }
 
