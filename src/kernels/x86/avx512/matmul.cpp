@@ -299,6 +299,10 @@ struct I8Dot {
     return _mm_cvtsi128_si32(t);
   }
 };
+// The same on rows decoded into a buffer that is in L2 already (lut4_i8): no prefetching.
+struct I8DotL2 : I8Dot {
+  static constexpr bool kStreamsFromDram = false;
+};
 #endif
 
 template <class Op, int NR, int MR>
@@ -377,16 +381,17 @@ inline void reduce4_store(__m512i a, __m512i b, __m512i c, __m512i d, int32_t* y
 }
 
 // 6 activation rows x 4 weight rows: 24 accumulators, 10 loads per 24 products (4 x 4: 8 per 16).
-template <>
-void tile<I8Dot, 6, 4>(const I8Dot::X* x, int64_t ldx, const I8Dot::W* w, int64_t ldw, int64_t len,
-                       I8Dot::Out* y, int64_t ldy) {
+template <class Op>
+void tile6x4(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int64_t ldw, int64_t len,
+             typename Op::Out* y, int64_t ldy) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0,
           c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0,
           f0 = a0, f1 = a0, f2 = a0, f3 = a0;
   for (int64_t j = 0; j < len; j += 64) {
     const I8Dot::W* wj = w + j;
     const I8Dot::X* xj = x + j;
-    for (int m = 0; m < 4; ++m) _mm_prefetch(reinterpret_cast<const char*>(wj + m * ldw) + 8192, _MM_HINT_T0);
+    if constexpr (Op::kStreamsFromDram)
+      for (int m = 0; m < 4; ++m) _mm_prefetch(reinterpret_cast<const char*>(wj + m * ldw) + 8192, _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(wj), w1 = _mm512_loadu_si512(wj + ldw),
                   w2 = _mm512_loadu_si512(wj + 2 * ldw), w3 = _mm512_loadu_si512(wj + 3 * ldw);
     {
@@ -408,6 +413,16 @@ void tile<I8Dot, 6, 4>(const I8Dot::X* x, int64_t ldx, const I8Dot::W* w, int64_
   reduce4_store(d0, d1, d2, d3, y + 3 * ldy);
   reduce4_store(e0, e1, e2, e3, y + 4 * ldy);
   reduce4_store(f0, f1, f2, f3, y + 5 * ldy);
+}
+template <>
+void tile<I8Dot, 6, 4>(const I8Dot::X* x, int64_t ldx, const I8Dot::W* w, int64_t ldw, int64_t len,
+                       I8Dot::Out* y, int64_t ldy) {
+  tile6x4<I8Dot>(x, ldx, w, ldw, len, y, ldy);
+}
+template <>
+void tile<I8DotL2, 6, 4>(const I8DotL2::X* x, int64_t ldx, const I8DotL2::W* w, int64_t ldw, int64_t len,
+                         I8DotL2::Out* y, int64_t ldy) {
+  tile6x4<I8DotL2>(x, ldx, w, ldw, len, y, ldy);
 }
 #endif
 #if defined(__AVX512BF16__)
@@ -610,7 +625,7 @@ void lut4_i8(const Lut4Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
   if (!w.simd_friendly()) return scalar::lut4_i8(w, xu, n, ldx, r0, r1, acc, ldy, wscale);
   std::vector<float> v(static_cast<size_t>(w.kpad));
   std::vector<int32_t> sums(static_cast<size_t>(r1 - r0));
-  decoded_gemm<I8Dot>(w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy, [&](int64_t r, int8_t* out) {
+  decoded_gemm<I8DotL2>(w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy, [&](int64_t r, int8_t* out) {
     decode_lut4_row_f32(w, r, v.data());
     std::fill(v.begin() + w.cols, v.end(), 0.0f);
     wscale[r] = requantize_row(v.data(), w.kpad, out, sums[r - r0]);
