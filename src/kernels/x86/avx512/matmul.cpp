@@ -391,7 +391,8 @@ void tile6x4(const typename Op::X* x, int64_t ldx, const typename Op::W* w, int6
     const I8Dot::W* wj = w + j;
     const I8Dot::X* xj = x + j;
     if constexpr (Op::kStreamsFromDram)
-      for (int m = 0; m < 4; ++m) _mm_prefetch(reinterpret_cast<const char*>(wj + m * ldw) + 8192, _MM_HINT_T0);
+      for (int m = 0; m < 4; ++m)
+        _mm_prefetch(reinterpret_cast<const char*>(wj + m * ldw) + 8192, _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(wj), w1 = _mm512_loadu_si512(wj + ldw),
                   w2 = _mm512_loadu_si512(wj + 2 * ldw), w3 = _mm512_loadu_si512(wj + 3 * ldw);
     {
@@ -625,11 +626,12 @@ void lut4_i8(const Lut4Matrix& w, const uint8_t* xu, int64_t n, int64_t ldx, int
   if (!w.simd_friendly()) return scalar::lut4_i8(w, xu, n, ldx, r0, r1, acc, ldy, wscale);
   std::vector<float> v(static_cast<size_t>(w.kpad));
   std::vector<int32_t> sums(static_cast<size_t>(r1 - r0));
-  decoded_gemm<I8DotL2>(w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy, [&](int64_t r, int8_t* out) {
-    decode_lut4_row_f32(w, r, v.data());
-    std::fill(v.begin() + w.cols, v.end(), 0.0f);
-    wscale[r] = requantize_row(v.data(), w.kpad, out, sums[r - r0]);
-  });
+  decoded_gemm<I8DotL2>(w.kpad, n, DirectRows<uint8_t>{xu, ldx}, r0, r1, acc, ldy,
+                        [&](int64_t r, int8_t* out) {
+                          decode_lut4_row_f32(w, r, v.data());
+                          std::fill(v.begin() + w.cols, v.end(), 0.0f);
+                          wscale[r] = requantize_row(v.data(), w.kpad, out, sums[r - r0]);
+                        });
   // sum (xu - 128) w8 = sum xu w8 - 128 sum w8, in uint32 (the biased sum may wrap).
   for (int64_t i = 0; i < n; ++i)
     for (int64_t r = r0; r < r1; ++r)
