@@ -631,61 +631,6 @@ std::vector<Group> plan_shape(const Options& o, const std::vector<const KernelTa
 
 // ---- other load --------------------------------------------------------------------------------
 
-// CPU time of the whole machine (all but idle and iowait) and of this process, in clock ticks.
-struct CpuSnapshot {
-  int64_t busy = -1, self = -1;
-};
-CpuSnapshot cpu_snapshot() {
-  CpuSnapshot s;
-  std::ifstream st("/proc/stat");
-  std::string cpu;
-  int64_t v[8] = {};
-  if (!(st >> cpu) || cpu != "cpu") return s;
-  for (int64_t& x : v)
-    if (!(st >> x)) return s;
-  std::ifstream me("/proc/self/stat");
-  std::string line;
-  std::getline(me, line);
-  const size_t paren = line.rfind(')');
-  if (paren == std::string::npos) return s;
-  std::istringstream fields(line.substr(paren + 1));
-  std::string f;
-  int64_t utime = 0, stime = 0;
-  for (int i = 0; i < 13 && fields >> f; ++i) {
-    if (i == 11) utime = std::atoll(f.c_str());
-    if (i == 12) stime = std::atoll(f.c_str());
-  }
-  s.busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];  // user nice system irq softirq steal
-  s.self = utime + stime;
-  return s;
-}
-// CPUs' worth of time other processes used between two snapshots `wall` seconds apart (NaN if
-// /proc is unreadable).
-double other_cpu(const CpuSnapshot& a, const CpuSnapshot& b, double wall) {
-  if (a.busy < 0 || b.busy < 0 || wall <= 0) return std::nan("");
-  const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
-  return std::max<double>(0.0, static_cast<double>((b.busy - a.busy) - (b.self - a.self))) / ticks / wall;
-}
-constexpr double kDisturbed = 0.1;  // other_cpu at or above this: the case shared the CPUs
-
-// Waits up to max_s seconds until other processes use less than 0.15 CPUs over `sample_s`.
-void wait_idle(double max_s, double sample_s) {
-  const auto t0 = Clock::now();
-  bool told = false;
-  for (;;) {
-    const CpuSnapshot a = cpu_snapshot();
-    std::this_thread::sleep_for(std::chrono::duration<double>(sample_s));
-    const double o = other_cpu(a, cpu_snapshot(), sample_s);
-    if (!(o >= 0.15)) return;
-    if (seconds_since(t0) >= max_s) {
-      std::fprintf(stderr, "  warning: other processes use %.2f CPUs; timings will be disturbed\n", o);
-      return;
-    }
-    if (!told) std::fprintf(stderr, "  other processes use %.2f CPUs; waiting (up to %.0f s)\n", o, max_s);
-    told = true;
-  }
-}
-
 // ---- competing load ----------------------------------------------------------------------------
 
 // N driver processes, each in its own process group, each like one job of make -jN: fork a child
@@ -1332,8 +1277,8 @@ int main(int argc, char** argv) {
           }
           if (o.check_only) continue;
           for (int attempt = 0;; ++attempt) {
-            if (o.wait_idle > 0) wait_idle(o.wait_idle, 0.3);
-            const CpuSnapshot snap0 = cpu_snapshot();
+            if (o.wait_idle > 0) mb::wait_idle(o.wait_idle);
+            const mb::CpuSnapshot snap0 = mb::cpu_snapshot();
             const auto w0 = Clock::now();
             if (c.table) {
               mk::set_num_threads(c.threads);
@@ -1387,9 +1332,10 @@ int main(int argc, char** argv) {
             }
             if (competing) competing->pause();
             r.bw_after = mb::read_bandwidth(bw_buffer.data(), bw_case_elems, c.threads, avx2, 1);
-            r.other_cpu = other_cpu(snap0, cpu_snapshot(), seconds_since(w0));
+            r.other_cpu = mb::other_cpu(snap0, mb::cpu_snapshot(), seconds_since(w0));
             // Under --contention the other load is the point: no reruns.
-            if (o.wait_idle <= 0 || competing || !(r.other_cpu >= kDisturbed) || attempt >= o.retries) break;
+            if (o.wait_idle <= 0 || competing || !(r.other_cpu >= mb::kDisturbed) || attempt >= o.retries)
+              break;
             std::fprintf(stderr, "[%3d/%d] disturbed (other processes used %.2f CPUs), attempt %d\n", done,
                          total, r.other_cpu, attempt + 1);
           }
@@ -1405,7 +1351,7 @@ int main(int argc, char** argv) {
         emit(r);
         results.push_back(r);
         char vs[48] = "", load[64] = "";
-        if (r.other_cpu >= kDisturbed)
+        if (r.other_cpu >= mb::kDisturbed)
           std::snprintf(load, sizeof load, "  OTHER LOAD %.2f CPUs", r.other_cpu);
         if (r.isa == "scalar") {
           scalar_us[scalar_key(r)] = r.median_us;

@@ -4,15 +4,22 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <new>
+#include <sstream>
+#include <string>
+#include <thread>
 #include <vector>
 
 namespace msbnb::bench {
@@ -257,6 +264,63 @@ inline double vnni_peak_gops(int threads) {
     best = std::max(best, double(threads) * double(iters) * 16 * 64 * 2 / sec / 1e9);
   }
   return best;
+}
+
+// ---- other load (bench_matmul, tools/ggml_harness) ----------------------------------------------
+
+// CPU time of the whole machine (all but idle and iowait) and of this process, in clock ticks.
+struct CpuSnapshot {
+  int64_t busy = -1, self = -1;
+};
+inline CpuSnapshot cpu_snapshot() {
+  CpuSnapshot s;
+  std::ifstream st("/proc/stat");
+  std::string cpu;
+  int64_t v[8] = {};
+  if (!(st >> cpu) || cpu != "cpu") return s;
+  for (int64_t& x : v)
+    if (!(st >> x)) return s;
+  std::ifstream me("/proc/self/stat");
+  std::string line;
+  std::getline(me, line);
+  const size_t paren = line.rfind(')');
+  if (paren == std::string::npos) return s;
+  std::istringstream fields(line.substr(paren + 1));
+  std::string f;
+  int64_t utime = 0, stime = 0;
+  for (int i = 0; i < 13 && fields >> f; ++i) {
+    if (i == 11) utime = std::atoll(f.c_str());
+    if (i == 12) stime = std::atoll(f.c_str());
+  }
+  s.busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];  // user nice system irq softirq steal
+  s.self = utime + stime;
+  return s;
+}
+// CPUs' worth of time other processes used between two snapshots `wall` seconds apart (NaN if
+// /proc is unreadable).
+inline double other_cpu(const CpuSnapshot& a, const CpuSnapshot& b, double wall) {
+  if (a.busy < 0 || b.busy < 0 || wall <= 0) return std::nan("");
+  const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
+  return std::max<double>(0.0, static_cast<double>((b.busy - a.busy) - (b.self - a.self))) / ticks / wall;
+}
+constexpr double kDisturbed = 0.1;  // other_cpu at or above this: the case shared the CPUs
+
+// Waits up to max_s seconds until other processes use less than 0.15 CPUs over `sample_s`.
+inline void wait_idle(double max_s, double sample_s = 0.3) {
+  const auto t0 = std::chrono::steady_clock::now();
+  bool told = false;
+  for (;;) {
+    const CpuSnapshot a = cpu_snapshot();
+    std::this_thread::sleep_for(std::chrono::duration<double>(sample_s));
+    const double o = other_cpu(a, cpu_snapshot(), sample_s);
+    if (!(o >= 0.15)) return;
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() >= max_s) {
+      std::fprintf(stderr, "  warning: other processes use %.2f CPUs; timings will be disturbed\n", o);
+      return;
+    }
+    if (!told) std::fprintf(stderr, "  other processes use %.2f CPUs; waiting (up to %.0f s)\n", o, max_s);
+    told = true;
+  }
 }
 
 }  // namespace msbnb::bench

@@ -72,6 +72,25 @@ inline int32_t q8_round(float x, const Q8Inv& v) {
                                      : std::nearbyint(x * v.f));
 }
 
+/// Chunk c (128 columns) of quantize_row_q8 the reference's way, for the SIMD quantizers' rare
+/// chunks (a zero, NaN / Inf or tiny block): q and sum of its blocks (d is set by the caller).
+inline void quantize_chunk_q8(const float* x, int64_t c, int64_t block, int8_t* q, int32_t* sum) {
+  for (int64_t j = c * kLut4Chunk; j < (c + 1) * kLut4Chunk; ++j) q[q8_offset(j, block)] = 0;
+  for (int64_t a = c * kLut4Chunk / block; a < (c + 1) * kLut4Chunk / block; ++a) {
+    sum[a] = 0;
+    float m = 0.0f;
+    for (int64_t j = a * block; j < (a + 1) * block; ++j)
+      if (std::isnan(x[j]) || std::fabs(x[j]) > m) m = std::isnan(m) ? m : std::fabs(x[j]);
+    if (!(m > 0.0f) || !std::isfinite(m)) continue;
+    const Q8Inv inv = q8_inv(m);
+    for (int64_t j = a * block; j < (a + 1) * block; ++j) {
+      const int32_t v = q8_round(x[j], inv);
+      q[q8_offset(j, block)] = static_cast<int8_t>(v);
+      sum[a] += v;
+    }
+  }
+}
+
 /// One dequantized weight row v[0, kpad) requantized per row (lut4_i8): q = rne(v * 127 / m),
 /// m = max |v|; returns the row's scale fl(m / 127) (0 for a zero row; NaN, with q = 0, if the
 /// row holds a NaN or Inf).

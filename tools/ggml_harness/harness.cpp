@@ -192,56 +192,6 @@ std::string json_escape(const std::string& s) {
   return o;
 }
 
-// ---- other load (as bench_matmul) ---------------------------------------------------------------
-
-struct CpuSnapshot {
-  int64_t busy = -1, self = -1;
-};
-CpuSnapshot cpu_snapshot() {
-  CpuSnapshot s;
-  std::ifstream st("/proc/stat");
-  std::string cpu;
-  int64_t v[8] = {};
-  if (!(st >> cpu) || cpu != "cpu") return s;
-  for (int64_t& x : v)
-    if (!(st >> x)) return s;
-  std::ifstream me("/proc/self/stat");
-  std::string line;
-  std::getline(me, line);
-  const size_t paren = line.rfind(')');
-  if (paren == std::string::npos) return s;
-  std::istringstream fields(line.substr(paren + 1));
-  std::string f;
-  int64_t utime = 0, stime = 0;
-  for (int i = 0; i < 13 && fields >> f; ++i) {
-    if (i == 11) utime = std::atoll(f.c_str());
-    if (i == 12) stime = std::atoll(f.c_str());
-  }
-  s.busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
-  s.self = utime + stime;
-  return s;
-}
-double other_cpu(const CpuSnapshot& a, const CpuSnapshot& b, double wall) {
-  if (a.busy < 0 || b.busy < 0 || wall <= 0) return std::nan("");
-  const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
-  return std::max<double>(0.0, static_cast<double>((b.busy - a.busy) - (b.self - a.self))) / ticks / wall;
-}
-constexpr double kDisturbed = 0.1;
-
-void wait_idle(double max_s) {
-  const auto t0 = Clock::now();
-  for (;;) {
-    const CpuSnapshot a = cpu_snapshot();
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
-    const double o = other_cpu(a, cpu_snapshot(), 0.3);
-    if (!(o >= 0.15)) return;
-    if (seconds_since(t0) >= max_s) {
-      std::fprintf(stderr, "  warning: other processes use %.2f CPUs; timings will be disturbed\n", o);
-      return;
-    }
-  }
-}
-
 double loadavg1() {
   std::ifstream f("/proc/loadavg");
   double v = std::nan("");
@@ -519,17 +469,17 @@ int main(int argc, char** argv) {
           Timing tm;
           double bw = 0, bw_after = 0, other = std::nan(""), load = std::nan("");
           for (int attempt = 0;; ++attempt) {
-            if (o.wait_idle > 0) wait_idle(o.wait_idle);
+            if (o.wait_idle > 0) msbnb::bench::wait_idle(o.wait_idle);
             load = loadavg1();
-            const CpuSnapshot s0 = cpu_snapshot();
+            const msbnb::bench::CpuSnapshot s0 = msbnb::bench::cpu_snapshot();
             const auto w0 = Clock::now();
             ggml_backend_cpu_set_n_threads(backend, t);
             bw = mb::read_bandwidth(bw_buffer.data(), bw_case_elems, t, avx2, 2);
             tm = time_calls(copies, o.case_seconds,
                             [&](int64_t i) { ggml_backend_graph_compute(backend, graphs[i]); });
             bw_after = mb::read_bandwidth(bw_buffer.data(), bw_case_elems, t, avx2, 1);
-            other = other_cpu(s0, cpu_snapshot(), seconds_since(w0));
-            if (o.wait_idle <= 0 || !(other >= kDisturbed) || attempt >= o.retries) break;
+            other = msbnb::bench::other_cpu(s0, msbnb::bench::cpu_snapshot(), seconds_since(w0));
+            if (o.wait_idle <= 0 || !(other >= msbnb::bench::kDisturbed) || attempt >= o.retries) break;
             std::fprintf(stderr, "  disturbed (other processes %.2f CPUs); rerun %d\n", other, attempt + 1);
           }
           const double med = mb::median(tm.samples);

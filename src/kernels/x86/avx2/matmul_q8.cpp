@@ -61,19 +61,7 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
     const float* xc = x + c * kLut4Chunk;
     int8_t* qc = q + c * 128;
     if (!plain) {  // zeros, NaN / Inf, or a tiny scale: the reference's code for this chunk
-      std::memset(qc, 0, 128);
-      for (int64_t b = 0; b < per_chunk; ++b) {
-        const int64_t a = c * per_chunk + b;
-        sum[a] = 0;
-        const float m = max_abs(x + a * block, block);
-        if (!(m > 0.0f) || !std::isfinite(m)) continue;
-        const Q8Inv iv = q8_inv(m);
-        for (int64_t j = a * block; j < (a + 1) * block; ++j) {
-          const int32_t v = q8_round(x[j], iv);
-          q[q8_offset(j, block)] = static_cast<int8_t>(v);
-          sum[a] += v;
-        }
-      }
+      quantize_chunk_q8(x, c, block, q, sum);
       continue;
     }
     const __m256i pair =
