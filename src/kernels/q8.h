@@ -9,6 +9,9 @@
 #include "msbnb/kernels/matmul.h"
 
 namespace msbnb::kernels {
+// In an unnamed namespace, as scalar_math.h: each per-ISA translation unit (compiled with its own
+// flags) keeps its own copy, so no inline function is shared (and picked) across ISA objects.
+namespace {
 
 /// The weight's 16 values as int8 with one factor: value(idx) ~= T[idx] * f. Integral tables in
 /// [-127, 127] (int4: q - 8, or q with a zero point) are kept exactly (f = 1); others (nf4, fp4)
@@ -43,7 +46,7 @@ inline Q8Table q8_table(const Lut4Matrix& w) {
 /// Blocks of 64: the byte order of each 16-byte lane of a plane (new position p holds old byte
 /// kQ8Pair[p]; it is its own inverse), so that int32 lane j of a dot product sums bytes of one
 /// block: j even block 2c (s < 2), j odd block 2c + 1.
-inline constexpr uint8_t kQ8Pair[16] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
+constexpr uint8_t kQ8Pair[16] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
 
 /// Byte offset of column j in a Lut4Q8Rows row (see matmul.h).
 inline int64_t q8_offset(int64_t j, int64_t block) {
@@ -136,6 +139,9 @@ struct Q8Scales {
   template <int N>
   void row(int64_t r, float (&zc)[N]) {
     const float* s = w.scale + r * segs_per_row;
+    // The statistics two rows on (a row's are a short run the hardware prefetcher can miss).
+    for (int64_t b = 0; b < segs_per_row * 4; b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(s + 2 * segs_per_row) + b);
     for (int i = 0; i < N; ++i) {
       float* o = sc.data() + i * nb;
       const float* f = fd.data() + i * nb;
@@ -153,4 +159,5 @@ struct Q8Scales {
   }
 };
 
+}  // namespace
 }  // namespace msbnb::kernels

@@ -110,6 +110,8 @@ void q8_rows(Q8Call& k, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   const int64_t pitch = k.x.pitch(), nb = k.nb, chunks = w.kpad / kLut4Chunk;
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   const __m512i pair = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8Pair)));
+  // Codes two rows ahead (at least kQ8Prefetch bytes): long rows need more in flight.
+  const int64_t prefetch = std::max<int64_t>(kQ8Prefetch, w.kpad);
   for (int64_t r = r0; r < r1; ++r) {
     float zc[N];
     k.row<N>(r, zc);
@@ -118,7 +120,7 @@ void q8_rows(Q8Call& k, int64_t r0, int64_t r1, float* y, int64_t ldy) {
     for (auto& a : ya) a[0] = a[1] = _mm512_setzero_ps();
     auto chunk = [&](int64_t c, auto slot) {
       constexpr int S = decltype(slot)::value;
-      _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * c) + kQ8Prefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * c) + prefetch, _MM_HINT_T0);
       __m512i q = _mm512_load_si512(codes + 64 * c);
       if constexpr (Half) q = _mm512_shuffle_epi8(q, pair);  // int32 lanes: even block 2c, odd 2c + 1
       const __m512i wl = _mm512_shuffle_epi8(k.tab, _mm512_and_si512(q, m0f));
