@@ -342,15 +342,7 @@ struct Int16Rows {
 
 // A decoded row requantized to int8 (q8.h's requantize_row_i8, bit for bit).
 inline float requantize_row(const float* v, int64_t kpad, int8_t* q) {
-  __m256i m = _mm256_setzero_si256();
-  for (int64_t j = 0; j < kpad; j += 8)
-    m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)),
-                                             _mm256_set1_epi32(0x7fffffff)));
-  alignas(32) uint32_t l[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(l), m);
-  const uint32_t bits = *std::max_element(l, l + 8);
-  float mx;
-  std::memcpy(&mx, &bits, 4);
+  const float mx = max_abs(v, kpad);
   if (!(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(127.0f / mx)) return requantize_row_i8(v, kpad, q);
   const __m256 inv = _mm256_set1_ps(127.0f / mx);
   for (int64_t j = 0; j < kpad; j += 16) {

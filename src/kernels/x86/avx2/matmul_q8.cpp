@@ -16,20 +16,6 @@ namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
-inline float max_abs(const float* x, int64_t n) {  // n a multiple of 8; NaN-propagating
-  __m256i m = _mm256_setzero_si256();
-  const __m256i abs = _mm256_set1_epi32(0x7fffffff);
-  for (int64_t j = 0; j < n; j += 8)
-    m = _mm256_max_epu32(m,
-                         _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), abs));
-  alignas(32) uint32_t l[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(l), m);
-  const uint32_t bits = *std::max_element(l, l + 8);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 inline int32_t hsum8(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -94,7 +80,7 @@ void quantize_row_q8(const float* x, int64_t kpad, int64_t block, int8_t* q, flo
 
 namespace {
 
-constexpr int64_t kQ8Prefetch = 4096;
+constexpr int64_t kQ8Prefetch = 4096;  // at least; two rows ahead for long rows (as AVX-512)
 
 // Sum of the signed products of 32 weights w (|w| = aw) with 32 activations, into int32 lanes.
 inline __m256i dot32(__m256i aw, __m256i w, const int8_t* x) {
@@ -109,6 +95,7 @@ void q8_rows(Q8Scales& k, __m256i tab, int64_t r0, int64_t r1, float* y, int64_t
   const __m256i m0f = _mm256_set1_epi8(0x0f);
   const __m256i pair =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8Pair)));
+  const int64_t prefetch = std::max<int64_t>(kQ8Prefetch, w.kpad);
   for (int64_t r = r0; r < r1; ++r) {
     float zc[N];
     k.row<N>(r, zc);
@@ -116,7 +103,7 @@ void q8_rows(Q8Scales& k, __m256i tab, int64_t r0, int64_t r1, float* y, int64_t
     __m256 ya[N];
     for (auto& a : ya) a = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * c) + kQ8Prefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * c) + prefetch, _MM_HINT_T0);
       __m256i wl[2], wh[2], al[2], ah[2];
       for (int half = 0; half < 2; ++half) {
         __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(codes + 64 * c + 32 * half));

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels/walk.h"  // dispatch_dtype, for_each_block (shared by every ISA)
@@ -75,6 +76,22 @@ inline __m128i pack_nibbles(__m128i e) {
     w = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(e, 4), _mm_set1_epi16(0x00f0)), _mm_srli_epi16(e, 8));
   }
   return _mm_packus_epi16(w, w);
+}
+
+// max |x| over x[0, n) (n a multiple of the vector width), on the magnitude bits: exact, and NaN if
+// any element is NaN (the int8 quantizers' absmax).
+inline float max_abs(const float* x, int64_t n) {
+  __m256i m = _mm256_setzero_si256();
+  const __m256i abs = _mm256_set1_epi32(0x7fffffff);
+  for (int64_t j = 0; j < n; j += 8)
+    m = _mm256_max_epu32(m,
+                         _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), abs));
+  alignas(32) uint32_t l[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), m);
+  const uint32_t bits = *std::max_element(l, l + 8);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 }  // namespace

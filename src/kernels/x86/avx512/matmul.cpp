@@ -123,12 +123,7 @@ inline void decode_int8_row_f32(const Int8Matrix& w, int64_t r, float* out) {
 // A decoded row requantized to int8 (q8.h's requantize_row_i8, bit for bit); `sum` gets the sum
 // of its codes.
 inline float requantize_row(const float* v, int64_t kpad, int8_t* q, int32_t& sum) {
-  __m512i m = _mm512_setzero_si512();
-  for (int64_t j = 0; j < kpad; j += 16)
-    m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(v + j), _mm512_set1_epi32(0x7fffffff)));
-  const uint32_t bits = static_cast<uint32_t>(_mm512_reduce_max_epu32(m));
-  float mx;
-  std::memcpy(&mx, &bits, 4);
+  const float mx = max_abs(v, kpad);
   if (!(mx > 0.0f) || !std::isfinite(mx) || !std::isfinite(127.0f / mx)) {
     const float s = requantize_row_i8(v, kpad, q);
     sum = 0;

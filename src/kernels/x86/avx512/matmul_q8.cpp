@@ -22,17 +22,6 @@ namespace msbnb::kernels::MSBNB_ISA_NS {
 
 namespace {
 
-inline float max_abs(const float* x, int64_t n) {  // n a multiple of 16; NaN-propagating
-  __m512i m = _mm512_setzero_si512();
-  const __m512i abs = _mm512_set1_epi32(0x7fffffff);
-  for (int64_t j = 0; j < n; j += 16)
-    m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(x + j), abs));
-  const uint32_t bits = static_cast<uint32_t>(_mm512_reduce_max_epu32(m));
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // A block's scale and whether the vector quantizer handles it (m > 0 finite, 127 / m finite).
 inline bool plain_block(float m) { return m > 0.0f && std::isfinite(m) && std::isfinite(127.0f / m); }
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels/walk.h"  // dispatch_dtype, for_each_block (shared by every ISA)
@@ -148,6 +149,19 @@ inline void lookup_nibbles(const uint8_t* packed, int64_t i, int64_t end, __m512
     const __m128i w = nibbles_in_order<O>(_mm_cvtepu8_epi16(bytes));
     _mm512_mask_storeu_ps(out + i, mask_upto16(k), _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(w), tbl));
   }
+}
+
+// max |x| over x[0, n) (n a multiple of the vector width), on the magnitude bits: exact, and NaN if
+// any element is NaN (the int8 quantizers' absmax).
+inline float max_abs(const float* x, int64_t n) {
+  __m512i m = _mm512_setzero_si512();
+  const __m512i abs = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t j = 0; j < n; j += 16)
+    m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(x + j), abs));
+  const uint32_t bits = static_cast<uint32_t>(_mm512_reduce_max_epu32(m));
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 }  // namespace
