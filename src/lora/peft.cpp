@@ -440,10 +440,12 @@ AdapterConfig parse_adapter_config(const std::string& json_text, const std::stri
   std::vector<std::string> mods;
   if (j.contains("target_modules")) {
     get_modules(source, "target_modules", j.at("target_modules"), mods, re);
+    if (re && mods[0] != "all-linear") compile_regex(mods[0], source + ": field 'target_modules'");
     c.target_modules(mods).target_modules_is_regex(re);
   }
   if (j.contains("exclude_modules")) {
     get_modules(source, "exclude_modules", j.at("exclude_modules"), mods, re);
+    if (re && mods[0] != "all-linear") compile_regex(mods[0], source + ": field 'exclude_modules'");
     c.exclude_modules(mods).exclude_modules_is_regex(re);
   }
   for (const char* field : {"rank_pattern", "alpha_pattern"}) {
@@ -500,6 +502,10 @@ std::string adapter_config_json(const AdapterConfig& c) {
                   quote_cut(text), " (", e.what(), ")");
     }
   }
+  for (const auto& [field, what] : unsupported_fields()) {
+    TORCH_CHECK(!j.contains(field) || !is_set(j.at(field)), "adapter_config_json: unknown field '", field,
+                "': expected it unset (", what, " is not supported by msbnb), got ", shown(j.at(field)));
+  }
   TORCH_CHECK(c.peft_type() == "LORA", "adapter_config_json: peft_type: expected \"LORA\", got ",
               quote_cut(c.peft_type()));
   TORCH_CHECK(c.r() > 0, "adapter_config_json: r: expected > 0, got ", c.r());
@@ -544,7 +550,7 @@ std::string adapter_config_json(const AdapterConfig& c) {
   j["task_type"] = str_or_null(c.task_type());
   j["inference_mode"] = c.inference_mode();
   // json.dumps(indent=2, sort_keys=True) (nlohmann's object is sorted), ASCII escapes as Python.
-  return j.dump(2, ' ', /*ensure_ascii=*/true) + "\n";
+  return j.dump(2, ' ', /*ensure_ascii=*/true);
 }
 
 std::vector<std::string> select_target_modules(const torch::nn::Module& model, const AdapterConfig& config) {
@@ -553,6 +559,30 @@ std::vector<std::string> select_target_modules(const torch::nn::Module& model, c
 
 // ---------------------------------------------------------------------------------------------
 // Saving
+
+SaveAdapterOptions SaveAdapterOptions::from_config(const AdapterConfig& c) {
+  SaveAdapterOptions o;
+  o.base_model_name_or_path(c.base_model_name_or_path())
+      .revision(c.revision())
+      .task_type(c.task_type())
+      .r(c.r())
+      .lora_alpha(c.lora_alpha())
+      .rank_pattern(c.rank_pattern())
+      .alpha_pattern(c.alpha_pattern())
+      .extra_fields(c.unknown())
+      .init_lora_weights(c.init_lora_weights());
+  if (c.target_modules_is_regex()) {
+    o.target_modules_regex(c.target_modules().at(0));
+  } else {
+    o.target_modules(c.target_modules());
+  }
+  if (c.exclude_modules_is_regex()) {
+    o.exclude_modules_regex(c.exclude_modules().at(0));
+  } else {
+    o.exclude_modules(c.exclude_modules());
+  }
+  return o;
+}
 
 std::pair<std::vector<std::pair<std::string, torch::Tensor>>, AdapterConfig> adapter_state(
     const torch::nn::Module& model, const SaveAdapterOptions& options) {
@@ -589,12 +619,16 @@ std::pair<std::vector<std::pair<std::string, torch::Tensor>>, AdapterConfig> ada
       .lora_dropout(first.lora_dropout())
       .use_rslora(first.use_rslora())
       .bias(first.bias())
-      .init_lora_weights(first.init() == "gaussian" ? "gaussian" : "true")
+      .init_lora_weights(
+          options.init_lora_weights().value_or(first.init() == "gaussian" ? "gaussian" : "true"))
       .base_model_name_or_path(options.base_model_name_or_path())
       .revision(options.revision())
       .task_type(options.task_type());
-  std::vector<std::pair<std::string, int64_t>> rp;
-  std::vector<std::pair<std::string, double>> ap;
+  c.unknown(options.extra_fields());
+  if (options.rank_pattern()) c.rank_pattern(*options.rank_pattern());
+  if (options.alpha_pattern()) c.alpha_pattern(*options.alpha_pattern());
+  RankPattern rp;
+  AlphaPattern ap;
   for (const Site* s : loras) {
     if (s->lora->r() != c.r()) rp.emplace_back(regex_escape(s->path), s->lora->r());
     if (s->lora->lora_alpha() != c.lora_alpha())
@@ -602,7 +636,28 @@ std::pair<std::vector<std::pair<std::string, torch::Tensor>>, AdapterConfig> ada
   }
   std::sort(rp.begin(), rp.end());
   std::sort(ap.begin(), ap.end());
-  c.rank_pattern(rp).alpha_pattern(ap);
+  if (!options.rank_pattern()) c.rank_pattern(rp);
+  if (!options.alpha_pattern()) c.alpha_pattern(ap);
+  std::vector<std::string> wrong;
+  for (const Site* s : loras) {
+    if (c.r_for(s->path) != s->lora->r() || c.lora_alpha_for(s->path) != s->lora->lora_alpha()) {
+      std::ostringstream os;
+      os << s->path << " (r " << s->lora->r() << ", lora_alpha " << s->lora->lora_alpha()
+         << "; the config gives r " << c.r_for(s->path) << ", lora_alpha " << c.lora_alpha_for(s->path)
+         << ")";
+      wrong.push_back(os.str());
+    }
+  }
+  TORCH_CHECK(wrong.empty(),
+              "save_adapter: r / lora_alpha with rank_pattern / alpha_pattern: expected them to ",
+              "give every LoRA layer its own values, got: ", join(wrong, "; "));
+  if (!options.exclude_modules_regex().empty()) {
+    TORCH_CHECK(options.exclude_modules().empty(),
+                "save_adapter: expected exclude_modules or exclude_modules_regex, got both");
+    c.exclude_modules({options.exclude_modules_regex()}).exclude_modules_is_regex(true);
+  } else {
+    c.exclude_modules(options.exclude_modules());
+  }
 
   std::vector<std::string> lora_paths;
   for (const Site* s : loras) lora_paths.push_back(s->path);

@@ -110,8 +110,8 @@ AdapterConfig parse_adapter_config(const std::string& json_text,
 /// Reads `path`, a file or a folder holding adapter_config.json.
 AdapterConfig read_adapter_config(const std::string& path);
 /// The text save_adapter writes: PEFT's fields (the version docs/peft.md names) at their
-/// defaults, overridden by `config` and config.unknown(), sorted, indent 2, as PEFT's
-/// json.dumps(indent=2, sort_keys=True).
+/// defaults, overridden by config.unknown() and then by `config`, sorted, indent 2, no final
+/// newline: PEFT's json.dumps(indent=2, sort_keys=True), byte for byte.
 std::string adapter_config_json(const AdapterConfig& config);
 
 /// What save_adapter writes beyond the model's layers.
@@ -124,10 +124,20 @@ std::string adapter_config_json(const AdapterConfig& config);
 ///                       e.g. "all-linear" or ".*\\.(q|v)_proj"); it must select exactly the
 ///                       LoRA layers among the linear layers (checked)
 ///  key_prefix           written in front of every module path (default "base_model.model.")
+///  exclude_modules / exclude_modules_regex   written as PEFT's exclude_modules (also applied in
+///                       the "selects exactly the LoRA layers" check)
 ///  r, lora_alpha        the config's global values; unset: those of the first LoRA layer (walk
-///                       order). Layers that differ get rank_pattern / alpha_pattern entries
-///                       (their full path, regex-escaped)
+///                       order)
+///  rank_pattern, alpha_pattern  unset: layers whose r / lora_alpha differ from the global one get
+///                       an entry keyed by their full path, regex-escaped; set: written as given,
+///                       and every layer must have the r / lora_alpha they give it (checked)
+///  init_lora_weights    unset: "true" ("kaiming" layers) or "gaussian", from the first layer
+///  extra_fields         more fields (name -> JSON text), written over PEFT's defaults (e.g.
+///                       AdapterConfig::unknown() of a config read, such as auto_mapping)
+/// from_config(c) takes all of these from a config read (save what was loaded, unchanged).
 struct SaveAdapterOptions {
+  static SaveAdapterOptions from_config(const AdapterConfig& config);
+
   TORCH_ARG(std::string, base_model_name_or_path) = "";
   TORCH_ARG(std::string, revision) = "";
   TORCH_ARG(std::string, task_type) = "";
@@ -136,6 +146,12 @@ struct SaveAdapterOptions {
   TORCH_ARG(std::string, key_prefix) = kPeftKeyPrefix;
   TORCH_ARG(std::optional<int64_t>, r) = std::nullopt;
   TORCH_ARG(std::optional<double>, lora_alpha) = std::nullopt;
+  TORCH_ARG(std::vector<std::string>, exclude_modules) = {};
+  TORCH_ARG(std::string, exclude_modules_regex) = "";
+  TORCH_ARG(std::optional<RankPattern>, rank_pattern) = std::nullopt;
+  TORCH_ARG(std::optional<AlphaPattern>, alpha_pattern) = std::nullopt;
+  TORCH_ARG(JsonFields, extra_fields) = {};
+  TORCH_ARG(std::optional<std::string>, init_lora_weights) = std::nullopt;
 };
 
 /// The adapter tensors of `model` as save_adapter writes them (key -> tensor, sorted; the
