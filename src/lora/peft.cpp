@@ -224,8 +224,8 @@ std::string regex_escape(const std::string& s) {
 
 struct Site {
   std::string path;
-  std::shared_ptr<torch::nn::Module> module;
-  LoraLayer* lora = nullptr;  // non-null for a LoRA layer
+  torch::nn::Module* module = nullptr;  // not owned: inject_lora counts the holders of a layer
+  LoraLayer* lora = nullptr;            // non-null for a LoRA layer
   int64_t in = 0, out = 0;
 };
 
@@ -254,7 +254,7 @@ void walk(const std::shared_ptr<torch::nn::Module>& m, const std::string& path, 
     const auto& child = item.value();
     Site s;
     s.path = p;
-    s.module = child;
+    s.module = child.get();
     if (auto* l = as_lora_layer(*child)) {
       s.lora = l;
       s.in = l->in_features();
@@ -277,7 +277,7 @@ std::vector<Site> sites_of(const torch::nn::Module& model) {
   for (const auto& item : m.named_children()) {
     Site s;
     s.path = item.key();
-    s.module = item.value();
+    s.module = item.value().get();
     if (auto* l = as_lora_layer(*item.value())) {
       s.lora = l;
       s.in = l->in_features();
@@ -900,6 +900,11 @@ AdapterLoadReport load_adapter(torch::nn::Module& model, const std::string& dir,
             inject_lora(model, lc, InjectOptions().allow_shared_modules(options.allow_shared_modules())));
       }
       report.injected = true;
+      // New modules start in train mode (LoRA dropout active): give them the model's mode, as
+      // PeftModel.from_pretrained's eval() does for a model in eval mode.
+      for (const auto& s : sites_of(model)) {
+        if (s.lora && target_paths.count(s.path)) s.module->train(model.is_training());
+      }
     } catch (...) {
       if (!report.injection.empty()) unload_lora(model);
       throw;

@@ -180,7 +180,8 @@ void save_adapter(const torch::nn::ModuleHolder<M>& model, const std::string& di
 /// load_adapter's options.
 ///  inject                a model without LoRA layers gets them first, by the config's
 ///                        target_modules / exclude_modules / rank_pattern / alpha_pattern (as
-///                        PEFT's from_pretrained); false: such a model is an error
+///                        PEFT's from_pretrained), in the model's train / eval mode;
+///                        false: such a model is an error
 ///  allow_shared_modules  passed to inject_lora (InjectOptions)
 struct LoadAdapterOptions {
   TORCH_ARG(bool, inject) = true;
