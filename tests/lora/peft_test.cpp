@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "msbnb/convert/convert.h"
 #include "msbnb/io/safetensors.h"
 #include "msbnb/lora/lora.h"
 
@@ -553,6 +554,100 @@ TEST(PeftSave, RankPatternRoundTrip) {
   EXPECT_EQ(lora_paths(*fresh), lora_paths(*model));
   auto a = model->named_parameters(), b = fresh->named_parameters();
   for (const auto& item : a) EXPECT_TRUE(torch::equal(item.value(), b[item.key()])) << item.key();
+}
+
+// QLoRA: the base quantized to NF4 (msbnb::Linear4bit) before loading; PEFT's adapter lands on
+// Linear4bitWithLoRA layers, and each computes its dequantized base plus PEFT's LoRA update.
+// Tolerance: the same float32 bound with the dequantized weight as W (our Linear4bit product
+// sums in float32 too; the reference is float64 over the same dequantized weight).
+TEST(PeftLoad, IntoQuantizedBase) {
+  auto model = base_tree();
+  msbnb::convert_to_quantized_model_inplace(*model, msbnb::Int4Config().quant_type("nf4"), {"lm_head"});
+  model->eval();
+  msbnb::lora::load_adapter(*model, kDir + "/qv_r4");
+  const auto expected = msbnb::io::SafetensorsFile::open(kDir + "/qv_r4/expected.safetensors");
+  const auto info = msbnb::lora::lora_info(*model);
+  ASSERT_EQ(info.layers.size(), 4u);
+  for (const auto& li : info.layers) {
+    SCOPED_TRACE(li.name);
+    EXPECT_EQ(li.base.rfind("Linear4bit", 0), 0u) << li.base;
+    auto m = find_module(*model, li.name);
+    auto* q = dynamic_cast<msbnb::lora::Linear4bitWithLoRAImpl*>(m.get());
+    ASSERT_TRUE(q);
+    const torch::Tensor x = expected.get("x." + li.name);
+    torch::Tensor y;
+    {
+      torch::NoGradGuard g;
+      y = q->forward(x);
+    }
+    const torch::Tensor w = q->base_weight();
+    torch::Tensor bias;
+    for (const auto& item : q->base_layer()->named_parameters(false)) {
+      if (item.key() == "bias") bias = item.value().detach();
+    }
+    if (!bias.defined()) {
+      for (const auto& item : q->base_layer()->named_buffers(false)) {
+        if (item.key() == "bias") bias = item.value().detach();
+      }
+    }
+    auto xd = x.to(torch::kFloat64);
+    auto ref = torch::matmul(xd, w.to(torch::kFloat64).t()) +
+               q->scaling() * torch::matmul(torch::matmul(xd, q->lora_A().detach().to(torch::kFloat64).t()),
+                                            q->lora_B().detach().to(torch::kFloat64).t());
+    if (bias.defined()) ref = ref + bias.to(torch::kFloat64);
+    EXPECT_LE(bound_ratio(y, ref, x, *q, w, bias, 1.0), 1.0);
+  }
+  // Saving from the quantized model writes the same adapter.
+  const std::string out = tmp_dir("q");
+  msbnb::lora::save_adapter(*model, out);
+  const auto a = msbnb::io::load_safetensors(out + "/adapter_model.safetensors");
+  const auto b = msbnb::io::load_safetensors(kDir + "/qv_r4/adapter_model.safetensors");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+}
+
+// A bfloat16 adapter file loads into float32 LoRA parameters (converted exactly).
+TEST(PeftLoad, Bfloat16FileConverts) {
+  const std::string dir = copy_case("qv_r4", tmp_dir("bf16"));
+  msbnb::io::NamedTensors t;
+  for (auto& [k, v] : msbnb::io::load_safetensors(dir + "/adapter_model.safetensors")) {
+    t.emplace_back(k, v.to(torch::kBFloat16));
+  }
+  msbnb::io::save_safetensors(dir + "/adapter_model.safetensors", t);
+  auto model = base_tree();
+  msbnb::lora::load_adapter(*model, dir);
+  auto params = model->named_parameters();
+  for (const auto& [k, v] : t) {
+    const auto& p = params[k.substr(std::string("base_model.model.").size())];
+    EXPECT_EQ(p.scalar_type(), torch::kFloat32);
+    EXPECT_TRUE(torch::equal(p, v.to(torch::kFloat32))) << k;
+  }
+}
+
+TEST(PeftSave, MergedLayersAndBadFolder) {
+  auto model = base_tree();
+  msbnb::lora::load_adapter(*model, kDir + "/qv_r4");
+  msbnb::lora::merge_lora(*model);
+  EXPECT_NE(error_of([&] {
+              msbnb::lora::save_adapter(*model, tmp_dir("m"));
+            }).find("expected unmerged LoRA layers"),
+            std::string::npos);
+  msbnb::lora::unmerge_lora(*model);
+  const std::string file = tmp_dir("f") + "/a_file";
+  write_file(file, "x");
+  EXPECT_NE(error_of([&] { msbnb::lora::save_adapter(*model, file); }).find("expected a folder"),
+            std::string::npos);
+  // Saving over an earlier adapter replaces both files and leaves no temporary file behind.
+  const std::string dir = tmp_dir("over");
+  msbnb::lora::save_adapter(*model, dir);
+  msbnb::lora::save_adapter(*model, dir, SaveAdapterOptions().task_type("CAUSAL_LM"));
+  EXPECT_EQ(msbnb::lora::read_adapter_config(dir).task_type(), "CAUSAL_LM");
+  size_t files = 0;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    (void)e;
+    ++files;
+  }
+  EXPECT_EQ(files, 2u);
 }
 
 // Files for tools/check_peft_interop.py (not a check by itself): with MSBNB_EXPORT_DIR set,
