@@ -5,6 +5,7 @@
 #include "msbnb/kernels/formats.h"
 #include "msbnb/kernels/kernel_table.h"
 #include "msbnb/lora/lora.h"
+#include "msbnb/lora/peft.h"
 #include "msbnb/nn/embedding.h"
 #include "msbnb/nn/linear.h"
 #include "msbnb/nn/quantized_module.h"
