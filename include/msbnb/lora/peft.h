@@ -102,9 +102,11 @@ struct AdapterConfig {
 /// Parses adapter_config.json text; `source` names it in messages. Refuses malformed JSON,
 /// duplicate keys, a peft_type other than "LORA", wrong field types, r <= 0, a non-finite or
 /// non-positive lora_alpha, lora_dropout outside [0, 1), bias other than none / all /
-/// lora_only, and the PEFT features msbnb does not implement when they are set: use_dora,
-/// fan_in_fan_out, modules_to_save, layers_to_transform, layer_replication, trainable_token_indices,
-/// target_parameters, a lora_bias (each named in the message).
+/// lora_only, regular expressions std::regex cannot compile, and the PEFT features msbnb does
+/// not implement when they are set (use_dora, fan_in_fan_out, modules_to_save,
+/// layers_to_transform, layer_replication, trainable_token_indices, target_parameters,
+/// lora_bias, use_qalora, alora_invocation_tokens, megatron_config, arrow_config, kasa_config,
+/// monteclora_config, velora_config, use_bdlora, lora_ga_config; each named in the message).
 AdapterConfig parse_adapter_config(const std::string& json_text,
                                    const std::string& source = "adapter_config.json");
 /// Reads `path`, a file or a folder holding adapter_config.json.
