@@ -650,6 +650,52 @@ TEST(PeftSave, MergedLayersAndBadFolder) {
   EXPECT_EQ(files, 2u);
 }
 
+// PEFT's matching rules on their own: list tails, whole-path regex, all-linear, exclusions,
+// and rank_pattern's "(.*\.)?(key)" with the first key in sorted order winning.
+TEST(PeftConfig, TargetSelectionAndPatterns) {
+  auto model = base_tree();
+  auto cfg = AdapterConfig().target_modules({"q_proj", "mlp.up_proj"});
+  EXPECT_EQ(msbnb::lora::select_target_modules(*model, cfg),
+            (std::vector<std::string>{"model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj",
+                                      "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"}));
+  cfg = AdapterConfig().target_modules({"proj"});  // not a dot-boundary tail: nothing
+  EXPECT_TRUE(msbnb::lora::select_target_modules(*model, cfg).empty());
+  cfg = AdapterConfig().target_modules({R"(.*\.1\..*_proj)"}).target_modules_is_regex(true);
+  EXPECT_EQ(msbnb::lora::select_target_modules(*model, cfg).size(), 7u);
+  cfg =
+      AdapterConfig().target_modules({"q_proj"}).target_modules_is_regex(true);  // must match the whole path
+  EXPECT_TRUE(msbnb::lora::select_target_modules(*model, cfg).empty());
+  cfg = AdapterConfig()
+            .target_modules({"all-linear"})
+            .target_modules_is_regex(true)
+            .exclude_modules({"self_attn", "self_attn.q_proj", "k_proj", "v_proj", "o_proj", "down_proj"});
+  // As PEFT's check_target_module_exists: an exclude entry is a path or a dot-boundary tail of
+  // the layer's own path ("self_attn" excludes nothing below it: only layers are matched).
+  const auto sel = msbnb::lora::select_target_modules(*model, cfg);
+  EXPECT_EQ(sel, (std::vector<std::string>{"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                                           "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}));
+  const auto parsed = msbnb::lora::parse_adapter_config(
+      R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+          "rank_pattern": {"layers.1.mlp.down_proj": 7, "down_proj": 5}, "alpha_pattern": {"q_proj": 2.5}})");
+  EXPECT_EQ(parsed.r_for("model.layers.0.mlp.down_proj"), 5);
+  EXPECT_EQ(parsed.r_for("model.layers.1.mlp.down_proj"), 5);  // "down_proj" sorts first and matches
+  EXPECT_EQ(parsed.r_for("model.layers.1.mlp.up_proj"), 4);
+  EXPECT_EQ(parsed.lora_alpha_for("model.layers.0.self_attn.q_proj"), 2.5);
+  EXPECT_EQ(parsed.lora_alpha_for("model.layers.0.self_attn.k_proj"), 8);
+  EXPECT_EQ(parsed.r_for("model.layers.0.mlp.xdown_proj"), 4);  // a key only matches after a dot
+  // inject(false) on a model without LoRA layers.
+  EXPECT_NE(error_of([&] {
+              msbnb::lora::load_adapter(*model, kDir + "/qv_r4", LoadAdapterOptions().inject(false));
+            }).find("no LoRA layers and inject is false"),
+            std::string::npos);
+  // adapter_config_json of a parsed config is PEFT-loadable text that parses back the same.
+  const auto again = msbnb::lora::parse_adapter_config(msbnb::lora::adapter_config_json(parsed));
+  EXPECT_EQ(again.rank_pattern(), parsed.rank_pattern());
+  EXPECT_EQ(again.alpha_pattern(), parsed.alpha_pattern());
+  EXPECT_EQ(again.target_modules(), parsed.target_modules());
+  EXPECT_TRUE(again.target_modules_is_regex());
+}
+
 // Files for tools/check_peft_interop.py (not a check by itself): with MSBNB_EXPORT_DIR set,
 // writes adapters msbnb made and msbnb's outputs, for PEFT to load and compare.
 //   <dir>/<case>/  adapter_model.safetensors, adapter_config.json (save_adapter),
