@@ -124,6 +124,14 @@ std::vector<std::string> lora_paths(const torch::nn::Module& root) {
   return out;
 }
 
+// Removes this process's scratch folder at exit.
+struct ScratchCleanup {
+  ~ScratchCleanup() {
+    std::error_code ec;
+    fs::remove_all(fs::temp_directory_path() / ("msbnb_peft_" + std::to_string(::getpid())), ec);
+  }
+} scratch_cleanup;
+
 std::string tmp_dir(const std::string& name) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
   fs::path p = fs::temp_directory_path() / ("msbnb_peft_" + std::to_string(::getpid())) /
