@@ -117,7 +117,8 @@ using LoRAOptions = LoraConfig;
 ///  relative_error        ||W1 - Wm||_F / ||Wm||_F (0 for a float32 base)
 ///  max_abs_error         max |W1 - Wm|
 ///  delta_relative_error  ||(W1 - W0) - ΔW||_F / ||ΔW||_F: how much of the update the rounding
-///                        lost or distorted (0 when exact; NaN when ΔW is 0)
+///                        lost or distorted (float32 base: only the add's rounding, at most
+///                        u·||Wm||_F / ||ΔW||_F with u = 2^-24; NaN when ΔW is 0)
 ///  delta_norm            ||ΔW||_F
 struct MergeResult {
   std::string base;
@@ -149,8 +150,8 @@ class LoraLayer {
   torch::Tensor lora_A() const { return lora_A_->weight; }
   /// The parameter `lora_B.weight` [out_features, r].
   torch::Tensor lora_B() const { return lora_B_->weight; }
-  const torch::nn::Linear& lora_A_module() const { return lora_A_; }
-  const torch::nn::Linear& lora_B_module() const { return lora_B_; }
+  torch::nn::Linear lora_A_module() const { return lora_A_; }
+  torch::nn::Linear lora_B_module() const { return lora_B_; }
 
   /// The child "base_layer".
   virtual std::shared_ptr<torch::nn::Module> base_module() const = 0;
@@ -216,7 +217,7 @@ class LoRALinearImpl : public torch::nn::Cloneable<LoRALinearImpl>, public LoraL
   /// Wraps `linear` itself (as PEFT wraps the module it finds).
   static LoRALinear from_linear(const torch::nn::Linear& linear, const LoraConfig& config = {});
 
-  const torch::nn::Linear& base_layer() const { return base_; }
+  torch::nn::Linear base_layer() const { return base_; }
   std::shared_ptr<torch::nn::Module> base_module() const override { return base_.ptr(); }
   std::string base_type() const override { return "Linear"; }
   torch::Tensor base_weight() const override;
@@ -259,7 +260,7 @@ class Linear8bitWithLoRAImpl : public torch::nn::Cloneable<Linear8bitWithLoRAImp
   static Linear8bitWithLoRA from_linear(const torch::nn::Linear& linear, const LoraConfig& config = {},
                                         std::optional<nn::Linear8bitOptions> base_options = std::nullopt);
 
-  const nn::Linear8bit& base_layer() const { return base_; }
+  nn::Linear8bit base_layer() const { return base_; }
   std::shared_ptr<torch::nn::Module> base_module() const override { return base_.ptr(); }
   std::string base_type() const override { return "Linear8bit"; }
   torch::Tensor base_weight() const override;
@@ -304,7 +305,7 @@ class Linear4bitWithLoRAImpl : public torch::nn::Cloneable<Linear4bitWithLoRAImp
   static Linear4bitWithLoRA from_linear(const torch::nn::Linear& linear, const LoraConfig& config = {},
                                         std::optional<nn::Linear4bitOptions> base_options = std::nullopt);
 
-  const nn::Linear4bit& base_layer() const { return base_; }
+  nn::Linear4bit base_layer() const { return base_; }
   std::shared_ptr<torch::nn::Module> base_module() const override { return base_.ptr(); }
   std::string base_type() const override { return "Linear4bit"; }
   torch::Tensor base_weight() const override;
