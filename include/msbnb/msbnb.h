@@ -8,3 +8,4 @@
 #include "msbnb/nn/linear.h"
 #include "msbnb/nn/quantized_module.h"
 #include "msbnb/nn/state_dict.h"
+#include "msbnb/train/distributed.h"
