@@ -415,8 +415,9 @@ TEST(Distributed, MissingPeersFailTheRendezvousWithinTheTimeout) {
     const double ms = ms_since(t0);
     std::printf("[ distributed ] rank %lld alone: refused after %.0f ms: %s\n", static_cast<long long>(rank),
                 ms, msg.c_str());
-    // The store's wait and Gloo's connect each take at most the timeout.
-    EXPECT_LT(ms, 2 * 1000.0 + 1500.0);
+    // Rank 1 fails on its first connect; rank 0 waits in three bounded stages (the store's wait
+    // for workers, Gloo's wait for the peer's address, its connect): measured 3.0 s.
+    EXPECT_LT(ms, 3 * 1000.0 + 1500.0);
   }
 }
 
