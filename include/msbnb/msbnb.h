@@ -11,3 +11,4 @@
 #include "msbnb/nn/quantized_module.h"
 #include "msbnb/nn/state_dict.h"
 #include "msbnb/optim/optim8bit.h"
+#include "msbnb/train/distributed.h"
