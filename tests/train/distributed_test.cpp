@@ -48,10 +48,33 @@ std::string expect_error(const std::function<void()>& f, const std::vector<std::
   return "";
 }
 
-// Linear(8,16) frozen, tanh, Linear(16,16) trainable, tanh, Linear(16,4) with a trainable weight
-// and a frozen bias: the frozen parameters must be neither communicated nor changed.
+// The model of a run: "plain" or "qlora" (MSBNB_DDP_MODEL in the workers; the parent sets it).
+bool g_qlora = false;
+
+// plain: Linear(8,16) frozen, tanh, Linear(16,16) trainable, tanh, Linear(16,4) with a trainable
+// weight and a frozen bias: the frozen parameters must be neither communicated nor changed.
+// qlora: the same shapes as QLoRA trains them: an NF4 (double-quantized) base with LoRA r = 4, a
+// float base with LoRA, an int8 base with LoRA; freeze_model_except_lora leaves only the six
+// adapter tensors trainable. B starts nonzero so that every adapter tensor gets a gradient.
 torch::nn::Sequential make_model() {
   torch::manual_seed(0);
+  if (g_qlora) {
+    const auto cfg = msbnb::lora::LoraConfig().r(4).lora_alpha(8);
+    torch::nn::Sequential m(msbnb::lora::Linear4bitWithLoRA::from_linear(
+                                torch::nn::Linear(kIn, kHidden), cfg,
+                                msbnb::nn::Linear4bitOptions(kIn, kHidden).quant_type("nf4")),
+                            torch::nn::Functional(torch::tanh),
+                            msbnb::lora::LoRALinear::from_linear(torch::nn::Linear(kHidden, kHidden), cfg),
+                            torch::nn::Functional(torch::tanh),
+                            msbnb::lora::Linear8bitWithLoRA::from_linear(
+                                torch::nn::Linear(kHidden, kOut), cfg,
+                                msbnb::nn::Linear8bitOptions(kHidden, kOut).threshold(0.0)));
+    msbnb::lora::freeze_model_except_lora(*m);
+    torch::NoGradGuard ng;
+    for (auto& kv : m->named_parameters())
+      if (kv.key().find("lora_B") != std::string::npos) kv.value().normal_(0.0, 0.2);
+    return m;
+  }
   torch::nn::Sequential m(torch::nn::Linear(kIn, kHidden), torch::nn::Functional(torch::tanh),
                           torch::nn::Linear(kHidden, kHidden), torch::nn::Functional(torch::tanh),
                           torch::nn::Linear(kHidden, kOut));
@@ -132,6 +155,7 @@ TEST(DistributedWorker, DISABLED_Run) {
   const bool overlap = std::string(env_or("MSBNB_DDP_OVERLAP", "0")) == "1";
   const double bucket_mb = std::atof(env_or("MSBNB_DDP_BUCKET_MB", "25"));
   const int64_t victim = std::atoi(env_or("MSBNB_DDP_VICTIM", "-1"));
+  g_qlora = std::string(env_or("MSBNB_DDP_MODEL", "plain")) == "qlora";
   torch::set_num_threads(1);
 
   auto pg = ProcessGroup::from_env();
@@ -145,7 +169,8 @@ TEST(DistributedWorker, DISABLED_Run) {
     for (auto& p : trainable(*model)) p.add_(0.5 * static_cast<double>(rank));
   }
   DataParallel dp(pg, *model, DataParallelOptions().overlap_with_backward(overlap).bucket_cap_mb(bucket_mb));
-  ASSERT_EQ(dp.parameters().size(), 3u);  // 2.weight, 2.bias, 4.weight
+  // plain: 2.weight, 2.bias, 4.weight; qlora: lora_A, lora_B of each layer.
+  ASSERT_EQ(dp.parameters().size(), g_qlora ? 6u : 3u);
   torch::optim::SGD opt(dp.parameters(), torch::optim::SGDOptions(kLr));
   auto [x, y] = make_data();
   auto xs = msbnb::train::shard_batch(x, rank, world), ys = msbnb::train::shard_batch(y, rank, world);
@@ -188,13 +213,20 @@ TEST(DistributedWorker, DISABLED_Run) {
     snapshots.push_back(flat_params(dp.parameters()));
   }
   write_floats(prefix + ".params", torch::stack(snapshots));
-  // The frozen parameters never moved (and got no gradient).
+  // The frozen parameters and the quantized buffers never moved (and got no gradient).
   auto fresh = make_model();
-  auto got = model->named_parameters(), want = fresh->named_parameters();
-  for (const char* name : {"0.weight", "0.bias", "4.bias"}) {
-    EXPECT_TRUE(torch::equal(got[name], want[name])) << name;
-    EXPECT_FALSE(got[name].grad().defined()) << name;
+  auto want = fresh->named_parameters();
+  int64_t frozen = 0;
+  for (const auto& kv : model->named_parameters()) {
+    if (kv.value().requires_grad()) continue;
+    ++frozen;
+    EXPECT_TRUE(torch::equal(kv.value(), want[kv.key()])) << kv.key();
+    EXPECT_FALSE(kv.value().grad().defined()) << kv.key();
   }
+  EXPECT_EQ(frozen, g_qlora ? 4 : 3);  // qlora: the bases' weight (float base) and biases
+  auto want_buffers = fresh->named_buffers();
+  for (const auto& kv : model->named_buffers())
+    EXPECT_TRUE(torch::equal(kv.value(), want_buffers[kv.key()])) << kv.key();
   write_text(prefix + ".info", info.str());
 }
 
@@ -265,17 +297,19 @@ RefStep reference_step(const torch::Tensor& start) {
   return r;
 }
 
-void check_training(bool overlap, double bucket_mb) {
+void check_training(bool overlap, double bucket_mb, bool qlora = false) {
   torch::set_num_threads(1);
+  g_qlora = qlora;
   TempDir dir;
   const auto res = launch(dir.path, {{"MSBNB_DDP_SCENARIO", "train"},
+                                     {"MSBNB_DDP_MODEL", qlora ? "qlora" : "plain"},
                                      {"MSBNB_DDP_OVERLAP", overlap ? "1" : "0"},
                                      {"MSBNB_DDP_BUCKET_MB", std::to_string(bucket_mb)},
                                      {"MSBNB_DIST_TIMEOUT", "20"}});
   ASSERT_TRUE(res.ok()) << describe(res);
   const auto p0 = read_floats(dir.path + "/rank0.params"), p1 = read_floats(dir.path + "/rank1.params");
   ASSERT_TRUE(p0.defined() && p1.defined());
-  const int64_t n = kHidden * kHidden + kHidden + kOut * kHidden;  // trainable elements
+  const int64_t n = flat_params(trainable(*make_model())).numel();  // trainable elements
   ASSERT_EQ(p0.numel(), (kSteps + 1) * n);
   const auto s0 = p0.view({kSteps + 1, n}), s1 = p1.view({kSteps + 1, n});
 
@@ -372,6 +406,12 @@ TEST(Distributed, TwoProcessesMatchOneProcessOnTheFullBatch) { check_training(/*
 
 // Buckets of 512 bytes, in reverse order: 4.weight (256 B) + 2.bias (64 B), then 2.weight (1 KiB)
 // alone; started from backward hooks.
+// The adapters of a QLoRA model (NF4 + LoRA, float + LoRA, int8 + LoRA): the same bound holds,
+// the LoRA products being dot products of length <= H as well (r = 4 < H).
+TEST(Distributed, QloraAdaptersMatchOneProcessOnTheFullBatch) {
+  check_training(/*overlap=*/false, 25.0, /*qlora=*/true);
+}
+
 TEST(Distributed, OverlappedSmallBucketsMatchToo) { check_training(/*overlap=*/true, 512.0 / (1024 * 1024)); }
 
 TEST(Distributed, DyingPeerFailsTheOtherWithAClearError) {
