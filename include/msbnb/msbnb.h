@@ -4,6 +4,7 @@
 #include "msbnb/functional/quantize.h"
 #include "msbnb/kernels/formats.h"
 #include "msbnb/kernels/kernel_table.h"
+#include "msbnb/lora/lora.h"
 #include "msbnb/nn/embedding.h"
 #include "msbnb/nn/linear.h"
 #include "msbnb/nn/quantized_module.h"

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "layers.h"
+#include "module_tree.h"
 
 namespace msbnb {
 
@@ -60,34 +61,9 @@ bool module_name_matches(const std::string& name, const std::string& entry) {
 
 namespace {
 
-struct SkipList {
-  std::vector<std::string> entries;
-  std::vector<bool> used;
-
-  explicit SkipList(const std::vector<std::string>& e) : entries(e), used(e.size(), false) {
-    for (size_t i = 0; i < entries.size(); ++i) {
-      TORCH_CHECK(!entries[i].empty(), "modules_to_not_convert[", i,
-                  "]: expected a module name, a dot-boundary suffix or a glob, got an empty string");
-    }
-  }
-  // The first entry matching `name` (every matching entry is marked used), or nullptr.
-  const std::string* match(const std::string& name) {
-    const std::string* first = nullptr;
-    for (size_t i = 0; i < entries.size(); ++i) {
-      if (module_name_matches(name, entries[i])) {
-        used[i] = true;
-        if (first == nullptr) first = &entries[i];
-      }
-    }
-    return first;
-  }
-  std::vector<std::string> unused() const {
-    std::vector<std::string> out;
-    for (size_t i = 0; i < entries.size(); ++i) {
-      if (!used[i]) out.push_back(entries[i]);
-    }
-    return out;
-  }
+// modules_to_not_convert.
+struct SkipList : detail::NameList {
+  explicit SkipList(const std::vector<std::string>& e) : detail::NameList(e, "modules_to_not_convert") {}
 };
 
 enum class Kind { linear, embedding };
@@ -99,14 +75,10 @@ struct Candidate {
   Kind kind = Kind::linear;
 };
 
-std::string join(const std::string& prefix, const std::string& key) {
-  return prefix.empty() ? key : prefix + "." + key;
-}
-
 void collect(Module& module, const std::string& prefix, bool embeddings, SkipList& skip,
              std::vector<Candidate>& out, std::vector<ConversionReport::Skipped>& skipped) {
   for (const auto& item : module.named_children()) {
-    const std::string name = join(prefix, item.key());
+    const std::string name = detail::join_name(prefix, item.key());
     if (const std::string* entry = skip.match(name)) {
       skipped.push_back({name, *entry});
       continue;
@@ -122,19 +94,7 @@ void collect(Module& module, const std::string& prefix, bool embeddings, SkipLis
   }
 }
 
-bool is_container(const Module& m) {
-  return dynamic_cast<const torch::nn::SequentialImpl*>(&m) != nullptr ||
-         dynamic_cast<const torch::nn::ModuleListImpl*>(&m) != nullptr ||
-         dynamic_cast<const torch::nn::ModuleDictImpl*>(&m) != nullptr;
-}
-
-// Whether something besides the parent (its children map, and a container's own list) and the
-// candidate list holds the layer: a ModuleHolder field, a handle kept by the caller, another
-// parent. Such a holder would keep running (and keep alive) the float layer.
-bool held_elsewhere(const Candidate& c) {
-  const long expected = 2 + (is_container(*c.parent) ? 1 : 0);
-  return c.child.use_count() > expected;
-}
+bool held_elsewhere(const Candidate& c) { return detail::held_elsewhere(*c.parent, c.child); }
 
 void check_not_shared(const std::vector<Candidate>& candidates, const ConvertOptions& options,
                       const char* fn) {
@@ -148,28 +108,6 @@ void check_not_shared(const std::vector<Candidate>& candidates, const ConvertOpt
                 "them up by name, implement msbnb::ChildReplaceHook, or pass "
                 "ConvertOptions().allow_shared_modules(true). Nothing was changed.");
   }
-}
-
-// Replaces child `key` of `parent` everywhere the parent keeps it.
-void replace_child(Module& parent, const std::string& key, const std::shared_ptr<Module>& old,
-                   const torch::nn::AnyModule& replacement) {
-  const std::shared_ptr<Module> ptr = replacement.ptr();
-  if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
-    // forward() runs the AnyModule list, not the children map.
-    for (auto it = seq->begin(); it != seq->end(); ++it) {
-      if (it->ptr().get() == old.get()) *it = replacement;
-    }
-  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
-    for (auto it = list->begin(); it != list->end(); ++it) {
-      if (it->get() == old.get()) *it = ptr;
-    }
-  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
-    for (auto it = dict->begin(); it != dict->end(); ++it) {
-      if (it->key() == key) it->value() = ptr;
-    }
-  }
-  parent.replace_module(key, ptr);
-  if (auto* hook = dynamic_cast<ChildReplaceHook*>(&parent)) hook->child_replaced(key, replacement);
 }
 
 using Build = std::function<torch::nn::AnyModule(const Candidate&)>;
@@ -204,7 +142,7 @@ std::vector<std::string> walk_and_replace(Module& model, bool embeddings, const 
       layer.bytes_after = get_model_size(*replacement.ptr()).total_bytes;
       report->converted.push_back(std::move(layer));
     }
-    replace_child(*c.parent, c.key, c.child, replacement);
+    detail::replace_child(*c.parent, c.key, c.child, replacement);
     // Replaced everywhere the parent keeps it: any other reference is a holder we cannot reach.
     if (report != nullptr) report->converted.back().shared = c.child.use_count() > 1;
     c.child.reset();  // the float layer goes now, not at the end of the walk
