@@ -23,8 +23,8 @@
 // not fall, a LoRA run does not improve held-out perplexity, the 2-process run's adapters differ
 // between ranks); 77 if the bible is not installed (`bash scripts/setup.sh` installs it).
 //
-// LoRA here: the adapters are this file's small LoraOver module (base + scaling · B·A, A [r, in]
-// Kaiming-uniform, B [out, r] zero, PEFT's layout), until msbnb::lora's layers land in this branch.
+// LoRA: msbnb::lora::LoRALinear / Linear4bitWithLoRA (r = 8, alpha = 16, A Kaiming-uniform, B zero,
+// PEFT's layout) on q/k/v/o/up/down of every block; msbnb::lora::freeze_model_except_lora.
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -44,6 +44,7 @@
 #include <string>
 #include <vector>
 
+#include "msbnb/lora/lora.h"
 #include "msbnb/nn/linear.h"
 #include "msbnb/optim/optim8bit.h"
 #include "msbnb/train/checkpoint.h"
@@ -134,23 +135,6 @@ struct Sampler {
 // ---------------------------------------------------------------------------------------------
 // Model
 
-// LoRA over a frozen base (PEFT's layout: A [r, in], B [out, r]; scaling = alpha / r).
-struct LoraOverImpl : tnn::Module {
-  LoraOverImpl(tnn::AnyModule base_module, int64_t in, int64_t out, int64_t r, double alpha)
-      : base(std::move(base_module)), scaling(alpha / static_cast<double>(r)) {
-    register_module("base_layer", base.ptr());
-    A = register_module("lora_A", tnn::Linear(tnn::LinearOptions(in, r).bias(false)));  // Kaiming-uniform
-    B = register_module("lora_B", tnn::Linear(tnn::LinearOptions(r, out).bias(false)));
-    torch::NoGradGuard g;
-    B->weight.zero_();
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return base.forward(x) + scaling * B(A(x)); }
-  tnn::AnyModule base;
-  double scaling;
-  tnn::Linear A{nullptr}, B{nullptr};
-};
-TORCH_MODULE(LoraOver);
-
 enum class Kind { fp32, lora, qlora };
 
 // Pre-norm block. Its projections are children held in a name -> AnyModule map (no Linear
@@ -238,21 +222,22 @@ LM make_variant(const LM& src, const Sizes& s, Kind kind) {
     for (const auto& p : src->named_parameters()) dst[p.key()].copy_(p.value());
   }
   if (kind == Kind::fp32) return m;
-  for (auto& p : m->parameters()) p.requires_grad_(false);
+  const auto cfg = msbnb::lora::LoraConfig().r(s.r).lora_alpha(2.0 * static_cast<double>(s.r));
   for (auto& blk : m->block_list) {
     for (const auto& [name, in, out] : BlockImpl::shapes(s)) {
       auto linear = std::dynamic_pointer_cast<tnn::LinearImpl>(blk->proj[name].ptr());
-      tnn::AnyModule base;
       if (kind == Kind::lora) {
-        base = tnn::AnyModule(tnn::Linear(linear));
+        blk->set_proj(name, tnn::AnyModule(msbnb::lora::LoRALinear::from_linear(tnn::Linear(linear), cfg)));
       } else {
-        base = tnn::AnyModule(msbnb::nn::Linear4bit::from_linear(
-            tnn::Linear(linear),
-            msbnb::nn::Linear4bitOptions(in, out).quant_type("nf4").compress_statistics(true).bias(false)));
+        blk->set_proj(
+            name, tnn::AnyModule(msbnb::lora::Linear4bitWithLoRA::from_linear(
+                      tnn::Linear(linear), cfg,
+                      msbnb::nn::Linear4bitOptions(in, out).quant_type("nf4").compress_statistics(true).bias(
+                          false))));
       }
-      blk->set_proj(name, tnn::AnyModule(LoraOver(base, in, out, s.r, 2.0 * static_cast<double>(s.r))));
     }
   }
+  msbnb::lora::freeze_model_except_lora(*m);
   return m;
 }
 
@@ -469,11 +454,11 @@ Sizes sizes_for(bool full) {
   if (full) {
     s.d = 128;
     s.layers = 4;
-    s.context = 128;
+    s.context = 64;
     s.batch = 16;
-    s.pretrain_steps = 500;
-    s.finetune_steps = 120;
-    s.eval_windows = 192;
+    s.pretrain_steps = 250;
+    s.finetune_steps = 60;
+    s.eval_windows = 370;
   }
   return s;
 }

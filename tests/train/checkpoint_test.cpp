@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "msbnb/lora/lora.h"
 #include "msbnb/nn/linear.h"
 #include "msbnb/train/memory.h"
 
@@ -24,24 +25,6 @@ namespace {
 
 namespace tnn = torch::nn;
 using msbnb::train::checkpoint;
-
-// LoRA over a frozen base (the lora branch's layers replace this once they land): base(x) +
-// scaling · B(A(x)), A [r, in] Kaiming-uniform, B [out, r] small random (not zero, so the
-// gradient of A is not trivially zero).
-struct LoraStandInImpl : tnn::Module {
-  LoraStandInImpl(tnn::AnyModule base_module, int64_t in, int64_t out, int64_t r)
-      : base(std::move(base_module)) {
-    register_module("base_layer", base.ptr());
-    A = register_module("lora_A", tnn::Linear(tnn::LinearOptions(in, r).bias(false)));
-    B = register_module("lora_B", tnn::Linear(tnn::LinearOptions(r, out).bias(false)));
-    torch::NoGradGuard g;
-    B->weight.normal_(0, 0.02);
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return base.forward(x) + 2.0 * B(A(x)); }
-  tnn::AnyModule base;
-  tnn::Linear A{nullptr}, B{nullptr};
-};
-TORCH_MODULE(LoraStandIn);
 
 enum class Base { fp32, nf4_lora };
 
@@ -55,9 +38,14 @@ struct BlockImpl : tnn::Module {
       if (base == Base::fp32) {
         proj[name] = tnn::AnyModule(register_module(name, l));
       } else {
-        auto q = msbnb::nn::Linear4bit::from_linear(
-            l, msbnb::nn::Linear4bitOptions(in, out).quant_type("nf4").bias(false));
-        proj[name] = tnn::AnyModule(register_module(name, LoraStandIn(tnn::AnyModule(q), in, out, 4)));
+        // QLoRA's layer: frozen nf4 base + adapters (scaling 8 / 4 = 2). B starts at zero in
+        // LoRA; random here, so that A's gradient is not trivially zero.
+        auto q = msbnb::lora::Linear4bitWithLoRA::from_linear(
+            l, msbnb::lora::LoraConfig().r(4).lora_alpha(8),
+            msbnb::nn::Linear4bitOptions(in, out).quant_type("nf4").bias(false));
+        torch::NoGradGuard g;
+        q->lora_B().normal_(0, 0.02);
+        proj[name] = tnn::AnyModule(register_module(name, q));
       }
     };
     for (const char* n : {"q", "k", "v", "o"}) add(n, d, d);
