@@ -14,3 +14,5 @@ echo
 ./build/release/examples/model_conversion   # LLaMA 7B / 13B / 70B memory table from measured layers
 echo
 ./build/release/examples/fashion_mnist      # a real classifier converted to int8 / int4 / nf4: accuracy
+echo
+./build/release/examples/qlora_training --short --svg build/release/qlora_loss.svg  # QLoRA vs LoRA vs full fine-tuning on real text

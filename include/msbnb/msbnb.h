@@ -11,4 +11,6 @@
 #include "msbnb/nn/quantized_module.h"
 #include "msbnb/nn/state_dict.h"
 #include "msbnb/optim/optim8bit.h"
+#include "msbnb/train/checkpoint.h"
 #include "msbnb/train/distributed.h"
+#include "msbnb/train/memory.h"

@@ -210,3 +210,50 @@ TEST(LoraMerge, Linear8bitWithFloatWeightsMergesInFloat) {
 }
 
 }  // namespace
+
+namespace {
+
+// What requantizing does to an update of realistic size: for nf4 + double quant on a weight
+// with torch Linear's init, ΔW scaled so ||ΔW||_F / ||W||_F is 1e-3 ... 1e-1. Prints the
+// measured MergeResult (docs/lora.md quotes it); asserts only what holds for any ΔW: the
+// requantized weight's relative error is that of quantizing W0 + ΔW, > 0, and the float merge
+// would be exact.
+TEST(LoraMerge, RequantizationRoundingVersusUpdateSize) {
+  for (double ratio : {1e-3, 1e-2, 1e-1}) {
+    torch::manual_seed(27);
+    torch::nn::Linear lin(512, 256);
+    auto q = Linear4bitWithLoRA::from_linear(lin, LoraConfig().r(8).lora_alpha(16),
+                                             msbnb::nn::Linear4bitOptions(512, 256).quant_type("nf4"));
+    msbnb::lora::test::randomize_lora(*q, 1.0);
+    const double w = q->base_weight().norm().item<double>(), d = q->delta_weight().norm().item<double>();
+    {
+      torch::NoGradGuard g;
+      q->lora_B().mul_(ratio * w / d);
+    }
+    const MergeResult r = q->merge();
+    std::cout << "nf4+dq 512x256, |dW|/|W| = " << ratio << ": relative error " << r.relative_error
+              << ", delta relative error " << r.delta_relative_error << "\n";
+    EXPECT_GT(r.relative_error, 0.0);
+    EXPECT_GT(r.delta_relative_error, 0.0);
+  }
+}
+
+TEST(LoraLayerDtype, ToBf16ConvertsAdaptersAndLeavesCodes) {
+  torch::manual_seed(28);
+  auto q = Linear4bitWithLoRA::from_linear(torch::nn::Linear(64, 16), LoraConfig().r(2),
+                                           msbnb::nn::Linear4bitOptions(64, 16).quant_type("nf4"));
+  msbnb::lora::test::randomize_lora(*q);
+  const auto before = msbnb::lora::test::snapshot_buffers(*q);
+  q->to(torch::kBFloat16);
+  msbnb::lora::test::expect_same_buffers(*q, before);
+  EXPECT_EQ(q->lora_A().scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(q->base_layer()->bias.scalar_type(), torch::kBFloat16);
+  const torch::Tensor x = torch::randn({3, 64}).to(torch::kBFloat16);
+  const torch::Tensor y = q->forward(x);
+  EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
+  // The LoRA branch now runs in bf16 (the adapters' dtype).
+  const torch::Tensor l = torch::linear(torch::linear(x, q->lora_A()), q->lora_B()) * q->scaling();
+  EXPECT_TRUE(torch::equal(y, q->base_layer()->forward(x) + l));
+}
+
+}  // namespace
