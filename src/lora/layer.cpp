@@ -31,7 +31,9 @@ void LoraLayer::reset_lora_parameters() {
   torch::NoGradGuard no_grad;
   if (config_.init() == "gaussian") {
     // PEFT's init_lora_weights="gaussian": nn.init.normal_(lora_A.weight, std=1 / r).
-    lora_A_->weight.normal_(0.0, 1.0 / static_cast<double>(r()));
+    torch::nn::init::normal_(lora_A_->weight, 0.0,
+                             1.0 / static_cast<double>(r()));  // out of line: GCC 12 -O1 -fsanitize warns
+                                                               // (maybe-uninitialized) inside Tensor::normal_
   } else {
     // PEFT's default: nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5)), torch Linear's init.
     torch::nn::init::kaiming_uniform_(lora_A_->weight, std::sqrt(5.0));

@@ -753,7 +753,7 @@ TEST(PeftInterop, ExportForPython) {
                                          .target_modules({"gate_proj", "up_proj", "down_proj"}));
     torch::NoGradGuard g;
     for (auto& item : model->named_parameters()) {
-      if (item.key().find("lora_B") != std::string::npos) item.value().normal_(0, 0.1);
+      if (item.key().find("lora_B") != std::string::npos) torch::nn::init::normal_(item.value(), 0, 0.1);
     }
     const std::string dir = root + "/msbnb_mlp_gaussian";
     msbnb::lora::save_adapter(
@@ -770,7 +770,7 @@ TEST(PeftInterop, ExportForPython) {
                                          {"model.layers.1.mlp.down_proj"}));
     torch::NoGradGuard g;
     for (auto& item : model->named_parameters()) {
-      if (item.key().find("lora_B") != std::string::npos) item.value().normal_(0, 0.1);
+      if (item.key().find("lora_B") != std::string::npos) torch::nn::init::normal_(item.value(), 0, 0.1);
     }
     const std::string dir = root + "/msbnb_rank_pattern";
     msbnb::lora::save_adapter(*model, dir,

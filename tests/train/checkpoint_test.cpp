@@ -44,7 +44,7 @@ struct BlockImpl : tnn::Module {
             l, msbnb::lora::LoraConfig().r(4).lora_alpha(8),
             msbnb::nn::Linear4bitOptions(in, out).quant_type("nf4").bias(false));
         torch::NoGradGuard g;
-        q->lora_B().normal_(0, 0.02);
+        torch::nn::init::normal_(q->lora_B(), 0, 0.02);
         proj[name] = tnn::AnyModule(register_module(name, q));
       }
     };

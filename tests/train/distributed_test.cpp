@@ -72,7 +72,7 @@ torch::nn::Sequential make_model() {
     msbnb::lora::freeze_model_except_lora(*m);
     torch::NoGradGuard ng;
     for (auto& kv : m->named_parameters())
-      if (kv.key().find("lora_B") != std::string::npos) kv.value().normal_(0.0, 0.2);
+      if (kv.key().find("lora_B") != std::string::npos) torch::nn::init::normal_(kv.value(), 0.0, 0.2);
     return m;
   }
   torch::nn::Sequential m(torch::nn::Linear(kIn, kHidden), torch::nn::Functional(torch::tanh),
