@@ -1,5 +1,6 @@
 // msbnb: k-bit quantization for the PyTorch C++ frontend. The whole public API.
 #pragma once
+#include "msbnb/convert/convert.h"
 #include "msbnb/functional/matmul.h"
 #include "msbnb/functional/quantize.h"
 #include "msbnb/kernels/formats.h"
