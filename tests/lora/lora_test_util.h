@@ -9,22 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "expect_error.h"
 #include "msbnb/msbnb.h"
 
 namespace msbnb::lora::test {
 
-/// Runs f, expects a c10::Error whose message contains every one of `parts`.
-inline void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    const std::string msg = e.what_without_backtrace();
-    for (const auto& p : parts)
-      EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-    return;
-  }
-  ADD_FAILURE() << "expected a c10::Error containing \"" << (parts.empty() ? "" : parts[0]) << "\"";
-}
+using ::msbnb::test::expect_error;
 
 /// Unit roundoff of float32 and Higham's gamma_n = n u / (1 - n u): a float32 sum of n terms
 /// (any order, FMA or not) is off by at most gamma_n * sum |terms|.

@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "expect_error.h"
 #include "msbnb/msbnb.h"
 
 namespace {
@@ -34,19 +35,7 @@ using msbnb::train::ProcessGroupOptions;
 constexpr int64_t kBatch = 16, kIn = 8, kHidden = 16, kOut = 4, kSteps = 5;
 constexpr double kLr = 0.1;
 
-// Runs f, expects a c10::Error whose message contains every one of `parts`; returns the message.
-std::string expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    const std::string msg = e.what_without_backtrace();
-    for (const auto& p : parts)
-      EXPECT_NE(msg.find(p), std::string::npos) << "missing \"" << p << "\" in: " << msg;
-    return msg;
-  }
-  ADD_FAILURE() << "expected a c10::Error containing \"" << (parts.empty() ? "" : parts[0]) << "\"";
-  return "";
-}
+using ::msbnb::test::expect_error;
 
 // The model of a run: "plain" or "qlora" (MSBNB_DDP_MODEL in the workers; the parent sets it).
 bool g_qlora = false;
