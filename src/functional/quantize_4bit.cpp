@@ -33,10 +33,9 @@ kernels::Format format_of(const std::string& quant_type, const char* arg) {
 // offset = mean, then quantize_blockwise(absmax - offset, blocksize=256)).
 void nest_statistics(QuantState& s) {
   const torch::Tensor stats = s.absmax.reshape({-1});
-  const float* p = stats.data_ptr<float>();
-  // Mean in double over a fixed order: the same for any thread count.
-  const double mean = std::accumulate(p, p + stats.numel(), 0.0) / static_cast<double>(stats.numel());
-  const float offset = static_cast<float>(mean);
+  // torch's float32 mean, as bitsandbytes' absmax.mean(): the same rounding, so checkpoints
+  // match transformers + bitsandbytes byte for byte (a double mean differs in the last bit).
+  const float offset = stats.mean().item<float>();
   QuantizedBlockwise nested = quantize_blockwise(stats - offset, kNestedBlocksize);
   s.absmax = nested.data;
   s.offset = torch::full({}, offset, kF32);

@@ -145,6 +145,16 @@ const TensorEntry& SafetensorsFile::info(const std::string& name) const {
   return *e;
 }
 
+void SafetensorsFile::release(const std::string& name) const {
+  const TensorEntry& e = info(name);
+  if (!impl_->mapped || e.nbytes() == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = reinterpret_cast<uintptr_t>(impl_->base + impl_->header.data_start + e.begin);
+  const uintptr_t begin = (first + page - 1) / page * page;  // whole pages only: neighbours keep theirs
+  const uintptr_t end = (first + e.nbytes()) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 torch::Tensor SafetensorsFile::get(const std::string& name) const {
   const TensorEntry& e = info(name);
   torch::ScalarType t{};

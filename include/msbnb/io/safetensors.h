@@ -54,6 +54,11 @@ class SafetensorsFile {
   /// The tensor `name` on the CPU, contiguous: a view of the mapping when its data is aligned
   /// for its dtype, else a copy. Throws if `name` is absent or its dtype unsupported.
   torch::Tensor get(const std::string& name) const;
+  /// Drops this process's resident pages of tensor `name`'s data (madvise MADV_DONTNEED on the
+  /// whole pages inside its span; a no-op for from_bytes). Streaming readers call it once a
+  /// tensor is consumed, so memory stays at one tensor however large the file. Views from get()
+  /// stay valid (they read the file again); what was written into them is lost.
+  void release(const std::string& name) const;
   /// __metadata__ (empty if the file has none).
   const std::map<std::string, std::string>& metadata() const;
   const SafetensorsHeader& header() const;
