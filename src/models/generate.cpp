@@ -15,12 +15,13 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 void SamplingOptions::validate() const {
-  TORCH_CHECK(max_new_tokens >= 0 && max_new_tokens <= (1 << 20), "max_new_tokens: expected in [0, 2^20], got ",
-              max_new_tokens);
-  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0, "temperature: expected a finite number >= 0, got ",
-              temperature);
+  TORCH_CHECK(max_new_tokens >= 0 && max_new_tokens <= (1 << 20),
+              "max_new_tokens: expected in [0, 2^20], got ", max_new_tokens);
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0,
+              "temperature: expected a finite number >= 0, got ", temperature);
   TORCH_CHECK(top_k >= 0, "top_k: expected >= 0, got ", top_k);
-  TORCH_CHECK(std::isfinite(top_p) && top_p > 0 && top_p <= 1, "top_p: expected a number in (0, 1], got ", top_p);
+  TORCH_CHECK(std::isfinite(top_p) && top_p > 0 && top_p <= 1, "top_p: expected a number in (0, 1], got ",
+              top_p);
 }
 
 int64_t sample_token(const torch::Tensor& logits_in, const SamplingOptions& o, std::mt19937_64& rng) {
@@ -82,9 +83,10 @@ PerplexityResult perplexity(LlamaForCausalLMImpl& model, const std::vector<int64
                             int64_t stride, const std::function<void(int64_t, int64_t)>& progress) {
   TORCH_CHECK(tokens.size() >= 2, "perplexity: expected at least 2 tokens, got ", tokens.size());
   TORCH_CHECK(window >= 2 && window <= model.config().max_position_embeddings,
-              "perplexity: window: expected in [2, max_position_embeddings = ", model.config().max_position_embeddings,
-              "], got ", window);
-  TORCH_CHECK(stride > 0 && stride <= window, "perplexity: stride: expected in [1, window = ", window, "], got ", stride);
+              "perplexity: window: expected in [2, max_position_embeddings = ",
+              model.config().max_position_embeddings, "], got ", window);
+  TORCH_CHECK(stride > 0 && stride <= window, "perplexity: stride: expected in [1, window = ", window,
+              "], got ", stride);
   torch::NoGradGuard no_grad;
   const auto t0 = std::chrono::steady_clock::now();
   const auto n = static_cast<int64_t>(tokens.size());

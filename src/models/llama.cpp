@@ -47,10 +47,11 @@ LinearFactory float_linear_factory() {
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
-KVCache::KVCache(const LlamaConfig& config, int64_t batch, int64_t capacity) : batch_(batch), capacity_(capacity) {
+KVCache::KVCache(const LlamaConfig& config, int64_t batch, int64_t capacity)
+    : batch_(batch), capacity_(capacity) {
   TORCH_CHECK(batch > 0 && batch <= (1 << 16), "KVCache: batch: expected in [1, 65536], got ", batch);
-  TORCH_CHECK(capacity > 0 && capacity <= (int64_t{1} << 24), "KVCache: capacity: expected in [1, 2^24], got ",
-              capacity);
+  TORCH_CHECK(capacity > 0 && capacity <= (int64_t{1} << 24),
+              "KVCache: capacity: expected in [1, 2^24], got ", capacity);
   const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     k_.push_back(torch::empty({batch, config.num_key_value_heads, capacity, config.head_dim}, opts));
@@ -64,8 +65,10 @@ int64_t KVCache::memory_bytes() const {
   return n;
 }
 
-std::pair<torch::Tensor, torch::Tensor> KVCache::append(int64_t layer, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(k_.size()), "KVCache: layer ", layer, " out of range");
+std::pair<torch::Tensor, torch::Tensor> KVCache::append(int64_t layer, const torch::Tensor& k,
+                                                        const torch::Tensor& v) {
+  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(k_.size()), "KVCache: layer ", layer,
+              " out of range");
   const int64_t t = k.size(2);
   TORCH_CHECK(k.size(0) == batch_, "KVCache: batch: expected ", batch_, ", got ", k.size(0));
   TORCH_CHECK(length_ + t <= capacity_, "KVCache: capacity: expected at most ", capacity_, " positions, got ",
@@ -128,7 +131,8 @@ std::pair<torch::Tensor, torch::Tensor> RotaryEmbedding::get(int64_t start, int6
 // ---------------------------------------------------------------------------------------------
 // Attention, MLP, decoder layer
 
-LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c, const std::string& prefix, const LinearFactory& f)
+LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c, const std::string& prefix,
+                                       const LinearFactory& f)
     : heads_(c.num_attention_heads), kv_heads_(c.num_key_value_heads), head_dim_(c.head_dim) {
   const int64_t h = c.hidden_size, qd = heads_ * head_dim_, kvd = kv_heads_ * head_dim_;
   q_proj = make_linear(*this, prefix, "q_proj", f, h, qd, c.attention_bias);
@@ -144,8 +148,8 @@ void LlamaAttentionImpl::child_replaced(const std::string& name, const torch::nn
   if (name == "o_proj") o_proj = m;
 }
 
-torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                          KVCache* cache, int64_t layer_index) {
+torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                          const torch::Tensor& sin, KVCache* cache, int64_t layer_index) {
   const int64_t B = x.size(0), T = x.size(1), g = heads_ / kv_heads_;
   torch::Tensor q = q_proj.forward(x).view({B, T, heads_, head_dim_}).transpose(1, 2);
   torch::Tensor k = k_proj.forward(x).view({B, T, kv_heads_, head_dim_}).transpose(1, 2);
@@ -158,7 +162,8 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
   // Grouped-query attention without copying keys: the g query heads that share a key/value
   // head become g·T rows of one product (transformers' repeat_kv gives the same pairing).
   torch::Tensor qg = q.reshape({B, kv_heads_, g * T, head_dim_});
-  torch::Tensor scores = torch::matmul(qg, k.transpose(2, 3)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  torch::Tensor scores =
+      torch::matmul(qg, k.transpose(2, 3)) * (1.0 / std::sqrt(static_cast<double>(head_dim_)));
   if (T > 1) {
     // Query t (absolute position past + t) sees keys 0 .. past + t.
     torch::Tensor qpos = torch::arange(T, torch::kInt64).unsqueeze(1) + past;
@@ -169,7 +174,10 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
                  .view({B, kv_heads_, g * T, S});
   }
   torch::Tensor probs = torch::softmax(scores, -1, torch::kFloat32);
-  torch::Tensor out = torch::matmul(probs, v).view({B, heads_, T, head_dim_}).transpose(1, 2).reshape({B, T, heads_ * head_dim_});
+  torch::Tensor out = torch::matmul(probs, v)
+                          .view({B, heads_, T, head_dim_})
+                          .transpose(1, 2)
+                          .reshape({B, T, heads_ * head_dim_});
   return o_proj.forward(out);
 }
 
@@ -189,15 +197,17 @@ torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
   return down_proj.forward(torch::silu(gate_proj.forward(x)) * up_proj.forward(x));
 }
 
-LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c, const std::string& prefix, const LinearFactory& f) {
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c, const std::string& prefix,
+                                             const LinearFactory& f) {
   self_attn = register_module("self_attn", LlamaAttention(c, prefix + ".self_attn", f));
   mlp = register_module("mlp", LlamaMLP(c, prefix + ".mlp", f));
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
 }
 
-torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                             KVCache* cache, int64_t layer_index) {
+torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                             const torch::Tensor& sin, KVCache* cache, int64_t layer_index) {
   torch::Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer_index);
   return h + mlp->forward(post_attention_layernorm->forward(h));
 }
@@ -220,18 +230,20 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, const LinearFactory& f) : c
 torch::Tensor LlamaModelImpl::forward(const torch::Tensor& input_ids, KVCache* cache) {
   TORCH_CHECK(input_ids.defined() && input_ids.dim() == 2, "input_ids: expected int64 [batch, tokens], got ",
               input_ids.defined() ? input_ids.sizes() : c10::IntArrayRef{});
-  TORCH_CHECK(input_ids.scalar_type() == torch::kInt64, "input_ids: expected int64, got ", input_ids.scalar_type());
+  TORCH_CHECK(input_ids.scalar_type() == torch::kInt64, "input_ids: expected int64, got ",
+              input_ids.scalar_type());
   TORCH_CHECK(input_ids.device().is_cpu(), "input_ids: expected a CPU tensor, got ", input_ids.device());
-  TORCH_CHECK(input_ids.size(0) > 0 && input_ids.size(1) > 0, "input_ids: expected at least one token, got shape ",
-              input_ids.sizes());
+  TORCH_CHECK(input_ids.size(0) > 0 && input_ids.size(1) > 0,
+              "input_ids: expected at least one token, got shape ", input_ids.sizes());
   const int64_t lo = input_ids.min().item<int64_t>(), hi = input_ids.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "input_ids: expected ids in [0, ", config_.vocab_size, "), got ",
-              lo < 0 ? lo : hi);
+  TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "input_ids: expected ids in [0, ", config_.vocab_size,
+              "), got ", lo < 0 ? lo : hi);
   const int64_t past = cache != nullptr ? cache->length() : 0;
   const int64_t T = input_ids.size(1);
   auto [cos, sin] = rope_.get(past, T);
   torch::Tensor h = embed_tokens->forward(input_ids);
-  for (size_t i = 0; i < layer_list.size(); ++i) h = layer_list[i]->forward(h, cos, sin, cache, static_cast<int64_t>(i));
+  for (size_t i = 0; i < layer_list.size(); ++i)
+    h = layer_list[i]->forward(h, cos, sin, cache, static_cast<int64_t>(i));
   if (cache != nullptr) cache->advance(T);
   return norm->forward(h);
 }

@@ -3,19 +3,19 @@
 #include "msbnb/models/llama_config.h"
 
 #include <c10/util/Exception.h>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <fstream>
 #include <sstream>
-#include <sys/stat.h>
 
 #include "../io/json_strict.h"
 
 namespace msbnb::models {
 namespace {
 
-using nlohmann::json;
 using io::detail::shown;
+using nlohmann::json;
 
 // Sizes beyond this are refused: products of two of them still fit in int64 with room for
 // element sizes (2^24 · 2^24 · 8 < 2^63).
@@ -128,21 +128,27 @@ QuantizationSpec parse_quantization(const json& q, const std::string& source) {
     const bool in4 = r.boolean("load_in_4bit", r.boolean("_load_in_4bit", false));
     const bool in8 = r.boolean("load_in_8bit", r.boolean("_load_in_8bit", false));
     if (in4 == in8) {
-      TORCH_CHECK(false, source, ": quantization_config: expected exactly one of load_in_4bit / load_in_8bit true, got ",
+      TORCH_CHECK(false, source,
+                  ": quantization_config: expected exactly one of load_in_4bit / load_in_8bit true, got ",
                   in4 ? "both" : "neither");
     }
     if (in4) {
       s.format = r.string("bnb_4bit_quant_type", "fp4");
-      if (s.format != "nf4" && s.format != "fp4") r.fail("bnb_4bit_quant_type", "\"nf4\" or \"fp4\"", r.find("bnb_4bit_quant_type"));
+      if (s.format != "nf4" && s.format != "fp4")
+        r.fail("bnb_4bit_quant_type", "\"nf4\" or \"fp4\"", r.find("bnb_4bit_quant_type"));
       s.double_quant = r.boolean("bnb_4bit_use_double_quant", false);
       s.compute_dtype = dtype_name(r, "bnb_4bit_compute_dtype", "float32");
       const std::string storage = r.string("bnb_4bit_quant_storage", "uint8");
-      if (storage != "uint8") r.fail("bnb_4bit_quant_storage", "\"uint8\" (the only storage msbnb reads)", r.find("bnb_4bit_quant_storage"));
-      s.blocksize = r.integer("bnb_4bit_blocksize", 64, 32, 4096);  // not a transformers field; msbnb writes it when not 64
+      if (storage != "uint8")
+        r.fail("bnb_4bit_quant_storage", "\"uint8\" (the only storage msbnb reads)",
+               r.find("bnb_4bit_quant_storage"));
+      s.blocksize = r.integer("bnb_4bit_blocksize", 64, 32,
+                              4096);  // not a transformers field; msbnb writes it when not 64
     } else {
       s.format = "int8";
       if (r.boolean("llm_int8_has_fp16_weight", false)) {
-        r.fail("llm_int8_has_fp16_weight", "false (msbnb loads int8 weights only)", r.find("llm_int8_has_fp16_weight"));
+        r.fail("llm_int8_has_fp16_weight", "false (msbnb loads int8 weights only)",
+               r.find("llm_int8_has_fp16_weight"));
       }
     }
     s.threshold = r.number("llm_int8_threshold", 6.0, 0.0, 1e30);
@@ -154,7 +160,8 @@ QuantizationSpec parse_quantization(const json& q, const std::string& source) {
     s.double_quant = r.boolean("double_quant", false);
     s.skip_modules = r.strings("skip_modules", {"lm_head"});
   } else {
-    r.fail("quant_method", "\"bitsandbytes\" or \"msbnb\" (other methods such as gptq / awq are not supported)",
+    r.fail("quant_method",
+           "\"bitsandbytes\" or \"msbnb\" (other methods such as gptq / awq are not supported)",
            r.find("quant_method"));
   }
   s.validate();
@@ -209,8 +216,8 @@ QuantizationSpec QuantizationSpec::for_format(const std::string& format, bool do
 }
 
 void QuantizationSpec::validate() const {
-  TORCH_CHECK(method == "bitsandbytes" || method == "msbnb", "quantization method: expected bitsandbytes or msbnb, got '",
-              method, "'");
+  TORCH_CHECK(method == "bitsandbytes" || method == "msbnb",
+              "quantization method: expected bitsandbytes or msbnb, got '", method, "'");
   TORCH_CHECK(format == "nf4" || format == "fp4" || format == "int8" || format == "int4",
               "format: expected one of int8, int4, nf4, fp4, got '", format, "'");
   TORCH_CHECK((format == "int4") == (method == "msbnb"), "format '", format, "' with method '", method,
@@ -223,10 +230,12 @@ void QuantizationSpec::validate() const {
     TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= kMaxDim,
                 "group size: expected an even number >= 2 for int4, got ", blocksize);
   }
-  TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold: expected a finite number >= 0, got ", threshold);
+  TORCH_CHECK(std::isfinite(threshold) && threshold >= 0, "threshold: expected a finite number >= 0, got ",
+              threshold);
   TORCH_CHECK(compute_dtype == "float32" || compute_dtype == "float16" || compute_dtype == "bfloat16",
               "compute dtype: expected float32, float16 or bfloat16, got '", compute_dtype, "'");
-  for (const auto& m : skip_modules) TORCH_CHECK(!m.empty(), "skip modules: expected non-empty names, got an empty one");
+  for (const auto& m : skip_modules)
+    TORCH_CHECK(!m.empty(), "skip modules: expected non-empty names, got an empty one");
 }
 
 std::string QuantizationSpec::describe() const {
@@ -234,15 +243,16 @@ std::string QuantizationSpec::describe() const {
   if (format == "int8") {
     os << "int8 (LLM.int8(), threshold " << threshold << ")";
   } else {
-    os << format << (double_quant ? " + double quant" : "") << " (" << (format == "int4" ? "group size " : "blocksize ")
-       << blocksize << ")";
+    os << format << (double_quant ? " + double quant" : "") << " ("
+       << (format == "int4" ? "group size " : "blocksize ") << blocksize << ")";
   }
   return os.str();
 }
 
 void LlamaConfig::validate(const std::string& source) const {
   auto pos = [&](const char* f, int64_t v) {
-    TORCH_CHECK(v > 0 && v <= kMaxDim, source, ": field '", f, "': expected an integer in [1, ", kMaxDim, "], got ", v);
+    TORCH_CHECK(v > 0 && v <= kMaxDim, source, ": field '", f, "': expected an integer in [1, ", kMaxDim,
+                "], got ", v);
   };
   pos("vocab_size", vocab_size);
   pos("hidden_size", hidden_size);
@@ -252,19 +262,23 @@ void LlamaConfig::validate(const std::string& source) const {
   pos("num_key_value_heads", num_key_value_heads);
   pos("head_dim", head_dim);
   pos("max_position_embeddings", max_position_embeddings);
-  TORCH_CHECK(num_hidden_layers <= 4096, source, ": field 'num_hidden_layers': expected at most 4096, got ", num_hidden_layers);
-  TORCH_CHECK(num_attention_heads % num_key_value_heads == 0, source,
-              ": fields 'num_attention_heads' / 'num_key_value_heads': expected the heads to be a multiple of the "
-              "key/value heads, got ", num_attention_heads, " and ", num_key_value_heads);
-  TORCH_CHECK(head_dim % 2 == 0, source, ": field 'head_dim': expected an even number (RoPE rotates pairs), got ", head_dim);
-  TORCH_CHECK(num_attention_heads * head_dim <= kMaxDim, source, ": num_attention_heads · head_dim too large: ",
-              num_attention_heads, " · ", head_dim);
+  TORCH_CHECK(num_hidden_layers <= 4096, source, ": field 'num_hidden_layers': expected at most 4096, got ",
+              num_hidden_layers);
+  TORCH_CHECK(
+      num_attention_heads % num_key_value_heads == 0, source,
+      ": fields 'num_attention_heads' / 'num_key_value_heads': expected the heads to be a multiple of the "
+      "key/value heads, got ",
+      num_attention_heads, " and ", num_key_value_heads);
+  TORCH_CHECK(head_dim % 2 == 0, source,
+              ": field 'head_dim': expected an even number (RoPE rotates pairs), got ", head_dim);
+  TORCH_CHECK(num_attention_heads * head_dim <= kMaxDim, source,
+              ": num_attention_heads · head_dim too large: ", num_attention_heads, " · ", head_dim);
   TORCH_CHECK(std::isfinite(rms_norm_eps) && rms_norm_eps > 0 && rms_norm_eps < 1, source,
               ": field 'rms_norm_eps': expected a number in (0, 1), got ", rms_norm_eps);
-  TORCH_CHECK(std::isfinite(rope_theta) && rope_theta > 1, source, ": field 'rope_theta': expected a number > 1, got ",
-              rope_theta);
-  TORCH_CHECK(rope_type == "default" || rope_type == "llama3", source, ": rope type: expected \"default\" or \"llama3\", got '",
-              rope_type, "'");
+  TORCH_CHECK(std::isfinite(rope_theta) && rope_theta > 1, source,
+              ": field 'rope_theta': expected a number > 1, got ", rope_theta);
+  TORCH_CHECK(rope_type == "default" || rope_type == "llama3", source,
+              ": rope type: expected \"default\" or \"llama3\", got '", rope_type, "'");
   for (auto t : {bos_token_id, eos_token_id, pad_token_id}) {
     TORCH_CHECK(!t || *t < vocab_size || *t < kMaxDim, source, ": a special token id is out of range: ", *t);
   }
@@ -298,14 +312,17 @@ LlamaConfig parse_config(const std::string& json_text, const std::string& source
   c.model_type = r.string("model_type", "");
   c.architectures = r.strings("architectures", {});
   if (c.model_type != "llama") {
-    std::string arch = c.architectures.empty() ? "" : " (architectures " + shown(*r.find("architectures")) + ")";
-    TORCH_CHECK(false, source, ": unsupported architecture: expected model_type \"llama\" (LlamaForCausalLM), got ",
+    std::string arch =
+        c.architectures.empty() ? "" : " (architectures " + shown(*r.find("architectures")) + ")";
+    TORCH_CHECK(false, source,
+                ": unsupported architecture: expected model_type \"llama\" (LlamaForCausalLM), got ",
                 c.model_type.empty() ? std::string("none") : "\"" + c.model_type + "\"", arch);
   }
   if (!c.architectures.empty()) {
     bool ok = false;
     for (const auto& a : c.architectures) ok = ok || a == "LlamaForCausalLM";
-    TORCH_CHECK(ok, source, ": unsupported architecture: expected architectures to hold \"LlamaForCausalLM\", got ",
+    TORCH_CHECK(ok, source,
+                ": unsupported architecture: expected architectures to hold \"LlamaForCausalLM\", got ",
                 shown(*r.find("architectures")));
   }
   c.vocab_size = r.integer("vocab_size", std::nullopt, 1, kMaxDim);
@@ -315,8 +332,10 @@ LlamaConfig parse_config(const std::string& json_text, const std::string& source
   c.num_attention_heads = r.integer("num_attention_heads", std::nullopt, 1, kMaxDim);
   c.num_key_value_heads = r.integer("num_key_value_heads", c.num_attention_heads, 1, kMaxDim);
   TORCH_CHECK(r.find("head_dim") != nullptr || c.hidden_size % c.num_attention_heads == 0, source,
-              ": fields 'hidden_size' / 'num_attention_heads': expected hidden_size divisible by the heads (no head_dim "
-              "given), got ", c.hidden_size, " and ", c.num_attention_heads);
+              ": fields 'hidden_size' / 'num_attention_heads': expected hidden_size divisible by the heads "
+              "(no head_dim "
+              "given), got ",
+              c.hidden_size, " and ", c.num_attention_heads);
   c.head_dim = r.integer("head_dim", c.hidden_size / c.num_attention_heads, 1, kMaxDim);
   c.max_position_embeddings = r.integer("max_position_embeddings", 2048, 1, kMaxDim);
   c.rms_norm_eps = r.number("rms_norm_eps", 1e-6, 1e-30, 0.5);
@@ -349,8 +368,8 @@ LlamaConfig parse_config(const std::string& json_text, const std::string& source
       c.rope_original_max_position_embeddings =
           rr.integer("original_max_position_embeddings", std::nullopt, 1, kMaxDim);
       TORCH_CHECK(c.rope_high_freq_factor > c.rope_low_freq_factor, source,
-                  ": llama3 RoPE: expected high_freq_factor > low_freq_factor, got ", c.rope_high_freq_factor, " and ",
-                  c.rope_low_freq_factor);
+                  ": llama3 RoPE: expected high_freq_factor > low_freq_factor, got ", c.rope_high_freq_factor,
+                  " and ", c.rope_low_freq_factor);
     } else if (c.rope_type != "default") {
       rr.fail("rope_type", "\"default\" or \"llama3\" (other RoPE scalings are not supported)",
               rope->contains("rope_type") ? &rope->at("rope_type") : &rope->at("type"));
@@ -370,13 +389,15 @@ LlamaConfig read_config(const std::string& path) {
   std::ostringstream ss;
   ss << f.rdbuf();
   const std::string text = ss.str();
-  TORCH_CHECK(text.size() < (size_t{16} << 20), file, ": expected a config.json under 16 MiB, got ", text.size(), " bytes");
+  TORCH_CHECK(text.size() < (size_t{16} << 20), file, ": expected a config.json under 16 MiB, got ",
+              text.size(), " bytes");
   return parse_config(text, file);
 }
 
 std::string config_json(const LlamaConfig& c) {
   json j;
-  j["architectures"] = c.architectures.empty() ? std::vector<std::string>{"LlamaForCausalLM"} : c.architectures;
+  j["architectures"] =
+      c.architectures.empty() ? std::vector<std::string>{"LlamaForCausalLM"} : c.architectures;
   j["model_type"] = "llama";
   j["vocab_size"] = c.vocab_size;
   j["hidden_size"] = c.hidden_size;

@@ -4,7 +4,6 @@
 
 #include <c10/util/Exception.h>
 #include <torch/nn/modules/linear.h>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -46,7 +45,8 @@ std::tuple<int, int64_t, std::string> order_key(const std::string& name) {
   if (name.rfind("model.embed_tokens", 0) == 0) return {0, 0, name};
   if (name.rfind(layers, 0) == 0) {
     size_t end = name.find('.', layers.size());
-    const std::string num = name.substr(layers.size(), end == std::string::npos ? std::string::npos : end - layers.size());
+    const std::string num =
+        name.substr(layers.size(), end == std::string::npos ? std::string::npos : end - layers.size());
     if (!num.empty() && num.size() < 10 && std::all_of(num.begin(), num.end(), ::isdigit)) {
       return {1, std::stoll(num), name};
     }
@@ -54,24 +54,31 @@ std::tuple<int, int64_t, std::string> order_key(const std::string& name) {
   return {2, 0, name};
 }
 
-bool is_float(io::StDtype d) { return d == io::StDtype::F32 || d == io::StDtype::F16 || d == io::StDtype::BF16; }
+bool is_float(io::StDtype d) {
+  return d == io::StDtype::F32 || d == io::StDtype::F16 || d == io::StDtype::BF16;
+}
 
 std::string dtype_string(torch::ScalarType t) {
   switch (t) {
-    case torch::kFloat32: return "float32";
-    case torch::kFloat16: return "float16";
-    case torch::kBFloat16: return "bfloat16";
-    default: return std::string(c10::toString(t));
+    case torch::kFloat32:
+      return "float32";
+    case torch::kFloat16:
+      return "float16";
+    case torch::kBFloat16:
+      return "bfloat16";
+    default:
+      return std::string(c10::toString(t));
   }
 }
 
 // A module path's linear layers that quantization converts: the decoder's projections and lm_head.
 bool is_quantizable_linear(const std::string& module_path) {
-  static const std::vector<std::string> tails = {".q_proj", ".k_proj", ".v_proj", ".o_proj",
+  static const std::vector<std::string> tails = {".q_proj",    ".k_proj",  ".v_proj",   ".o_proj",
                                                  ".gate_proj", ".up_proj", ".down_proj"};
   if (module_path == "lm_head") return true;
   for (const auto& t : tails) {
-    if (module_path.size() > t.size() && module_path.compare(module_path.size() - t.size(), t.size(), t) == 0) return true;
+    if (module_path.size() > t.size() && module_path.compare(module_path.size() - t.size(), t.size(), t) == 0)
+      return true;
   }
   return false;
 }
@@ -86,7 +93,8 @@ bool skipped(const QuantizationSpec& spec, const std::string& module_path) {
 // A quantized layer of `spec` for a [out, in] weight (no bias: the bias is its own key).
 torch::nn::AnyModule make_quantized(const QuantizationSpec& spec, int64_t in, int64_t out, bool bias) {
   if (spec.format == "int8") {
-    return torch::nn::AnyModule(nn::Linear8bit(nn::Linear8bitOptions(in, out).bias(bias).threshold(spec.threshold)));
+    return torch::nn::AnyModule(
+        nn::Linear8bit(nn::Linear8bitOptions(in, out).bias(bias).threshold(spec.threshold)));
   }
   return torch::nn::AnyModule(nn::Linear4bit(nn::Linear4bitOptions(in, out)
                                                  .bias(bias)
@@ -97,7 +105,9 @@ torch::nn::AnyModule make_quantized(const QuantizationSpec& spec, int64_t in, in
 
 void quantize_into(torch::nn::Module& m, const torch::Tensor& w) {
   if (auto* l4 = dynamic_cast<nn::Linear4bitImpl*>(&m)) return l4->quantize_weights(w);
-  if (auto* l8 = dynamic_cast<nn::Linear8bitImpl*>(&m)) return l8->quantize_weights(w);
+  // bitsandbytes' Int8Params quantize the weight cast to float16 (CB, SCB of the float16
+  // values): the same here, so checkpoints match transformers + bitsandbytes.
+  if (auto* l8 = dynamic_cast<nn::Linear8bitImpl*>(&m)) return l8->quantize_weights(w.to(torch::kFloat16));
   TORCH_CHECK(false, "internal: not a quantized linear layer");
 }
 
@@ -131,11 +141,13 @@ CheckpointFiles CheckpointFiles::open(const std::string& dir) {
       TORCH_CHECK(it.value().is_string(), index, ": weight_map['", it.key(), "']: expected a file name, got ",
                   io::detail::shown(it.value()));
       const std::string f = it.value().get<std::string>();
-      TORCH_CHECK(!f.empty() && f.find('/') == std::string::npos && f != "." && f != "..", index, ": weight_map['",
-                  it.key(), "']: expected a file name in the folder, got ", io::detail::quote_cut(f));
+      TORCH_CHECK(!f.empty() && f.find('/') == std::string::npos && f != "." && f != "..", index,
+                  ": weight_map['", it.key(), "']: expected a file name in the folder, got ",
+                  io::detail::quote_cut(f));
       if (!file_index.count(f)) {
         const std::string path = dir + "/" + f;
-        TORCH_CHECK(fs::exists(path), index, ": names shard '", f, "', which is missing (expected ", path, ")");
+        TORCH_CHECK(fs::exists(path), index, ": names shard '", f, "', which is missing (expected ", path,
+                    ")");
         file_index[f] = c.files_.size();
         c.files_.push_back(io::SafetensorsFile::open(path));
       }
@@ -144,22 +156,26 @@ CheckpointFiles CheckpointFiles::open(const std::string& dir) {
     TORCH_CHECK(!entries.empty(), index, ": expected a non-empty weight_map, got an empty one");
     for (const auto& [name, f] : entries) {
       const auto& file = c.files_[file_index[f]];
-      TORCH_CHECK(file.has(name), index, ": weight_map says tensor '", name, "' is in '", f, "', which lacks it");
+      TORCH_CHECK(file.has(name), index, ": weight_map says tensor '", name, "' is in '", f,
+                  "', which lacks it");
       c.where_[name] = file_index[f];
     }
     for (const auto& file : c.files_) {
       for (const auto& n : file.names()) {
-        TORCH_CHECK(c.where_.count(n) && c.files_[c.where_[n]].path() == file.path(), file.path(), ": tensor '", n,
-                    "' is not in ", kIndexFile, "'s weight_map for this file");
+        TORCH_CHECK(c.where_.count(n) && c.files_[c.where_[n]].path() == file.path(), file.path(),
+                    ": tensor '", n, "' is not in ", kIndexFile, "'s weight_map for this file");
       }
     }
   } else if (fs::exists(single)) {
     c.files_.push_back(io::SafetensorsFile::open(single));
     for (const auto& n : c.files_[0].names()) c.where_[n] = 0;
   } else {
-    const bool bin = fs::exists(dir + "/pytorch_model.bin") || fs::exists(dir + "/pytorch_model.bin.index.json");
-    TORCH_CHECK(false, dir, ": expected ", kSingleFile, " or ", kIndexFile, ", found neither",
-                bin ? " (pytorch_model.bin, a pickle, is not read: save the model with safe_serialization=True)" : "");
+    const bool bin =
+        fs::exists(dir + "/pytorch_model.bin") || fs::exists(dir + "/pytorch_model.bin.index.json");
+    TORCH_CHECK(
+        false, dir, ": expected ", kSingleFile, " or ", kIndexFile, ", found neither",
+        bin ? " (pytorch_model.bin, a pickle, is not read: save the model with safe_serialization=True)"
+            : "");
   }
   for (const auto& [n, i] : c.where_) c.names_.push_back(n);
   std::sort(c.names_.begin(), c.names_.end(),
@@ -172,7 +188,9 @@ const io::SafetensorsFile& CheckpointFiles::file_of(const std::string& name) con
   TORCH_CHECK(it != where_.end(), "checkpoint: expected a tensor '", name, "', got none");
   return files_[it->second];
 }
-const io::TensorEntry& CheckpointFiles::info(const std::string& name) const { return file_of(name).info(name); }
+const io::TensorEntry& CheckpointFiles::info(const std::string& name) const {
+  return file_of(name).info(name);
+}
 torch::Tensor CheckpointFiles::get(const std::string& name) const { return file_of(name).get(name); }
 void CheckpointFiles::release(const std::string& name) const { file_of(name).release(name); }
 std::vector<std::string> CheckpointFiles::paths() const {
@@ -192,7 +210,8 @@ int64_t CheckpointFiles::total_bytes() const {
 LinearFactory quantized_linear_factory(const QuantizationSpec& spec) {
   spec.validate();
   return [spec](const std::string& name, int64_t in, int64_t out, bool bias) {
-    if (skipped(spec, name)) return torch::nn::AnyModule(torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias)));
+    if (skipped(spec, name))
+      return torch::nn::AnyModule(torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias)));
     return make_quantized(spec, in, out, bias);
   };
 }
@@ -222,7 +241,8 @@ LoadedModel load_pretrained(const std::string& dir, const LoadOptions& options) 
   CheckpointFiles files = CheckpointFiles::open(dir);
   out.file_bytes = files.total_bytes();
   torch::NoGradGuard no_grad;
-  out.model = LlamaForCausalLM(cfg, out.quantization ? quantized_linear_factory(*out.quantization) : float_linear_factory());
+  out.model = LlamaForCausalLM(
+      cfg, out.quantization ? quantized_linear_factory(*out.quantization) : float_linear_factory());
 
   std::set<std::string> consumed;
   int64_t done = 0;
@@ -239,9 +259,10 @@ LoadedModel load_pretrained(const std::string& dir, const LoadOptions& options) 
   };
   auto copy_param = [&](const std::string& name, torch::Tensor& dst) {
     torch::Tensor src = take(name);
-    TORCH_CHECK(src.sizes() == dst.sizes(), dir, ": tensor '", name, "': expected shape ", dst.sizes(), ", got ",
-                src.sizes());
-    TORCH_CHECK(src.is_floating_point(), dir, ": tensor '", name, "': expected a float dtype, got ", src.scalar_type());
+    TORCH_CHECK(src.sizes() == dst.sizes(), dir, ": tensor '", name, "': expected shape ", dst.sizes(),
+                ", got ", src.sizes());
+    TORCH_CHECK(src.is_floating_point(), dir, ": tensor '", name, "': expected a float dtype, got ",
+                src.scalar_type());
     check_finite(src, dir + ": tensor '" + name + "'");
     dst.copy_(src);
     files.release(name);
@@ -300,7 +321,8 @@ LoadedModel load_pretrained(const std::string& dir, const LoadOptions& options) 
   }
   if (!unexpected.empty()) {
     std::ostringstream os;
-    for (size_t i = 0; i < unexpected.size() && i < 8; ++i) os << (i ? ", " : "") << "'" << unexpected[i] << "'";
+    for (size_t i = 0; i < unexpected.size() && i < 8; ++i)
+      os << (i ? ", " : "") << "'" << unexpected[i] << "'";
     if (unexpected.size() > 8) os << ", ... (" << unexpected.size() << " in all)";
     TORCH_CHECK(false, dir, ": unexpected tensors for a LlamaForCausalLM of this config",
                 prequantized ? " and quantization_config" : "", ": ", os.str());
@@ -334,10 +356,12 @@ QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string&
               ": lm_head is tied to the embeddings (tie_word_embeddings): keep it in float (skip lm_head)");
   CheckpointFiles files = CheckpointFiles::open(in_dir);
   TORCH_CHECK(!fs::exists(out_dir) || (fs::is_directory(out_dir) && fs::is_empty(out_dir)), out_dir,
-              ": expected a new or empty folder, got ", fs::is_directory(out_dir) ? "a folder that is not empty" : "a file");
+              ": expected a new or empty folder, got ",
+              fs::is_directory(out_dir) ? "a folder that is not empty" : "a file");
   const fs::path out_path = fs::absolute(out_dir);
   if (out_path.has_parent_path()) fs::create_directories(out_path.parent_path());
-  const fs::path tmp = out_path.parent_path() / ("." + out_path.filename().string() + ".msbnb-tmp-" + std::to_string(::getpid()));
+  const fs::path tmp = out_path.parent_path() /
+                       ("." + out_path.filename().string() + ".msbnb-tmp-" + std::to_string(::getpid()));
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   QuantizeReport report;
@@ -418,8 +442,8 @@ QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string&
       io::write_file_atomic((tmp / kIndexFile).string(), index.dump(2) + "\n");
       report.files.push_back(kIndexFile);
     }
-    for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                          "generation_config.json", "msbnb_tokenizer.json"}) {
+    for (const char* f : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "generation_config.json", "msbnb_tokenizer.json"}) {
       const fs::path src = fs::path(in_dir) / f;
       if (fs::is_regular_file(src)) {
         fs::copy_file(src, tmp / f);

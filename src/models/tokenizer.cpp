@@ -55,23 +55,29 @@ struct Wire {
   }
   void skip(uint32_t wire_type) {
     switch (wire_type) {
-      case 0: varint(); break;
+      case 0:
+        varint();
+        break;
       case 1:
         TORCH_CHECK(end - p >= 8, source, ": truncated fixed64 field");
         p += 8;
         break;
-      case 2: sub(); break;
+      case 2:
+        sub();
+        break;
       case 5:
         TORCH_CHECK(end - p >= 4, source, ": truncated fixed32 field");
         p += 4;
         break;
-      default: TORCH_CHECK(false, source, ": expected a protobuf wire type 0, 1, 2 or 5, got ", wire_type);
+      default:
+        TORCH_CHECK(false, source, ": expected a protobuf wire type 0, 1, 2 or 5, got ", wire_type);
     }
   }
   // (field, wire type) of the next key.
   std::pair<uint32_t, uint32_t> key() {
     const uint64_t k = varint();
-    TORCH_CHECK((k >> 3) > 0 && (k >> 3) < (1u << 29), source, ": expected a protobuf field number, got ", (k >> 3));
+    TORCH_CHECK((k >> 3) > 0 && (k >> 3) < (1u << 29), source, ": expected a protobuf field number, got ",
+                (k >> 3));
     return {static_cast<uint32_t>(k >> 3), static_cast<uint32_t>(k & 7)};
   }
 };
@@ -112,8 +118,8 @@ std::string ByteTokenizer::decode(const std::vector<int64_t>& ids) const {
 std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_bytes(const std::string& bytes,
                                                                            const std::string& source) {
   auto t = std::unique_ptr<SentencePieceTokenizer>(new SentencePieceTokenizer());
-  Wire w{reinterpret_cast<const uint8_t*>(bytes.data()), reinterpret_cast<const uint8_t*>(bytes.data()) + bytes.size(),
-         source};
+  Wire w{reinterpret_cast<const uint8_t*>(bytes.data()),
+         reinterpret_cast<const uint8_t*>(bytes.data()) + bytes.size(), source};
   int64_t model_type = 1;  // UNIGRAM is the proto's default
   int64_t unk = 0, bos = 1, eos = 2;
   std::string normalizer = "nmt_nfkc";
@@ -131,7 +137,8 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_bytes(const
           piece.score = s.fixed32f();
         } else if (f == 3 && ty == 0) {
           const uint64_t v = s.varint();
-          TORCH_CHECK(v >= 1 && v <= 6, source, ": piece ", t->pieces_.size(), ": expected a type in [1, 6], got ", v);
+          TORCH_CHECK(v >= 1 && v <= 6, source, ": piece ", t->pieces_.size(),
+                      ": expected a type in [1, 6], got ", v);
           piece.type = static_cast<Type>(v);
         } else {
           s.skip(ty);
@@ -175,17 +182,19 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_bytes(const
     }
   }
   static const char* kTypes[] = {"", "UNIGRAM", "BPE", "WORD", "CHAR"};
-  TORCH_CHECK(model_type == 2, source, ": unsupported SentencePiece model: expected model_type BPE (LLaMA-1/2), got ",
+  TORCH_CHECK(model_type == 2, source,
+              ": unsupported SentencePiece model: expected model_type BPE (LLaMA-1/2), got ",
               model_type >= 1 && model_type <= 4 ? kTypes[model_type] : std::to_string(model_type).c_str());
   TORCH_CHECK(normalizer == "identity" || (!has_charsmap && normalizer.empty()), source,
-              ": unsupported SentencePiece normalizer: expected 'identity' (LLaMA-1/2), got '", normalizer, "'");
+              ": unsupported SentencePiece normalizer: expected 'identity' (LLaMA-1/2), got '", normalizer,
+              "'");
   TORCH_CHECK(!t->pieces_.empty(), source, ": expected a SentencePiece model with pieces, got none");
   const auto n = static_cast<int64_t>(t->pieces_.size());
   std::fill(std::begin(t->byte_ids_), std::end(t->byte_ids_), -1);
   for (int64_t i = 0; i < n; ++i) {
     const Piece& p = t->pieces_[static_cast<size_t>(i)];
-    TORCH_CHECK(p.type != Type::user_defined, source, ": unsupported SentencePiece model: user-defined piece '", p.text,
-                "' (id ", i, ")");
+    TORCH_CHECK(p.type != Type::user_defined, source,
+                ": unsupported SentencePiece model: user-defined piece '", p.text, "' (id ", i, ")");
     TORCH_CHECK(t->all_.emplace(p.text, i).second, source, ": piece '", p.text, "' appears twice");
     if (p.type == Type::normal) t->mergeable_.emplace(p.text, i);
     if (p.type == Type::byte) {
@@ -197,7 +206,8 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_bytes(const
   }
   if (t->byte_fallback_) {
     for (int b = 0; b < 256; ++b) {
-      TORCH_CHECK(t->byte_ids_[b] >= 0, source, ": byte_fallback is on but byte piece <0x", std::hex, b, "> is missing");
+      TORCH_CHECK(t->byte_ids_[b] >= 0, source, ": byte_fallback is on but byte piece <0x", std::hex, b,
+                  "> is missing");
     }
   }
   TORCH_CHECK(unk >= 0 && unk < n && t->pieces_[static_cast<size_t>(unk)].type == Type::unknown, source,
@@ -218,12 +228,14 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_file(const 
   std::ostringstream ss;
   ss << f.rdbuf();
   const std::string bytes = ss.str();
-  TORCH_CHECK(bytes.size() <= (size_t{256} << 20), path, ": expected at most 256 MiB, got ", bytes.size(), " bytes");
+  TORCH_CHECK(bytes.size() <= (size_t{256} << 20), path, ": expected at most 256 MiB, got ", bytes.size(),
+              " bytes");
   return from_bytes(bytes, path);
 }
 
 const std::string& SentencePieceTokenizer::piece(int64_t id) const {
-  TORCH_CHECK(id >= 0 && id < vocab_size(), "SentencePieceTokenizer: id: expected in [0, ", vocab_size(), "), got ", id);
+  TORCH_CHECK(id >= 0 && id < vocab_size(), "SentencePieceTokenizer: id: expected in [0, ", vocab_size(),
+              "), got ", id);
   return pieces_[static_cast<size_t>(id)].text;
 }
 
@@ -278,11 +290,14 @@ std::vector<int64_t> SentencePieceTokenizer::encode(const std::string& text) con
     size_t len;
   };
   // Highest score first; equal scores: the leftmost pair (SentencePiece's order).
-  auto cmp = [](const Pair& a, const Pair& b) { return a.score != b.score ? a.score < b.score : a.left > b.left; };
+  auto cmp = [](const Pair& a, const Pair& b) {
+    return a.score != b.score ? a.score < b.score : a.left > b.left;
+  };
   std::priority_queue<Pair, std::vector<Pair>, decltype(cmp)> agenda(cmp);
   auto try_pair = [&](int l, int r) {
     if (l < 0 || r < 0) return;
-    auto it = mergeable_.find(s.substr(sym[static_cast<size_t>(l)].start, sym[static_cast<size_t>(l)].len + sym[static_cast<size_t>(r)].len));
+    auto it = mergeable_.find(s.substr(sym[static_cast<size_t>(l)].start,
+                                       sym[static_cast<size_t>(l)].len + sym[static_cast<size_t>(r)].len));
     if (it == mergeable_.end()) return;
     agenda.push({pieces_[static_cast<size_t>(it->second)].score, l, r,
                  sym[static_cast<size_t>(l)].len + sym[static_cast<size_t>(r)].len});
@@ -323,19 +338,22 @@ std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids) cons
   std::string out;
   bool first = true;
   for (int64_t id : ids) {
-    TORCH_CHECK(id >= 0 && id < vocab_size(), "SentencePieceTokenizer::decode: expected ids in [0, ", vocab_size(),
-                "), got ", id);
+    TORCH_CHECK(id >= 0 && id < vocab_size(), "SentencePieceTokenizer::decode: expected ids in [0, ",
+                vocab_size(), "), got ", id);
     const Piece& p = pieces_[static_cast<size_t>(id)];
     std::string text;
     switch (p.type) {
-      case Type::control: continue;
+      case Type::control:
+        continue;
       case Type::byte: {
         unsigned v = 0;
         std::sscanf(p.text.c_str(), "<0x%2X>", &v);
         text.push_back(static_cast<char>(v));
         break;
       }
-      case Type::unknown: text = " \xE2\x81\x87 "; break;
+      case Type::unknown:
+        text = " \xE2\x81\x87 ";
+        break;
       default:
         for (size_t i = 0; i < p.text.size();) {
           if (p.text.compare(i, kSpace.size(), kSpace) == 0) {
@@ -347,7 +365,8 @@ std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids) cons
         }
     }
     // The dummy prefix: the first piece's leading space is not part of the text.
-    if (first && add_dummy_prefix_ && !text.empty() && text[0] == ' ' && p.type != Type::byte) text.erase(0, 1);
+    if (first && add_dummy_prefix_ && !text.empty() && text[0] == ' ' && p.type != Type::byte)
+      text.erase(0, 1);
     first = false;
     out += text;
   }
@@ -376,7 +395,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   }
   if (fs::exists(spm)) return SentencePieceTokenizer::from_file(spm);
   TORCH_CHECK(!fs::exists(dir + "/tokenizer.json"), dir,
-              ": unsupported tokenizer: found only tokenizer.json (a Hugging Face fast tokenizer, e.g. Llama 3's); msbnb "
+              ": unsupported tokenizer: found only tokenizer.json (a Hugging Face fast tokenizer, e.g. Llama "
+              "3's); msbnb "
               "reads tokenizer.model (SentencePiece BPE) or msbnb_tokenizer.json (byte-level)");
   TORCH_CHECK(false, dir, ": expected a tokenizer (tokenizer.model or msbnb_tokenizer.json), found none");
 }

@@ -1,5 +1,7 @@
 // Tokenizers: SentencePiece BPE against Python sentencepiece's encodings
 // (tests/fixtures/tokenizer, tools/make_tokenizer_fixture.py), the byte tokenizer, errors.
+#include "msbnb/models/tokenizer.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -8,7 +10,6 @@
 #include <nlohmann/json.hpp>
 
 #include "expect_error.h"
-#include "msbnb/models/tokenizer.h"
 
 namespace fs = std::filesystem;
 namespace mm = msbnb::models;

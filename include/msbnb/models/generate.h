@@ -39,9 +39,12 @@ struct GenerationResult {
   std::vector<int64_t> tokens;  // the new tokens
   double prefill_seconds = 0, decode_seconds = 0;
   int64_t prompt_tokens = 0;
-  double prefill_tokens_per_second() const { return prefill_seconds > 0 ? prompt_tokens / prefill_seconds : 0; }
+  double prefill_tokens_per_second() const {
+    return prefill_seconds > 0 ? prompt_tokens / prefill_seconds : 0;
+  }
   double decode_tokens_per_second() const {
-    return decode_seconds > 0 && tokens.size() > 1 ? (static_cast<double>(tokens.size()) - 1) / decode_seconds : 0;
+    return decode_seconds > 0 && tokens.size() > 1 ? (static_cast<double>(tokens.size()) - 1) / decode_seconds
+                                                   : 0;
   }
 };
 

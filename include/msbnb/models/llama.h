@@ -61,7 +61,8 @@ class KVCache {
 
   // Used by the attention layers: append [batch, kv_heads, t, head_dim] of layer `layer` at
   // positions length() .. length()+t-1 and return the keys / values of all positions so far.
-  std::pair<torch::Tensor, torch::Tensor> append(int64_t layer, const torch::Tensor& k, const torch::Tensor& v);
+  std::pair<torch::Tensor, torch::Tensor> append(int64_t layer, const torch::Tensor& k,
+                                                 const torch::Tensor& v);
   /// Advances length() by t (the model calls it after the last layer).
   void advance(int64_t t);
 
@@ -122,8 +123,8 @@ TORCH_MODULE(LlamaMLP);
 class LlamaDecoderLayerImpl : public torch::nn::Module {
  public:
   LlamaDecoderLayerImpl(const LlamaConfig& config, const std::string& prefix, const LinearFactory& factory);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, KVCache* cache,
-                        int64_t layer_index);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache, int64_t layer_index);
   LlamaAttention self_attn{nullptr};
   LlamaMLP mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
@@ -155,7 +156,8 @@ TORCH_MODULE(LlamaModel);
 /// (msbnb::models::load_pretrained builds and fills one from a checkpoint folder.)
 class LlamaForCausalLMImpl : public torch::nn::Module, public msbnb::ChildReplaceHook {
  public:
-  explicit LlamaForCausalLMImpl(const LlamaConfig& config, const LinearFactory& factory = float_linear_factory());
+  explicit LlamaForCausalLMImpl(const LlamaConfig& config,
+                                const LinearFactory& factory = float_linear_factory());
   /// input_ids int64 [B, T] with ids in [0, vocab) -> logits float32 [B, T, vocab]. With a
   /// cache: positions continue at cache->length() and the cache is extended by T (capacity
   /// checked). last_only: logits of the last position only ([B, 1, vocab]: generation).
