@@ -1,2 +1,78 @@
-// msbnb command line (stub until the commands land).
-int main() { return 0; }
+// `msbnb`: quantize, run and evaluate LLaMA-family Hugging Face checkpoints from the command line.
+// Errors: one line on stderr ("msbnb: error: ...") and exit code 1; bad usage exits 2 (CLI11's
+// message and --help hint).
+#include <c10/util/Exception.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "common.h"
+
+namespace msbnb::cli {
+
+ProgressBar::ProgressBar(std::string label) : label_(std::move(label)), tty_(::isatty(2) != 0) {}
+ProgressBar::~ProgressBar() {
+  if (drawn_) std::fprintf(stderr, "\n");
+}
+void ProgressBar::update(int64_t done, int64_t total, const std::string& what) {
+  if (!tty_ || total <= 0) return;
+  const int width = 30, filled = static_cast<int>(width * done / total);
+  std::string bar(static_cast<size_t>(filled), '#');
+  bar.resize(width, ' ');
+  std::string w = what.size() > 40 ? "..." + what.substr(what.size() - 37) : what;
+  std::fprintf(stderr, "\r%s [%s] %lld/%lld %-40s", label_.c_str(), bar.c_str(), static_cast<long long>(done),
+               static_cast<long long>(total), w.c_str());
+  std::fflush(stderr);
+  drawn_ = true;
+}
+models::Progress ProgressBar::callback() {
+  return [this](int64_t d, int64_t t, const std::string& w) { update(d, t, w); };
+}
+
+std::string human_bytes(double b) {
+  char buf[32];
+  if (b >= 1e9) {
+    std::snprintf(buf, sizeof buf, "%.2f GB", b / 1e9);
+  } else if (b >= 1e6) {
+    std::snprintf(buf, sizeof buf, "%.1f MB", b / 1e6);
+  } else if (b >= 1e3) {
+    std::snprintf(buf, sizeof buf, "%.1f kB", b / 1e3);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.0f B", b);
+  }
+  return buf;
+}
+
+std::optional<models::QuantizationSpec> parse_quantize_option(const std::string& v) {
+  if (v.empty() || v == "none") return std::nullopt;
+  const bool dq = v.size() > 3 && v.compare(v.size() - 3, 3, "-dq") == 0;
+  return models::QuantizationSpec::for_format(dq ? v.substr(0, v.size() - 3) : v, dq);
+}
+
+}  // namespace msbnb::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{"msbnb: k-bit quantization for LLaMA-family Hugging Face checkpoints (libtorch, CPU)"};
+  app.require_subcommand(1);
+  msbnb::cli::add_quantize(app);
+  msbnb::cli::add_generate(app);
+  msbnb::cli::add_eval(app);
+  msbnb::cli::add_demo(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const c10::Error& e) {
+    std::string msg = e.what_without_backtrace();
+    msg = msg.substr(0, msg.find('\n'));
+    std::fprintf(stderr, "msbnb: error: %s\n", msg.c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    msg = msg.substr(0, msg.find('\n'));
+    std::fprintf(stderr, "msbnb: error: %s\n", msg.c_str());
+    return 1;
+  }
+  return 0;
+}

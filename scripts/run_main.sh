@@ -16,3 +16,5 @@ echo
 ./build/release/examples/fashion_mnist      # a real classifier converted to int8 / int4 / nf4: accuracy
 echo
 ./build/release/examples/qlora_training --short --svg build/release/qlora_loss.svg  # QLoRA vs LoRA vs full fine-tuning on real text
+echo
+./build/release/bin/msbnb demo                     # the built-in KJV model in every format: size, perplexity, speed
