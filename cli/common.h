@@ -3,8 +3,14 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <string>
+#include <vector>
 
+#include "msbnb/models/finetune.h"
 #include "msbnb/models/loader.h"
+
+namespace msbnb::train {
+class ProcessGroup;
+}  // namespace msbnb::train
 
 namespace msbnb::cli {
 
@@ -13,6 +19,25 @@ void add_quantize(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_eval(CLI::App& app);
 void add_demo(CLI::App& app);
+void add_finetune(CLI::App& app);
+void add_inspect(CLI::App& app);
+void add_bench(CLI::App& app);
+
+/// The command line as main() received it (finetune --nproc re-runs it per rank).
+const std::vector<std::string>& program_args();
+
+/// The bytes of a file; `what` (the option) names it in errors.
+std::string read_text_file(const std::string& path, const std::string& what);
+
+/// A fine-tuning run as the finetune and demo commands report it: held-out perplexity before
+/// and after (rank 0 only), the loop's result; the loss curve goes to svg_path (if not empty).
+struct FinetuneRun {
+  double ppl_before = 0, ppl_after = 0;
+  models::FinetuneResult result;
+};
+FinetuneRun run_finetune(models::LlamaForCausalLMImpl& model, const std::vector<int64_t>& train_ids,
+                         const std::vector<int64_t>& held_ids, const models::FinetuneOptions& options,
+                         train::ProcessGroup* group, const std::string& svg_path);
 
 /// A progress bar on stderr while it is a terminal (nothing in logs and pipes).
 class ProgressBar {

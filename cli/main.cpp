@@ -44,6 +44,11 @@ std::string human_bytes(double b) {
   return buf;
 }
 
+namespace {
+std::vector<std::string> g_args;
+}  // namespace
+const std::vector<std::string>& program_args() { return g_args; }
+
 std::optional<models::QuantizationSpec> parse_quantize_option(const std::string& v) {
   if (v.empty() || v == "none") return std::nullopt;
   const bool dq = v.size() > 3 && v.compare(v.size() - 3, 3, "-dq") == 0;
@@ -59,6 +64,10 @@ int main(int argc, char** argv) {
   msbnb::cli::add_generate(app);
   msbnb::cli::add_eval(app);
   msbnb::cli::add_demo(app);
+  msbnb::cli::add_finetune(app);
+  msbnb::cli::add_inspect(app);
+  msbnb::cli::add_bench(app);
+  msbnb::cli::g_args.assign(argv, argv + argc);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

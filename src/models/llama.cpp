@@ -7,6 +7,8 @@
 
 #include <cmath>
 
+#include "msbnb/train/checkpoint.h"
+
 namespace msbnb::models {
 namespace {
 
@@ -242,8 +244,15 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& input_ids, KVCache* c
   const int64_t T = input_ids.size(1);
   auto [cos, sin] = rope_.get(past, T);
   torch::Tensor h = embed_tokens->forward(input_ids);
-  for (size_t i = 0; i < layer_list.size(); ++i)
-    h = layer_list[i]->forward(h, cos, sin, cache, static_cast<int64_t>(i));
+  const bool recompute = gradient_checkpointing && cache == nullptr && torch::GradMode::is_enabled();
+  for (size_t i = 0; i < layer_list.size(); ++i) {
+    if (recompute) {
+      auto& layer = layer_list[i];
+      h = train::checkpoint([&](const torch::Tensor& x) { return layer->forward(x, cos, sin, nullptr, 0); }, h);
+    } else {
+      h = layer_list[i]->forward(h, cos, sin, cache, static_cast<int64_t>(i));
+    }
+  }
   if (cache != nullptr) cache->advance(T);
   return norm->forward(h);
 }

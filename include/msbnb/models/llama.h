@@ -137,6 +137,9 @@ class LlamaModelImpl : public torch::nn::Module {
   LlamaModelImpl(const LlamaConfig& config, const LinearFactory& factory);
   /// input_ids int64 [B, T] -> hidden states [B, T, hidden] (after the final norm).
   torch::Tensor forward(const torch::Tensor& input_ids, KVCache* cache = nullptr);
+  /// Recompute each decoder layer's activations in backward (train::checkpoint) when training
+  /// without a cache: activation memory of one layer instead of all.
+  bool gradient_checkpointing = false;
   torch::nn::Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};

@@ -1,0 +1,249 @@
+// `msbnb bench`: whole-model speed against the memory-bandwidth bound, and (--matmul) the
+// matmul benchmark program.
+//
+// Whole model: a LlamaForCausalLM of a given shape (--shape 7b | tiny | a checkpoint folder,
+// whose config.json gives the shape) with random weights quantized in memory, one format after
+// the other. Per format: decode tokens/s at batch 1 (greedy, KV cache) against the bound
+// read bandwidth / bytes of weights read per token (every linear layer's weights, lm_head
+// included; the KV cache and the one embedding row are left out: < 1 % here), the read
+// bandwidth measured just before the case; and prefill tokens/s of a --prefill-token prompt.
+// With --model DIR the checkpoint's own weights are used (quantized while loading).
+#include <c10/util/Exception.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "common.h"
+#include "msbnb/models/generate.h"
+#include "msbnb/nn/linear.h"
+
+namespace msbnb::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Read bandwidth (GB/s) of at::sum over a 1 GiB float32 buffer, all torch threads: best of 3
+// after a warm-up. The decode of a quantized model reads its weights the same way: once, in
+// order, from DRAM.
+double read_bandwidth_gbs(const torch::Tensor& buffer) {
+  volatile double keep = buffer.sum().item<double>();
+  double best = 0;
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = Clock::now();
+    keep = keep + buffer.sum().item<double>();
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(buffer.nbytes()) / s / 1e9);
+  }
+  (void)keep;
+  return best;
+}
+
+models::LlamaConfig shape_config(const std::string& shape, int64_t layers) {
+  models::LlamaConfig c;
+  if (shape == "7b") {
+    // LLaMA-2-7B: the LlamaConfig defaults.
+  } else if (shape == "tiny") {
+    c = models::read_config(std::string(MSBNB_SOURCE_DIR) + "/models/msbnb-kjv-tiny");
+  } else {
+    c = models::read_config(shape);
+  }
+  c.quantization.reset();
+  if (layers > 0) c.num_hidden_layers = std::min(layers, c.num_hidden_layers);
+  return c;
+}
+
+// Each linear layer gets random normal(0, 0.02) weights, quantized as it is built: the float
+// model never exists as a whole.
+models::LinearFactory random_weights(const models::LinearFactory& inner, uint64_t seed) {
+  auto counter = std::make_shared<uint64_t>(seed);
+  return [inner, counter](const std::string& name, int64_t in, int64_t out, bool bias) {
+    torch::nn::AnyModule m = inner(name, in, out, bias);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>((*counter)++);
+    auto w = [&] { return at::normal(0.0, 0.02, {out, in}, gen); };
+    if (auto* l4 = m.ptr()->as<nn::Linear4bitImpl>()) {
+      l4->quantize_weights(w());
+    } else if (auto* l8 = m.ptr()->as<nn::Linear8bitImpl>()) {
+      l8->quantize_weights(w());
+    } else if (auto* lin = m.ptr()->as<torch::nn::LinearImpl>()) {
+      torch::NoGradGuard ng;
+      lin->weight.copy_(w());
+    }
+    return m;
+  };
+}
+
+int64_t linear_bytes_of(const models::LlamaForCausalLMImpl& model) {
+  int64_t other = 0;
+  for (const auto& item : model.named_modules())
+    if (dynamic_cast<models::RMSNormImpl*>(item.value().get())) other += item.value()->parameters()[0].numel() * 4;
+  if (!model.config().tie_word_embeddings) other += model.model->embed_tokens->weight.numel() * 4;
+  return models::module_bytes(model) - other;
+}
+
+struct Case {
+  std::string format;
+  int64_t weight_bytes = 0, linear_bytes = 0;
+  double build_seconds = 0, bandwidth = 0, decode_tps = 0, prefill_tps = 0;
+  double bound_tps() const { return linear_bytes > 0 ? bandwidth * 1e9 / static_cast<double>(linear_bytes) : 0; }
+};
+
+}  // namespace
+
+void add_bench(CLI::App& app) {
+  struct Opts {
+    std::string shape = "7b", model, formats = "nf4,int8";
+    int64_t layers = 0, prefill = 128, decode = 32;
+    bool json = false, short_mode = false, matmul = false;
+    std::vector<std::string> matmul_args;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* c = app.add_subcommand("bench", "Whole-model decode / prefill speed against the bandwidth bound");
+  c->add_option("--shape", o->shape, "7b | tiny | a checkpoint folder (its config.json) with random weights")
+      ->capture_default_str();
+  c->add_option("--model", o->model, "a checkpoint folder, with its own weights (instead of --shape)");
+  c->add_option("--layers", o->layers, "decoder layers to build (0: the shape's; fewer for a quick run)");
+  c->add_option("--formats", o->formats, "comma-separated: fp32 int8 int4 nf4 nf4-dq fp4 fp4-dq; stored (--model as it is)")
+      ->capture_default_str();
+  c->add_option("--prefill", o->prefill, "prompt tokens of the prefill case")->capture_default_str();
+  c->add_option("--decode", o->decode, "tokens decoded per case")->capture_default_str();
+  c->add_flag("--short", o->short_mode, "CI mode: the tiny shape, 8 decoded tokens, prefill 32");
+  c->add_flag("--matmul", o->matmul,
+              "run the matmul benchmark program instead (msbnb_bench_matmul; arguments after --)");
+  c->add_option("matmul_args", o->matmul_args, "arguments of msbnb_bench_matmul (after --)");
+  c->add_flag("--json", o->json, "machine-readable output");
+  c->callback([o] {
+    if (o->matmul) {
+      // The matmul benchmark is its own program (bench/bench_matmul.cpp): find it beside this one,
+      // in the build tree, or on PATH.
+      namespace fs = std::filesystem;
+      std::vector<std::string> where;
+      std::error_code ec;
+      const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+      if (!ec) where.push_back((self.parent_path() / "msbnb_bench_matmul").string());
+      where.push_back(std::string(MSBNB_BINARY_DIR) + "/bench/msbnb_bench_matmul");
+      std::string exe = "msbnb_bench_matmul";
+      for (const auto& w : where)
+        if (::access(w.c_str(), X_OK) == 0) exe = w;
+      std::vector<std::string> args = {exe};
+      if (o->matmul_args.empty()) args.push_back("--quick");
+      args.insert(args.end(), o->matmul_args.begin(), o->matmul_args.end());
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      std::fflush(stdout);
+      ::execvp(exe.c_str(), argv.data());
+      TORCH_CHECK(false, "bench --matmul: could not run ", exe,
+                  " (build the benchmarks: bash scripts/build.sh builds bench/)");
+    }
+    if (o->short_mode) {
+      if (o->model.empty()) o->shape = "tiny";
+      o->decode = std::min<int64_t>(o->decode, 8);
+      o->prefill = std::min<int64_t>(o->prefill, 32);
+    }
+    TORCH_CHECK(o->prefill >= 1 && o->prefill <= 65536, "--prefill: expected 1..65536, got ", o->prefill);
+    TORCH_CHECK(o->decode >= 2 && o->decode <= 65536, "--decode: expected 2..65536, got ", o->decode);
+    TORCH_CHECK(o->layers >= 0, "--layers: expected >= 0, got ", o->layers);
+    std::vector<std::string> formats;
+    {
+      std::stringstream ss(o->formats);
+      for (std::string f; std::getline(ss, f, ',');)
+        if (!f.empty()) formats.push_back(f);
+    }
+    TORCH_CHECK(!formats.empty(), "--formats: expected at least one format, got \"", o->formats, "\"");
+    for (const auto& f : formats)
+      if (f != "fp32" && f != "stored") parse_quantize_option(f);  // throws naming a bad one before any work
+
+    const models::LlamaConfig cfg = o->model.empty() ? shape_config(o->shape, o->layers) : models::read_config(o->model);
+    torch::Tensor bw_buffer = torch::ones({int64_t{1} << 28});  // 1 GiB
+    std::vector<Case> cases;
+    std::mt19937_64 rng(1);
+    const int64_t max_prefill = std::min(o->prefill, cfg.max_position_embeddings - 1);
+    std::vector<int64_t> prompt(static_cast<size_t>(max_prefill));
+    for (auto& t : prompt) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(cfg.vocab_size));
+    if (!o->json)
+      std::printf("msbnb bench: %s, %lld layers, hidden %lld, intermediate %lld, vocab %lld, %d threads\n\n",
+                  o->model.empty() ? o->shape.c_str() : o->model.c_str(),
+                  static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(cfg.hidden_size),
+                  static_cast<long long>(cfg.intermediate_size), static_cast<long long>(cfg.vocab_size),
+                  at::get_num_threads());
+    for (const auto& f : formats) {
+      Case k;
+      k.format = f;
+      const auto t0 = Clock::now();
+      models::LlamaForCausalLM model{nullptr};
+      const auto spec = f == "fp32" || f == "stored" ? std::nullopt : parse_quantize_option(f);
+      {
+        ProgressBar bar("build " + f);
+        if (!o->model.empty()) {
+          models::LoadOptions lo;
+          lo.quantize = spec;
+          lo.progress = bar.callback();
+          model = models::load_pretrained(o->model, lo).model;
+        } else {
+          const auto base = spec ? models::quantized_linear_factory(*spec) : models::float_linear_factory();
+          model = models::LlamaForCausalLM(cfg, random_weights(base, 42));
+          model->eval();
+        }
+      }
+      k.build_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      k.weight_bytes = models::module_bytes(*model);
+      k.linear_bytes = linear_bytes_of(*model);
+      models::SamplingOptions s;
+      s.max_new_tokens = o->decode;
+      const std::vector<int64_t> short_prompt(prompt.begin(), prompt.begin() + std::min<int64_t>(8, max_prefill));
+      models::generate(*model, short_prompt, [&] {
+        auto w = s;
+        w.max_new_tokens = 2;
+        return w;
+      }());  // warm-up: first-touch of the weights, thread pool
+      k.bandwidth = read_bandwidth_gbs(bw_buffer);
+      k.decode_tps = models::generate(*model, short_prompt, s).decode_tokens_per_second();
+      s.max_new_tokens = 1;
+      k.prefill_tps = models::generate(*model, prompt, s).prefill_tokens_per_second();
+      cases.push_back(k);
+      if (!o->json)
+        std::fprintf(stderr, "  %s: built in %.1f s, decode %.2f tok/s\n", f.c_str(), k.build_seconds, k.decode_tps);
+    }
+    if (o->json) {
+      nlohmann::json rows = nlohmann::json::array();
+      for (const auto& k : cases)
+        rows.push_back({{"format", k.format},
+                        {"weight_bytes", k.weight_bytes},
+                        {"bytes_read_per_token", k.linear_bytes},
+                        {"read_bandwidth_GBs", k.bandwidth},
+                        {"decode_tokens_per_second", k.decode_tps},
+                        {"bound_tokens_per_second", k.bound_tps()},
+                        {"fraction_of_bound", k.bound_tps() > 0 ? k.decode_tps / k.bound_tps() : 0},
+                        {"prefill_tokens", max_prefill},
+                        {"prefill_tokens_per_second", k.prefill_tps}});
+      std::cout << nlohmann::json({{"shape", o->model.empty() ? o->shape : o->model},
+                                   {"layers", cfg.num_hidden_layers},
+                                   {"threads", at::get_num_threads()},
+                                   {"cases", rows}})
+                       .dump(2)
+                << "\n";
+      return;
+    }
+    std::printf("%-8s %10s %12s %9s %11s %11s %8s %13s\n", "format", "weights", "read/token", "bw GB/s",
+                "decode t/s", "bound t/s", "% bound", "prefill t/s");
+    for (const auto& k : cases) {
+      std::printf("%-8s %10s %12s %9.1f %11.2f %11.2f %7.1f%% %13.1f\n", k.format.c_str(),
+                  human_bytes(static_cast<double>(k.weight_bytes)).c_str(),
+                  human_bytes(static_cast<double>(k.linear_bytes)).c_str(), k.bandwidth, k.decode_tps, k.bound_tps(),
+                  100.0 * k.decode_tps / k.bound_tps(), k.prefill_tps);
+    }
+    std::printf(
+        "\n(batch 1, greedy, KV cache; bound = read bandwidth measured just before the case / weight bytes\n"
+        " read per token; prefill: one forward over %lld tokens)\n",
+        static_cast<long long>(max_prefill));
+  });
+}
+
+}  // namespace msbnb::cli
