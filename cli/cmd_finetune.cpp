@@ -101,7 +101,7 @@ void add_finetune(CLI::App& app) {
     std::string dir, text, out, format = "nf4-dq", svg, targets, master;
     models::FinetuneOptions f;
     double eval_fraction = 0.1;
-    int64_t nproc = 1, rank = -1, world_size = -1, threads = 0;
+    int64_t nproc = 1, rank = -1, world_size = -1;
     bool json = false;
   };
   auto o = std::make_shared<Opts>();
@@ -132,7 +132,6 @@ void add_finetune(CLI::App& app) {
   c->add_option("--master", o->master, "ADDR:PORT of rank 0, to train across machines");
   c->add_option("--rank", o->rank, "this process's rank (with --master)");
   c->add_option("--world-size", o->world_size, "number of processes (with --master)");
-  c->add_option("--threads", o->threads, "torch threads per process (default: cores / processes)");
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
     TORCH_CHECK(o->nproc >= 1 && o->nproc <= 256, "--nproc: expected 1..256, got ", o->nproc);
@@ -162,9 +161,9 @@ void add_finetune(CLI::App& app) {
     } else if (env_rank != nullptr && std::getenv("WORLD_SIZE") != nullptr) {
       pg.emplace(train::ProcessGroup::from_env());
     }
-    const int64_t local = pg ? std::max<int64_t>(1, o->nproc) : 1;
-    const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    at::set_num_threads(static_cast<int>(o->threads > 0 ? o->threads : std::max<int64_t>(1, cores / local)));
+    // Processes on one machine share its cores.
+    if (pg && o->nproc > 1)
+      at::set_num_threads(static_cast<int>(std::max<int64_t>(1, at::get_num_threads() / o->nproc)));
     const bool main_process = !pg || pg->is_main_process();
 
     if (!o->targets.empty()) {

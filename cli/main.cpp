@@ -4,7 +4,12 @@
 #include <c10/util/Exception.h>
 #include <unistd.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <thread>
 #include <iostream>
 
 #include "common.h"
@@ -60,6 +65,19 @@ std::optional<models::QuantizationSpec> parse_quantize_option(const std::string&
 int main(int argc, char** argv) {
   CLI::App app{"msbnb: k-bit quantization for LLaMA-family Hugging Face checkpoints (libtorch, CPU)"};
   app.require_subcommand(1);
+  // Debian's libtorch starts with one intra-op thread: use every core unless told otherwise.
+  if (std::getenv("OMP_NUM_THREADS") == nullptr)
+    at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  app.add_option("--threads", "torch threads (default: every core, or OMP_NUM_THREADS)")
+      ->each([](const std::string& v) {
+        int n = 0;
+        try {
+          n = std::stoi(v);
+        } catch (const std::exception&) {
+        }
+        if (n < 1 || n > 1024) throw CLI::ValidationError("--threads", "expected 1..1024, got " + v);
+        at::set_num_threads(n);
+      });
   msbnb::cli::add_quantize(app);
   msbnb::cli::add_generate(app);
   msbnb::cli::add_eval(app);

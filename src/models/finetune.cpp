@@ -3,6 +3,7 @@
 
 #include <c10/util/Exception.h>
 #include <torch/nn/functional/loss.h>
+#include <torch/utils.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/serialize.h>
 
@@ -102,6 +103,8 @@ void FinetuneOptions::validate() const {
 
 int64_t prepare_lora(LlamaForCausalLMImpl& model, const FinetuneOptions& o) {
   if (lora::lora_info(model).layers.empty()) {
+    // lora_A's Kaiming init draws from torch's generator: the seed makes a run reproducible.
+    torch::manual_seed(o.seed);
     lora::inject_lora(model, lora::LoraConfig()
                                  .r(o.r)
                                  .lora_alpha(o.lora_alpha)
@@ -129,7 +132,8 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
 
   FinetuneResult res;
   res.trainable_parameters = prepare_lora(model, o);
-  for (const auto& p : model.parameters()) res.total_parameters += p.numel();
+  // Quantized weights are buffers: count the model's own parameters from its config.
+  res.total_parameters = cfg.parameter_count() + res.trainable_parameters;
   model.model->gradient_checkpointing = o.gradient_checkpointing;
 
   const fs::path out(o.out_dir), ckpt = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
@@ -168,7 +172,7 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
       TORCH_CHECK(state["run"].contains(key) && state["run"][key] == value, "finetune: the checkpoint in ",
                   from.string(), " was written with ", key, " = ",
                   state["run"].contains(key) ? state["run"][key].dump() : std::string("(absent)"),
-                  ", this run has ", value.dump(), " (pass the same options, or restart to discard it)");
+                  ", this run has ", value.dump(), " (pass the same options, or restart (--restart) to discard it)");
     }
     const int64_t step = state["step"].get<int64_t>();
     TORCH_CHECK(step >= 0 && step <= o.steps && static_cast<int64_t>(state["losses"].size()) == step,

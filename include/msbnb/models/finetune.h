@@ -72,8 +72,8 @@ struct FinetuneResult {
   int64_t trainable_parameters = 0, total_parameters = 0, optimizer_bytes = 0;
 };
 
-/// Injects LoRA layers on options.target_modules (unless the model has them already) and
-/// freezes everything else. Returns the number of trainable parameters.
+/// Injects LoRA layers on options.target_modules (unless the model has them already; lora_A is
+/// drawn after torch::manual_seed(options.seed)) and freezes everything else. Returns the number of trainable parameters.
 int64_t prepare_lora(LlamaForCausalLMImpl& model, const FinetuneOptions& options);
 
 /// Trains `model` (prepared by prepare_lora, or it is done here) on windows of `tokens` (rules
