@@ -24,6 +24,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "msbnb/io/safetensors.h"
 #include "msbnb/models/generate.h"
 #include "msbnb/nn/linear.h"
 
@@ -146,6 +147,12 @@ struct Case {
   std::string format;
   int64_t weight_bytes = 0, linear_bytes = 0;
   double build_seconds = 0, bandwidth = 0, decode_tps = 0, prefill_tps = 0;
+  // Beside transformers + bitsandbytes (--peer): their speeds, our logits against theirs
+  // (max |difference| / max |their logit|) and how many greedy tokens agree before the first
+  // difference.
+  bool has_peer = false;
+  double peer_decode_tps = 0, peer_prefill_tps = 0, logits_rel_diff = 0;
+  int64_t greedy_agree = 0, greedy_total = 0;
   double bound_tps() const { return linear_bytes > 0 ? bandwidth * 1e9 / static_cast<double>(linear_bytes) : 0; }
 };
 
@@ -155,6 +162,7 @@ void add_bench(CLI::App& app) {
   struct Opts {
     std::string shape = "7b", model, formats = "nf4,int8";
     int64_t layers = 0, prefill = 128, decode = 32;
+    std::string peer, paths = "auto,int8";
     bool json = false, short_mode = false, matmul = false;
     std::vector<std::string> matmul_args;
   };
@@ -168,10 +176,16 @@ void add_bench(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--prefill", o->prefill, "prompt tokens of the prefill case")->capture_default_str();
   c->add_option("--decode", o->decode, "tokens decoded per case")->capture_default_str();
+  c->add_option("--paths", o->paths,
+                 "4-bit MatmulPaths to time, comma-separated: auto (exact) | fast | int8 (int8 activations)")
+      ->capture_default_str();
   c->add_flag("--short", o->short_mode, "CI mode: the tiny shape, 8 decoded tokens, prefill 32");
   c->add_flag("--matmul", o->matmul,
               "run the matmul benchmark program instead (msbnb_bench_matmul; arguments after --)");
   c->add_option("matmul_args", o->matmul_args, "arguments of msbnb_bench_matmul (after --)");
+  c->add_option("--peer", o->peer,
+                 "PREFIX of tools/bench_hf_tiny.py's output (PREFIX.safetensors, PREFIX.json): transformers + "
+                 "bitsandbytes on the same checkpoint, side by side (needs --model)");
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
     if (o->matmul) {
@@ -211,6 +225,14 @@ void add_bench(CLI::App& app) {
       for (std::string f; std::getline(ss, f, ',');)
         if (!f.empty()) formats.push_back(f);
     }
+    std::vector<std::string> paths;
+    {
+      std::stringstream ss(o->paths);
+      for (std::string f; std::getline(ss, f, ',');)
+        if (!f.empty()) paths.push_back(f);
+    }
+    TORCH_CHECK(!paths.empty(), "--paths: expected at least one path, got \"", o->paths, "\"");
+    for (const auto& p : paths) models::parse_matmul_path(p, "--paths");
     TORCH_CHECK(!formats.empty(), "--formats: expected at least one format, got \"", o->formats, "\"");
     for (const auto& f : formats)
       if (f != "fp32" && f != "stored") parse_quantize_option(f);  // throws naming a bad one before any work
@@ -219,9 +241,28 @@ void add_bench(CLI::App& app) {
     const BandwidthBuffer bw_buffer;
     std::vector<Case> cases;
     std::mt19937_64 rng(1);
-    const int64_t max_prefill = std::min(o->prefill, cfg.max_position_embeddings - 1);
+    int64_t max_prefill = std::min(o->prefill, cfg.max_position_embeddings - 1);
     std::vector<int64_t> prompt(static_cast<size_t>(max_prefill));
     for (auto& t : prompt) t = static_cast<int64_t>(rng() % static_cast<uint64_t>(cfg.vocab_size));
+    std::vector<int64_t> short_prompt(prompt.begin(), prompt.begin() + std::min<int64_t>(8, max_prefill));
+    std::optional<io::SafetensorsFile> peer;
+    nlohmann::json peer_json;
+    auto ids_of = [](const torch::Tensor& t) {
+      const auto ids = t.to(torch::kInt64).contiguous();
+      return std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
+    };
+    if (!o->peer.empty()) {
+      // The peer's own workload: its prompt, its number of new tokens, its prefill ids.
+      TORCH_CHECK(!o->model.empty(), "--peer: expected --model (the checkpoint the peer ran), got none");
+      peer.emplace(io::SafetensorsFile::open(o->peer + ".safetensors"));
+      peer_json = nlohmann::json::parse(read_text_file(o->peer + ".json", "--peer"), nullptr, false);
+      TORCH_CHECK(!peer_json.is_discarded() && peer_json.contains("variants"), "--peer: ", o->peer,
+                  ".json: expected the JSON of tools/bench_hf_tiny.py");
+      short_prompt = ids_of(peer->get("prompt_ids"));
+      prompt = ids_of(peer->get("prefill_ids"));
+      max_prefill = static_cast<int64_t>(prompt.size());
+      o->decode = peer_json.value("new_tokens", o->decode);
+    }
     if (!o->json)
       std::printf("msbnb bench: %s, %lld layers, hidden %lld, intermediate %lld, vocab %lld, %d threads\n\n",
                   o->model.empty() ? o->shape.c_str() : o->model.c_str(),
@@ -250,21 +291,50 @@ void add_bench(CLI::App& app) {
       k.build_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       k.weight_bytes = models::module_bytes(*model);
       k.linear_bytes = linear_bytes_of(*model);
-      models::SamplingOptions s;
-      s.max_new_tokens = o->decode;
-      const std::vector<int64_t> short_prompt(prompt.begin(), prompt.begin() + std::min<int64_t>(8, max_prefill));
-      models::generate(*model, short_prompt, [&] {
-        auto w = s;
-        w.max_new_tokens = 2;
-        return w;
-      }());  // warm-up: first-touch of the weights, thread pool
-      k.bandwidth = read_bandwidth_gbs(bw_buffer);
-      k.decode_tps = models::generate(*model, short_prompt, s).decode_tokens_per_second();
-      s.max_new_tokens = 1;
-      k.prefill_tps = models::generate(*model, prompt, s).prefill_tokens_per_second();
-      cases.push_back(k);
-      if (!o->json)
-        std::fprintf(stderr, "  %s: built in %.1f s, decode %.2f tok/s\n", f.c_str(), k.build_seconds, k.decode_tps);
+      const Case base = k;
+      for (const auto& path_name : paths) {
+        const MatmulPath path = models::parse_matmul_path(path_name, "--paths");
+        // Only the 4-bit layers have paths: the other formats run once.
+        const int64_t layers4 = models::set_matmul_path(*model, path);
+        if (layers4 == 0 && path_name != paths.front()) continue;
+        k = base;
+        if (layers4 > 0 && path != MatmulPath::automatic) k.format += " " + path_name;
+        models::SamplingOptions s;
+        s.max_new_tokens = o->decode;
+        models::generate(*model, short_prompt, [&] {
+          auto w = s;
+          w.max_new_tokens = 2;
+          return w;
+        }());  // warm-up: first-touch of the weights, thread pool
+        k.bandwidth = read_bandwidth_gbs(bw_buffer);
+        k.decode_tps = models::generate(*model, short_prompt, s).decode_tokens_per_second();
+        s.max_new_tokens = 1;
+        k.prefill_tps = models::generate(*model, prompt, s).prefill_tokens_per_second();
+        const std::string variant = f == "nf4-dq" ? "nf4" : f;
+        if (peer && peer->has(variant + ".logits") && peer_json["variants"].contains(variant)) {
+          const auto& v = peer_json["variants"][variant];
+          k.has_peer = true;
+          k.peer_decode_tps = v.value("decode_tokens_per_s", 0.0);
+          k.peer_prefill_tps = v.value("prefill_tokens_per_s", 0.0);
+          torch::NoGradGuard ng;
+          const torch::Tensor theirs = peer->get(variant + ".logits").to(torch::kFloat32);
+          const torch::Tensor ours =
+              model->forward(torch::tensor(short_prompt).view({1, -1})).view_as(theirs);
+          k.logits_rel_diff =
+              (ours - theirs).abs().max().item<double>() / std::max(theirs.abs().max().item<double>(), 1e-30);
+          models::SamplingOptions g;
+          g.max_new_tokens = o->decode;
+          const auto mine = models::generate(*model, short_prompt, g).tokens;
+          const auto gen = ids_of(peer->get(variant + ".generated"));
+          k.greedy_total = static_cast<int64_t>(gen.size() - short_prompt.size());
+          while (k.greedy_agree < k.greedy_total && k.greedy_agree < static_cast<int64_t>(mine.size()) &&
+                 mine[static_cast<size_t>(k.greedy_agree)] == gen[short_prompt.size() + static_cast<size_t>(k.greedy_agree)])
+            ++k.greedy_agree;
+        }
+        cases.push_back(k);
+        if (!o->json)
+          std::fprintf(stderr, "  %s: built in %.1f s, decode %.2f tok/s\n", k.format.c_str(), k.build_seconds, k.decode_tps);
+      }
     }
     if (o->json) {
       nlohmann::json rows = nlohmann::json::array();
@@ -278,6 +348,15 @@ void add_bench(CLI::App& app) {
                         {"fraction_of_bound", k.bound_tps() > 0 ? k.decode_tps / k.bound_tps() : 0},
                         {"prefill_tokens", max_prefill},
                         {"prefill_tokens_per_second", k.prefill_tps}});
+      for (size_t i = 0; i < cases.size(); ++i) {
+        const auto& k = cases[i];
+        if (!k.has_peer) continue;
+        rows[i]["peer"] = {{"decode_tokens_per_second", k.peer_decode_tps},
+                           {"prefill_tokens_per_second", k.peer_prefill_tps},
+                           {"logits_max_abs_diff_relative", k.logits_rel_diff},
+                           {"greedy_tokens_agreeing", k.greedy_agree},
+                           {"greedy_tokens", k.greedy_total}};
+      }
       std::cout << nlohmann::json({{"shape", o->model.empty() ? o->shape : o->model},
                                    {"layers", cfg.num_hidden_layers},
                                    {"threads", at::get_num_threads()},
@@ -286,16 +365,34 @@ void add_bench(CLI::App& app) {
                 << "\n";
       return;
     }
-    std::printf("%-8s %10s %12s %9s %11s %11s %8s %13s\n", "format", "weights", "read/token", "bw GB/s",
+    std::printf("%-13s %10s %12s %9s %11s %11s %8s %13s\n", "format", "weights", "read/token", "bw GB/s",
                 "decode t/s", "bound t/s", "% bound", "prefill t/s");
     for (const auto& k : cases) {
-      std::printf("%-8s %10s %12s %9.1f %11.2f %11.2f %7.1f%% %13.1f\n", k.format.c_str(),
+      std::printf("%-13s %10s %12s %9.1f %11.2f %11.2f %7.1f%% %13.1f\n", k.format.c_str(),
                   human_bytes(static_cast<double>(k.weight_bytes)).c_str(),
                   human_bytes(static_cast<double>(k.linear_bytes)).c_str(), k.bandwidth, k.decode_tps, k.bound_tps(),
                   100.0 * k.decode_tps / k.bound_tps(), k.prefill_tps);
     }
+    if (peer) {
+      std::printf("\nbeside transformers %s + bitsandbytes %s (%s threads), same prompt, %lld new tokens:\n",
+                  peer_json.value("transformers", "?").c_str(), peer_json.value("bitsandbytes", "?").c_str(),
+                  peer_json.contains("threads") ? peer_json["threads"].dump().c_str() : "?",
+                  static_cast<long long>(o->decode));
+      std::printf("%-8s %11s %11s %8s %12s %12s %8s %14s %10s\n", "format", "decode t/s", "HF t/s", "ratio",
+                  "prefill t/s", "HF prefill", "ratio", "logits diff", "greedy =");
+      for (const auto& k : cases) {
+        if (!k.has_peer) continue;
+        std::printf("%-8s %11.1f %11.1f %7.2fx %12.1f %12.1f %7.2fx %14.2e %4lld/%-5lld\n", k.format.c_str(),
+                    k.decode_tps, k.peer_decode_tps, k.decode_tps / k.peer_decode_tps, k.prefill_tps,
+                    k.peer_prefill_tps, k.prefill_tps / k.peer_prefill_tps, k.logits_rel_diff,
+                    static_cast<long long>(k.greedy_agree), static_cast<long long>(k.greedy_total));
+      }
+      std::printf("(logits diff: max |ours - theirs| / max |theirs| over the prompt's positions; greedy =: tokens\n"
+                  " equal to theirs before the first difference)\n");
+    }
     std::printf(
-        "\n(batch 1, greedy, KV cache; bound = read bandwidth measured just before the case / weight bytes\n"
+        "\n(\"nf4 int8\": the 4-bit layers with MatmulPath::int8, int8 activations per block as llama.cpp's q8;\n"
+        " batch 1, greedy, KV cache; bound = read bandwidth measured just before the case / weight bytes\n"
         " read per token; prefill: one forward over %lld tokens)\n",
         static_cast<long long>(max_prefill));
   });

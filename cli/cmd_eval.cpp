@@ -13,7 +13,7 @@ namespace msbnb::cli {
 
 void add_eval(CLI::App& app) {
   struct Opts {
-    std::string dir, text, quantize, adapter;
+    std::string dir, text, quantize, adapter, matmul_path = "auto";
     int64_t window = 0, stride = 0, max_tokens = 0;
     bool json = false;
   };
@@ -27,6 +27,9 @@ void add_eval(CLI::App& app) {
   c->add_option("--quantize", o->quantize,
                 "quantize a float checkpoint while loading: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq");
   c->add_option("--adapter", o->adapter, "PEFT LoRA adapter folder to attach");
+  c->add_option("--matmul-path", o->matmul_path,
+                "4-bit layers: auto (exact) | fast (bf16) | int8 (int8 activations: fastest decode)")
+      ->capture_default_str();
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
     std::ifstream f(o->text, std::ios::binary);
@@ -36,6 +39,7 @@ void add_eval(CLI::App& app) {
     models::LoadOptions lo;
     lo.quantize = parse_quantize_option(o->quantize);
     lo.adapter = o->adapter;
+    lo.matmul_path = models::parse_matmul_path(o->matmul_path, "--matmul-path");
     models::LoadedModel m;
     {
       ProgressBar bar("load");

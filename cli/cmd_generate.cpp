@@ -12,7 +12,7 @@ namespace msbnb::cli {
 
 void add_generate(CLI::App& app) {
   struct Opts {
-    std::string dir, prompt = "In the beginning", quantize, adapter;
+    std::string dir, prompt = "In the beginning", quantize, adapter, matmul_path = "auto";
     models::SamplingOptions s;
     bool json = false;
   };
@@ -29,11 +29,15 @@ void add_generate(CLI::App& app) {
   c->add_option("--quantize", o->quantize,
                 "quantize a float checkpoint while loading: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq");
   c->add_option("--adapter", o->adapter, "PEFT LoRA adapter folder to attach");
+  c->add_option("--matmul-path", o->matmul_path,
+                "4-bit layers: auto (exact) | fast (bf16) | int8 (int8 activations: fastest decode)")
+      ->capture_default_str();
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
     models::LoadOptions lo;
     lo.quantize = parse_quantize_option(o->quantize);
     lo.adapter = o->adapter;
+    lo.matmul_path = models::parse_matmul_path(o->matmul_path, "--matmul-path");
     models::LoadedModel m;
     {
       ProgressBar bar("load");

@@ -328,6 +328,7 @@ LoadedModel load_pretrained(const std::string& dir, const LoadOptions& options) 
                 prequantized ? " and quantization_config" : "", ": ", os.str());
   }
   if (!options.adapter.empty()) lora::load_adapter(*out.model, options.adapter);
+  if (options.matmul_path != MatmulPath::automatic) set_matmul_path(*out.model, options.matmul_path);
   out.model->eval();
   out.model_bytes = module_bytes(*out.model);
   int64_t other = 0;
@@ -462,6 +463,25 @@ QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string&
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return report;
+}
+
+int64_t set_matmul_path(torch::nn::Module& module, MatmulPath path) {
+  int64_t n = 0;
+  for (const auto& m : module.modules()) {
+    if (auto* l = m->as<nn::Linear4bitImpl>()) {
+      l->options.matmul_path(path);
+      ++n;
+    }
+  }
+  return n;
+}
+
+MatmulPath parse_matmul_path(const std::string& v, const std::string& what) {
+  if (v == "auto" || v == "automatic") return MatmulPath::automatic;
+  if (v == "exact") return MatmulPath::exact;
+  if (v == "fast") return MatmulPath::fast;
+  if (v == "int8") return MatmulPath::int8;
+  TORCH_CHECK(false, what, ": expected auto, exact, fast or int8, got \"", v, "\"");
 }
 
 }  // namespace msbnb::models

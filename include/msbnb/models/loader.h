@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "msbnb/functional/matmul.h"
 #include "msbnb/io/safetensors.h"
 #include "msbnb/models/llama.h"
 #include "msbnb/models/llama_config.h"
@@ -76,8 +77,10 @@ LinearFactory quantized_linear_factory(const QuantizationSpec& spec);
 ///  adapter    a PEFT adapter folder to attach (msbnb::lora::load_adapter: injects the LoRA
 ///             layers its adapter_config.json targets and loads them)
 ///  progress   called after every tensor
+///  matmul_path  the 4-bit layers' MatmulPath (set_matmul_path); automatic is exact
 struct LoadOptions {
   std::optional<QuantizationSpec> quantize;
+  MatmulPath matmul_path = MatmulPath::automatic;
   std::string adapter;
   Progress progress;
 };
@@ -99,6 +102,14 @@ struct LoadedModel {
 
 /// Loads the checkpoint folder `dir` (rules at the top of this header). The model is in eval().
 LoadedModel load_pretrained(const std::string& dir, const LoadOptions& options = {});
+
+/// Sets the forward MatmulPath of every nn::Linear4bit in `module` (docs/matmul.md): automatic /
+/// exact, fast (bf16 operands), or int8 (int8 activations per block: the fastest decode, as
+/// llama.cpp's q8 activations). Returns the number of layers changed. LLM.int8() layers keep theirs.
+int64_t set_matmul_path(torch::nn::Module& module, MatmulPath path);
+
+/// "auto" | "exact" | "fast" | "int8" -> MatmulPath (throws naming `what` for another value).
+MatmulPath parse_matmul_path(const std::string& value, const std::string& what = "matmul_path");
 
 /// Bytes of a module's parameters and buffers, each tensor counted once.
 int64_t module_bytes(const torch::nn::Module& module);
