@@ -46,7 +46,7 @@ if "$msbnb" quantize "$tiny" "$work/x" --format int3 2> /dev/null; then fail "ba
 # finetune: QLoRA on a license text; a PEFT adapter folder and an SVG; an interrupted run resumes
 # to the same losses as an uninterrupted one; 2 processes take the same steps as one.
 lic=/usr/share/common-licenses/GPL-3
-ft() { "$msbnb" --threads 1 finetune "$tiny" --text "$lic" --steps 6 --batch 4 --context 64 --lr 1e-3 --save-every 2 --json "$@"; }
+ft() { "$msbnb" --threads 1 finetune "$tiny" --text "$lic" --steps 6 --batch 4 --context 64 --lr "${FT_LR:-1e-3}" --save-every 2 --json "$@"; }
 losses() { python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(' '.join('%.6f' % l for l in j['losses']))" "$1"; }
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$1" "$2"; }
 ft --out "$work/ft_a" > "$work/ft_a.json"
@@ -63,7 +63,7 @@ ft --out "$work/ft_b" > "$work/ft_b2.json"
 [ "$(field "$work/ft_b2.json" resumed_from)" = 1 ] || fail "finetune: did not resume from step 1"
 [ "$(losses "$work/ft_a.json")" = "$(losses "$work/ft_b2.json")" ] || fail "finetune: resumed losses differ"
 cmp "$work/ft_a/adapter_model.safetensors" "$work/ft_b/adapter_model.safetensors" || fail "finetune: resumed adapter differs"
-expect_error "lr = 0.001, this run has 0.002" ft --out "$work/ft_b" --lr 2e-3
+FT_LR=2e-3 expect_error "lr = 0.001, this run has 0.002" ft --out "$work/ft_b"
 "$msbnb" finetune "$tiny" --text "$lic" --steps 6 --batch 4 --context 64 --lr 1e-3 --json --nproc 2 --out "$work/ft_c" \
   > "$work/ft_c.json"
 [ "$(field "$work/ft_c.json" processes)" = 2 ] || fail "finetune --nproc 2: not 2 processes"
@@ -94,7 +94,7 @@ expect_error "reference" "$msbnb" inspect "$work/q_int8" --reference "$fx/plain"
 python3 - "$work/bench.json" <<'PY' || fail "bench --short"
 import json, sys
 j = json.load(open(sys.argv[1]))
-assert [c["format"] for c in j["cases"]] == ["fp32", "nf4", "int8"]
+assert [c["format"] for c in j["cases"]] == ["fp32", "nf4", "nf4 int8", "int8"], [c["format"] for c in j["cases"]]
 assert all(c["decode_tokens_per_second"] > 0 and c["read_bandwidth_GBs"] > 0 and c["prefill_tokens_per_second"] > 0
            for c in j["cases"]), j
 PY
