@@ -138,7 +138,8 @@ models::LinearFactory random_weights(const models::LinearFactory& inner, uint64_
 int64_t linear_bytes_of(const models::LlamaForCausalLMImpl& model) {
   int64_t other = 0;
   for (const auto& item : model.named_modules())
-    if (dynamic_cast<models::RMSNormImpl*>(item.value().get())) other += item.value()->parameters()[0].numel() * 4;
+    if (dynamic_cast<models::RMSNormImpl*>(item.value().get()))
+      other += item.value()->parameters()[0].numel() * 4;
   if (!model.config().tie_word_embeddings) other += model.model->embed_tokens->weight.numel() * 4;
   return models::module_bytes(model) - other;
 }
@@ -153,7 +154,9 @@ struct Case {
   bool has_peer = false;
   double peer_decode_tps = 0, peer_prefill_tps = 0, logits_rel_diff = 0;
   int64_t greedy_agree = 0, greedy_total = 0;
-  double bound_tps() const { return linear_bytes > 0 ? bandwidth * 1e9 / static_cast<double>(linear_bytes) : 0; }
+  double bound_tps() const {
+    return linear_bytes > 0 ? bandwidth * 1e9 / static_cast<double>(linear_bytes) : 0;
+  }
 };
 
 }  // namespace
@@ -172,20 +175,21 @@ void add_bench(CLI::App& app) {
       ->capture_default_str();
   c->add_option("--model", o->model, "a checkpoint folder, with its own weights (instead of --shape)");
   c->add_option("--layers", o->layers, "decoder layers to build (0: the shape's; fewer for a quick run)");
-  c->add_option("--formats", o->formats, "comma-separated: fp32 int8 int4 nf4 nf4-dq fp4 fp4-dq; stored (--model as it is)")
+  c->add_option("--formats", o->formats,
+                "comma-separated: fp32 int8 int4 nf4 nf4-dq fp4 fp4-dq; stored (--model as it is)")
       ->capture_default_str();
   c->add_option("--prefill", o->prefill, "prompt tokens of the prefill case")->capture_default_str();
   c->add_option("--decode", o->decode, "tokens decoded per case")->capture_default_str();
   c->add_option("--paths", o->paths,
-                 "4-bit MatmulPaths to time, comma-separated: auto (exact) | fast | int8 (int8 activations)")
+                "4-bit MatmulPaths to time, comma-separated: auto (exact) | fast | int8 (int8 activations)")
       ->capture_default_str();
   c->add_flag("--short", o->short_mode, "CI mode: the tiny shape, 8 decoded tokens, prefill 32");
   c->add_flag("--matmul", o->matmul,
               "run the matmul benchmark program instead (msbnb_bench_matmul; arguments after --)");
   c->add_option("matmul_args", o->matmul_args, "arguments of msbnb_bench_matmul (after --)");
   c->add_option("--peer", o->peer,
-                 "PREFIX of tools/bench_hf_tiny.py's output (PREFIX.safetensors, PREFIX.json): transformers + "
-                 "bitsandbytes on the same checkpoint, side by side (needs --model)");
+                "PREFIX of tools/bench_hf_tiny.py's output (PREFIX.safetensors, PREFIX.json): transformers + "
+                "bitsandbytes on the same checkpoint, side by side (needs --model)");
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
     if (o->matmul) {
@@ -237,7 +241,8 @@ void add_bench(CLI::App& app) {
     for (const auto& f : formats)
       if (f != "fp32" && f != "stored") parse_quantize_option(f);  // throws naming a bad one before any work
 
-    const models::LlamaConfig cfg = o->model.empty() ? shape_config(o->shape, o->layers) : models::read_config(o->model);
+    const models::LlamaConfig cfg =
+        o->model.empty() ? shape_config(o->shape, o->layers) : models::read_config(o->model);
     const BandwidthBuffer bw_buffer;
     std::vector<Case> cases;
     std::mt19937_64 rng(1);
@@ -328,12 +333,14 @@ void add_bench(CLI::App& app) {
           const auto gen = ids_of(peer->get(variant + ".generated"));
           k.greedy_total = static_cast<int64_t>(gen.size() - short_prompt.size());
           while (k.greedy_agree < k.greedy_total && k.greedy_agree < static_cast<int64_t>(mine.size()) &&
-                 mine[static_cast<size_t>(k.greedy_agree)] == gen[short_prompt.size() + static_cast<size_t>(k.greedy_agree)])
+                 mine[static_cast<size_t>(k.greedy_agree)] ==
+                     gen[short_prompt.size() + static_cast<size_t>(k.greedy_agree)])
             ++k.greedy_agree;
         }
         cases.push_back(k);
         if (!o->json)
-          std::fprintf(stderr, "  %s: built in %.1f s, decode %.2f tok/s\n", k.format.c_str(), k.build_seconds, k.decode_tps);
+          std::fprintf(stderr, "  %s: built in %.1f s, decode %.2f tok/s\n", k.format.c_str(),
+                       k.build_seconds, k.decode_tps);
       }
     }
     if (o->json) {
@@ -370,8 +377,8 @@ void add_bench(CLI::App& app) {
     for (const auto& k : cases) {
       std::printf("%-13s %10s %12s %9.1f %11.2f %11.2f %7.1f%% %13.1f\n", k.format.c_str(),
                   human_bytes(static_cast<double>(k.weight_bytes)).c_str(),
-                  human_bytes(static_cast<double>(k.linear_bytes)).c_str(), k.bandwidth, k.decode_tps, k.bound_tps(),
-                  100.0 * k.decode_tps / k.bound_tps(), k.prefill_tps);
+                  human_bytes(static_cast<double>(k.linear_bytes)).c_str(), k.bandwidth, k.decode_tps,
+                  k.bound_tps(), 100.0 * k.decode_tps / k.bound_tps(), k.prefill_tps);
     }
     if (peer) {
       std::printf("\nbeside transformers %s + bitsandbytes %s (%s threads), same prompt, %lld new tokens:\n",
@@ -387,11 +394,13 @@ void add_bench(CLI::App& app) {
                     k.peer_prefill_tps, k.prefill_tps / k.peer_prefill_tps, k.logits_rel_diff,
                     static_cast<long long>(k.greedy_agree), static_cast<long long>(k.greedy_total));
       }
-      std::printf("(logits diff: max |ours - theirs| / max |theirs| over the prompt's positions; greedy =: tokens\n"
-                  " equal to theirs before the first difference)\n");
+      std::printf(
+          "(logits diff: max |ours - theirs| / max |theirs| over the prompt's positions; greedy =: tokens\n"
+          " equal to theirs before the first difference)\n");
     }
     std::printf(
-        "\n(\"nf4 int8\": the 4-bit layers with MatmulPath::int8, int8 activations per block as llama.cpp's q8;\n"
+        "\n(\"nf4 int8\": the 4-bit layers with MatmulPath::int8, int8 activations per block as llama.cpp's "
+        "q8;\n"
         " batch 1, greedy, KV cache; bound = read bandwidth measured just before the case / weight bytes\n"
         " read per token; prefill: one forward over %lld tokens)\n",
         static_cast<long long>(max_prefill));

@@ -129,7 +129,8 @@ void add_demo(CLI::App& app) {
     std::string lic_train, lic_held;
     license_texts(lic_train, lic_held);
     std::vector<int64_t> train_ids = tok->encode(lic_train), held_ids = tok->encode(lic_held);
-    if (static_cast<int64_t>(held_ids.size()) > o->eval_tokens) held_ids.resize(static_cast<size_t>(o->eval_tokens));
+    if (static_cast<int64_t>(held_ids.size()) > o->eval_tokens)
+      held_ids.resize(static_cast<size_t>(o->eval_tokens));
     models::LoadOptions lo;
     lo.quantize = parse_quantize_option("nf4-dq");
     models::LoadedModel m = models::load_pretrained(o->model, lo);
@@ -145,25 +146,30 @@ void add_demo(CLI::App& app) {
     fo.restart = true;
     fo.out_dir = o->out;
     fo.base_model_name_or_path = o->model;
-    std::printf("\nQLoRA: nf4 + double quant base, LoRA r %lld alpha %g on every decoder linear, 8-bit AdamW lr %g,\n"
-                "       batch %lld x %lld tokens, %.0f s on /usr/share/common-licenses (%zu training bytes, %zu held out)\n",
-                static_cast<long long>(fo.r), fo.lora_alpha, fo.lr, static_cast<long long>(fo.batch),
-                static_cast<long long>(fo.context), fo.max_seconds, train_ids.size(), held_ids.size());
+    std::printf(
+        "\nQLoRA: nf4 + double quant base, LoRA r %lld alpha %g on every decoder linear, 8-bit AdamW lr %g,\n"
+        "       batch %lld x %lld tokens, %.0f s on /usr/share/common-licenses (%zu training bytes, %zu held "
+        "out)\n",
+        static_cast<long long>(fo.r), fo.lora_alpha, fo.lr, static_cast<long long>(fo.batch),
+        static_cast<long long>(fo.context), fo.max_seconds, train_ids.size(), held_ids.size());
     const FinetuneRun run = run_finetune(*m.model, train_ids, held_ids, fo, nullptr, o->out + "/loss.svg");
     const auto& r = run.result;
-    std::printf("  %lld steps, %.3f s/step, training loss %.4f -> %.4f, %lld trainable parameters (%.2f %%)\n",
-                static_cast<long long>(r.step), r.seconds_per_step, r.losses.front(), r.losses.back(),
-                static_cast<long long>(r.trainable_parameters),
-                100.0 * static_cast<double>(r.trainable_parameters) / static_cast<double>(r.total_parameters));
+    std::printf(
+        "  %lld steps, %.3f s/step, training loss %.4f -> %.4f, %lld trainable parameters (%.2f %%)\n",
+        static_cast<long long>(r.step), r.seconds_per_step, r.losses.front(), r.losses.back(),
+        static_cast<long long>(r.trainable_parameters),
+        100.0 * static_cast<double>(r.trainable_parameters) / static_cast<double>(r.total_parameters));
     std::printf("  held-out perplexity per byte: %.4f -> %.4f (%+.1f %%)\n", run.ppl_before, run.ppl_after,
                 100.0 * (run.ppl_after / run.ppl_before - 1));
-    std::printf("  adapter (PEFT): %s/adapter_model.safetensors + adapter_config.json; loss curve: %s/loss.svg\n",
-                o->out.c_str(), o->out.c_str());
+    std::printf(
+        "  adapter (PEFT): %s/adapter_model.safetensors + adapter_config.json; loss curve: %s/loss.svg\n",
+        o->out.c_str(), o->out.c_str());
     models::SamplingOptions s;
     s.max_new_tokens = o->decode_tokens;
     const std::string lic_prompt = "This program is free software";
     const auto g = models::generate(*m.model, tok->encode(lic_prompt), s);
-    std::printf("\nfine-tuned nf4 + dq + LoRA, greedy: %s%s\n", lic_prompt.c_str(), tok->decode(g.tokens).c_str());
+    std::printf("\nfine-tuned nf4 + dq + LoRA, greedy: %s%s\n", lic_prompt.c_str(),
+                tok->decode(g.tokens).c_str());
   });
 }
 

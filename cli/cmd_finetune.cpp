@@ -36,13 +36,15 @@ FinetuneRun run_finetune(models::LlamaForCausalLMImpl& model, const std::vector<
                          const std::vector<int64_t>& held_ids, const models::FinetuneOptions& fo,
                          train::ProcessGroup* group, const std::string& svg_path) {
   const bool main_process = group == nullptr || group->is_main_process();
-  const int64_t window = std::min<int64_t>(std::min<int64_t>(256, fo.context * 2), model.config().max_position_embeddings);
+  const int64_t window =
+      std::min<int64_t>(std::min<int64_t>(256, fo.context * 2), model.config().max_position_embeddings);
   const int64_t stride = std::max<int64_t>(1, window / 2);
   FinetuneRun run;
   auto eval = [&](const char* label) {
     if (!main_process || held_ids.size() < 2) return 0.0;
     ProgressBar bar(label);
-    return models::perplexity(model, held_ids, window, stride, [&](int64_t d, int64_t t) { bar.update(d, t); })
+    return models::perplexity(model, held_ids, window, stride,
+                              [&](int64_t d, int64_t t) { bar.update(d, t); })
         .perplexity;
   };
   run.ppl_before = eval("eval before");
@@ -142,12 +144,14 @@ void add_finetune(CLI::App& app) {
     if (o->nproc > 1 && !launched_child) {
       // The parent only launches: N copies of this command line, each a rank.
       std::vector<std::string> args(program_args().begin() + 1, program_args().end());
-      const auto res = train::launch_local(
-          "/proc/self/exe", args,
-          train::LaunchOptions().world_size(o->nproc).env({{"MSBNB_FINETUNE_CHILD", "1"}}).deadline(
-              std::chrono::hours(24 * 7)));
+      const auto res = train::launch_local("/proc/self/exe", args,
+                                           train::LaunchOptions()
+                                               .world_size(o->nproc)
+                                               .env({{"MSBNB_FINETUNE_CHILD", "1"}})
+                                               .deadline(std::chrono::hours(24 * 7)));
       for (size_t r = 0; r < res.exit_codes.size(); ++r)
-        TORCH_CHECK(res.exit_codes[r] == 0, "finetune: rank ", r, " failed (exit status ", res.exit_codes[r], ")");
+        TORCH_CHECK(res.exit_codes[r] == 0, "finetune: rank ", r, " failed (exit status ", res.exit_codes[r],
+                    ")");
       return;
     }
     std::optional<train::ProcessGroup> pg;
@@ -156,8 +160,11 @@ void add_finetune(CLI::App& app) {
       TORCH_CHECK(o->world_size >= 1, "--world-size: expected >= 1 with --master, got ", o->world_size);
       TORCH_CHECK(o->rank >= 0 && o->rank < o->world_size, "--rank: expected 0..", o->world_size - 1,
                   " with --master, got ", o->rank);
-      pg.emplace(
-          train::ProcessGroupOptions().rank(o->rank).world_size(o->world_size).master_addr(host).master_port(port));
+      pg.emplace(train::ProcessGroupOptions()
+                     .rank(o->rank)
+                     .world_size(o->world_size)
+                     .master_addr(host)
+                     .master_port(port));
     } else if (env_rank != nullptr && std::getenv("WORLD_SIZE") != nullptr) {
       pg.emplace(train::ProcessGroup::from_env());
     }
@@ -211,12 +218,13 @@ void add_finetune(CLI::App& app) {
       return;
     }
     std::printf("%s (%s) on %s: %zu training tokens, %zu held out, %lld process(es)\n", o->dir.c_str(),
-                m.quantization ? m.quantization->describe().c_str() : "float32", o->text.c_str(), train_ids.size(),
-                held.size(), static_cast<long long>(pg ? pg->world_size() : 1));
-    std::printf("  LoRA r %lld, alpha %g on %zu module names: %lld trainable of %lld parameters (%.2f %%)\n",
-                static_cast<long long>(o->f.r), o->f.lora_alpha, o->f.target_modules.size(),
-                static_cast<long long>(r.trainable_parameters), static_cast<long long>(r.total_parameters),
-                100.0 * static_cast<double>(r.trainable_parameters) / static_cast<double>(r.total_parameters));
+                m.quantization ? m.quantization->describe().c_str() : "float32", o->text.c_str(),
+                train_ids.size(), held.size(), static_cast<long long>(pg ? pg->world_size() : 1));
+    std::printf(
+        "  LoRA r %lld, alpha %g on %zu module names: %lld trainable of %lld parameters (%.2f %%)\n",
+        static_cast<long long>(o->f.r), o->f.lora_alpha, o->f.target_modules.size(),
+        static_cast<long long>(r.trainable_parameters), static_cast<long long>(r.total_parameters),
+        100.0 * static_cast<double>(r.trainable_parameters) / static_cast<double>(r.total_parameters));
     if (r.resumed_from > 0) std::printf("  resumed from step %lld\n", static_cast<long long>(r.resumed_from));
     std::printf("  steps %lld/%lld%s, %.3f s/step, loss %.4f -> %.4f, 8-bit AdamW state %s\n",
                 static_cast<long long>(r.step), static_cast<long long>(o->f.steps),

@@ -45,8 +45,8 @@ torch::Tensor as_blocks(const torch::Tensor& w, const std::string& format, int64
   return w.reshape({-1}).narrow(0, 0, n).reshape({-1, blocksize});
 }
 
-void write_layer_svg(const std::string& path, const LayerRow& row, const torch::Tensor& w, const torch::Tensor& wq,
-                     int64_t blocksize) {
+void write_layer_svg(const std::string& path, const LayerRow& row, const torch::Tensor& w,
+                     const torch::Tensor& wq, int64_t blocksize) {
   // Normalize both by the quantized block's absmax: the levels are then the format's code.
   const torch::Tensor bq = as_blocks(wq, row.format, blocksize);
   const torch::Tensor scale = bq.abs().amax(1, true).clamp_min(1e-30);
@@ -54,13 +54,18 @@ void write_layer_svg(const std::string& path, const LayerRow& row, const torch::
   const torch::Tensor qn = (bq / scale).contiguous();
   std::set<double> levels;
   const float* qp = qn.data_ptr<float>();
-  for (int64_t i = 0; i < qn.numel() && levels.size() <= 64; ++i) levels.insert(std::round(qp[i] * 1e4) / 1e4);
+  for (int64_t i = 0; i < qn.numel() && levels.size() <= 64; ++i)
+    levels.insert(std::round(qp[i] * 1e4) / 1e4);
   SvgPlot a;
   a.title = row.name + " (" + row.format + "): weights / block absmax";
   a.x_label = "weight / absmax of its block (" +
-              std::string(row.format == "int8" ? "row" : row.format == "int4" ? "group" : "block") + ")";
+              std::string(row.format == "int8"   ? "row"
+                          : row.format == "int4" ? "group"
+                                                 : "block") +
+              ")";
   a.y_label = "weights";
-  a.bars.push_back({"float weights", "#1f77b4", -1.0, 1.0, histogram(wn.data_ptr<float>(), wn.numel(), -1, 1, 200)});
+  a.bars.push_back(
+      {"float weights", "#1f77b4", -1.0, 1.0, histogram(wn.data_ptr<float>(), wn.numel(), -1, 1, 200)});
   if (levels.size() <= 64) {
     a.markers.assign(levels.begin(), levels.end());
     a.marker_label = std::to_string(levels.size()) + " levels";
@@ -85,8 +90,7 @@ void add_inspect(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   CLI::App* c = app.add_subcommand("inspect", "Per-layer formats, bits per weight and quantization errors");
   c->add_option("CHECKPOINT", o->dir, "checkpoint folder (float or quantized)")->required();
-  c->add_option("--format", o->format,
-                "for a float checkpoint: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq")
+  c->add_option("--format", o->format, "for a float checkpoint: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq")
       ->capture_default_str();
   c->add_option("--reference", o->reference, "for a quantized checkpoint: the float checkpoint it came from");
   c->add_option("--svg", o->svg, "write the weight histogram with levels and the error distribution");
@@ -148,7 +152,8 @@ void add_inspect(CLI::App& app) {
         r.sqnr_db = en > 0 ? 20 * std::log10(wn / en) : INFINITY;
       }
       if (!o->svg.empty() && !svg_done && (o->layer.empty() || o->layer == name)) {
-        TORCH_CHECK(w.defined(), "--svg: the error distribution needs the float weights (--reference FLOAT_DIR)");
+        TORCH_CHECK(w.defined(),
+                    "--svg: the error distribution needs the float weights (--reference FLOAT_DIR)");
         write_layer_svg(o->svg, r, w, wq, blocksize);
         svg_done = true;
       }
@@ -156,8 +161,8 @@ void add_inspect(CLI::App& app) {
       rows.push_back(std::move(r));
     }
     TORCH_CHECK(!rows.empty(), o->dir, ": expected quantized linear layers, found none");
-    TORCH_CHECK(o->svg.empty() || svg_done, "--layer: expected a quantized layer's name (e.g. ", rows.front().name,
-                "), got \"", o->layer, "\"");
+    TORCH_CHECK(o->svg.empty() || svg_done, "--layer: expected a quantized layer's name (e.g. ",
+                rows.front().name, "), got \"", o->layer, "\"");
     int64_t total_bytes = 0, total_weights = 0;
     double sqnr_sum = 0;
     for (const auto& r : rows) {
@@ -168,8 +173,11 @@ void add_inspect(CLI::App& app) {
     if (o->json) {
       nlohmann::json layers = nlohmann::json::array();
       for (const auto& r : rows) {
-        nlohmann::json j = {{"name", r.name}, {"format", r.format}, {"shape", r.shape},
-                            {"bytes", r.bytes}, {"bits_per_weight", r.bits}};
+        nlohmann::json j = {{"name", r.name},
+                            {"format", r.format},
+                            {"shape", r.shape},
+                            {"bytes", r.bytes},
+                            {"bits_per_weight", r.bits}};
         if (r.has_error) {
           j["relative_rms_error"] = r.rel_rms;
           j["max_abs_error"] = r.max_abs;
@@ -186,8 +194,9 @@ void add_inspect(CLI::App& app) {
                 << "\n";
       return;
     }
-    std::printf("%s: %s%s\n\n", o->dir.c_str(), m.quantization ? m.quantization->describe().c_str() : "",
-                from_float ? " (quantized while loading; errors against the checkpoint's float weights)" : "");
+    std::printf(
+        "%s: %s%s\n\n", o->dir.c_str(), m.quantization ? m.quantization->describe().c_str() : "",
+        from_float ? " (quantized while loading; errors against the checkpoint's float weights)" : "");
     std::printf("%-44s %-6s %13s %10s %7s", "layer", "format", "shape", "bytes", "bits/w");
     if (ref) std::printf(" %10s %10s %8s", "rel. RMS", "max |err|", "SQNR dB");
     std::printf("\n");

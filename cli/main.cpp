@@ -1,17 +1,16 @@
 // `msbnb`: quantize, run and evaluate LLaMA-family Hugging Face checkpoints from the command line.
 // Errors: one line on stderr ("msbnb: error: ...") and exit code 1; bad usage exits 2 (CLI11's
 // message and --help hint).
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <stdlib.h>
 #include <unistd.h>
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <thread>
 #include <iostream>
+#include <thread>
 
 #include "common.h"
 

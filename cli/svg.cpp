@@ -57,7 +57,8 @@ std::string render_svg(const std::vector<SvgPlot>& plots) {
   const double W = 760, H = 360, L = 70, R = 180, T = 34, B = 48;
   std::ostringstream s;
   s << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H * plots.size()
-    << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+    << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
+       "fill=\"white\"/>\n";
   for (size_t p = 0; p < plots.size(); ++p) {
     const SvgPlot& pl = plots[p];
     const double oy = H * static_cast<double>(p);
@@ -80,8 +81,8 @@ std::string render_svg(const std::vector<SvgPlot>& plots) {
     for (int k = 0; k <= 4; ++k) {
       const double v = y0 + (y1 - y0) * k / 4.0, xv = x0 + (x1 - x0) * k / 4.0;
       s << "<line x1=\"" << L << "\" x2=\"" << W - R << "\" y1=\"" << num(Y(v)) << "\" y2=\"" << num(Y(v))
-        << "\" stroke=\"#ddd\"/><text x=\"" << L - 6 << "\" y=\"" << num(Y(v) + 4) << "\" text-anchor=\"end\">"
-        << tick(v) << "</text>\n";
+        << "\" stroke=\"#ddd\"/><text x=\"" << L - 6 << "\" y=\"" << num(Y(v) + 4)
+        << "\" text-anchor=\"end\">" << tick(v) << "</text>\n";
       s << "<text x=\"" << num(X(xv)) << "\" y=\"" << num(oy + H - B + 16) << "\" text-anchor=\"middle\">"
         << tick(xv) << "</text>\n";
     }
@@ -100,7 +101,8 @@ std::string render_svg(const std::vector<SvgPlot>& plots) {
       const double bw = (b.hi - b.lo) / static_cast<double>(std::max<size_t>(b.counts.size(), 1));
       for (size_t i = 0; i < b.counts.size(); ++i) {
         if (b.counts[i] <= 0) continue;
-        const double xa = X(b.lo + bw * static_cast<double>(i)), xb = X(b.lo + bw * static_cast<double>(i + 1));
+        const double xa = X(b.lo + bw * static_cast<double>(i)),
+                     xb = X(b.lo + bw * static_cast<double>(i + 1));
         s << "<rect x=\"" << num(xa) << "\" y=\"" << num(Y(b.counts[i])) << "\" width=\""
           << num(std::max(xb - xa, 0.5)) << "\" height=\"" << num(Y(y0) - Y(b.counts[i])) << "\" fill=\""
           << b.color << "\" fill-opacity=\"0.7\"/>\n";
@@ -115,7 +117,8 @@ std::string render_svg(const std::vector<SvgPlot>& plots) {
     if (!pl.markers.empty()) key(pl.marker_label, "#d62728");
     for (const auto& l : pl.lines) {
       s << "<polyline fill=\"none\" stroke-width=\"1.5\" stroke=\"" << l.color << "\" points=\"";
-      for (size_t i = 0; i < l.x.size() && i < l.y.size(); ++i) s << num(X(l.x[i])) << "," << num(Y(l.y[i])) << " ";
+      for (size_t i = 0; i < l.x.size() && i < l.y.size(); ++i)
+        s << num(X(l.x[i])) << "," << num(Y(l.y[i])) << " ";
       s << "\"/>\n";
       key(l.label, l.color);
     }

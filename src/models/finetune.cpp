@@ -3,9 +3,9 @@
 
 #include <c10/util/Exception.h>
 #include <torch/nn/functional/loss.h>
-#include <torch/utils.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/serialize.h>
+#include <torch/utils.h>
 
 #include <chrono>
 #include <cmath>
@@ -47,9 +47,11 @@ nlohmann::json run_fingerprint(const FinetuneOptions& o, int64_t vocab, int64_t 
 }
 
 // Window starts of step `step`: independent of the process count and of earlier steps.
-std::vector<int64_t> batch_starts(uint64_t seed, int64_t step, int64_t batch, int64_t n_tokens, int64_t context) {
-  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(step),
-                    static_cast<uint32_t>(static_cast<uint64_t>(step) >> 32), 0x51f7u};
+std::vector<int64_t> batch_starts(uint64_t seed, int64_t step, int64_t batch, int64_t n_tokens,
+                                  int64_t context) {
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32),
+                    static_cast<uint32_t>(step), static_cast<uint32_t>(static_cast<uint64_t>(step) >> 32),
+                    0x51f7u};
   std::mt19937_64 rng(seq);
   std::uniform_int_distribution<int64_t> pick(0, n_tokens - context - 1);
   std::vector<int64_t> starts(static_cast<size_t>(batch));
@@ -83,14 +85,17 @@ lora::SaveAdapterOptions adapter_options(const FinetuneOptions& o) {
 
 void FinetuneOptions::validate() const {
   TORCH_CHECK(r > 0 && r <= 4096, "finetune: r: expected 1..4096, got ", r);
-  TORCH_CHECK(std::isfinite(lora_alpha) && lora_alpha > 0, "finetune: lora_alpha: expected > 0, got ", lora_alpha);
-  TORCH_CHECK(lora_dropout >= 0 && lora_dropout < 1, "finetune: lora_dropout: expected [0, 1), got ", lora_dropout);
-  TORCH_CHECK(!target_modules.empty(), "finetune: target_modules: expected at least one module name, got none");
+  TORCH_CHECK(std::isfinite(lora_alpha) && lora_alpha > 0, "finetune: lora_alpha: expected > 0, got ",
+              lora_alpha);
+  TORCH_CHECK(lora_dropout >= 0 && lora_dropout < 1, "finetune: lora_dropout: expected [0, 1), got ",
+              lora_dropout);
+  TORCH_CHECK(!target_modules.empty(),
+              "finetune: target_modules: expected at least one module name, got none");
   TORCH_CHECK(std::isfinite(lr) && lr > 0 && lr < 1, "finetune: lr: expected (0, 1), got ", lr);
   TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, "finetune: weight_decay: expected >= 0, got ",
               weight_decay);
-  TORCH_CHECK(std::isfinite(max_grad_norm) && max_grad_norm >= 0, "finetune: max_grad_norm: expected >= 0, got ",
-              max_grad_norm);
+  TORCH_CHECK(std::isfinite(max_grad_norm) && max_grad_norm >= 0,
+              "finetune: max_grad_norm: expected >= 0, got ", max_grad_norm);
   TORCH_CHECK(steps > 0 && steps <= (int64_t{1} << 40), "finetune: steps: expected > 0, got ", steps);
   TORCH_CHECK(batch > 0 && batch <= 65536, "finetune: batch: expected 1..65536, got ", batch);
   TORCH_CHECK(context > 0 && context <= 1048576, "finetune: context: expected 1..1048576, got ", context);
@@ -114,18 +119,20 @@ int64_t prepare_lora(LlamaForCausalLMImpl& model, const FinetuneOptions& o) {
   return lora::freeze_model_except_lora(model).trainable_elements;
 }
 
-FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>& tokens, const FinetuneOptions& o,
-                        train::ProcessGroup* group) {
+FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>& tokens,
+                        const FinetuneOptions& o, train::ProcessGroup* group) {
   o.validate();
   const auto t0 = Clock::now();
   const LlamaConfig& cfg = model.config();
-  TORCH_CHECK(o.context <= cfg.max_position_embeddings, "finetune: context: expected <= max_position_embeddings (",
-              cfg.max_position_embeddings, "), got ", o.context);
+  TORCH_CHECK(o.context <= cfg.max_position_embeddings,
+              "finetune: context: expected <= max_position_embeddings (", cfg.max_position_embeddings,
+              "), got ", o.context);
   const int64_t n = static_cast<int64_t>(tokens.size());
   TORCH_CHECK(n >= o.context + 2, "finetune: expected at least context + 2 = ", o.context + 2,
               " training tokens, got ", n);
   for (int64_t t : tokens)
-    TORCH_CHECK(t >= 0 && t < cfg.vocab_size, "finetune: token ids: expected [0, ", cfg.vocab_size, "), got ", t);
+    TORCH_CHECK(t >= 0 && t < cfg.vocab_size, "finetune: token ids: expected [0, ", cfg.vocab_size, "), got ",
+                t);
   const int64_t rank = group != nullptr ? group->rank() : 0;
   const int64_t world = group != nullptr ? group->world_size() : 1;
   const bool main_process = rank == 0;
@@ -136,7 +143,8 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
   res.total_parameters = cfg.parameter_count() + res.trainable_parameters;
   model.model->gradient_checkpointing = o.gradient_checkpointing;
 
-  const fs::path out(o.out_dir), ckpt = out / "checkpoint", tmp = out / "checkpoint.tmp", old = out / "checkpoint.old";
+  const fs::path out(o.out_dir), ckpt = out / "checkpoint", tmp = out / "checkpoint.tmp",
+                                 old = out / "checkpoint.old";
   const nlohmann::json fingerprint = run_fingerprint(o, cfg.vocab_size, n);
 
   std::unique_ptr<train::DataParallel> dp;
@@ -153,7 +161,9 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
   // Resume (every rank reads the same files; a crash between the renames leaves checkpoint.old).
   if (main_process) fs::create_directories(out);
   if (group != nullptr && world > 1) group->barrier();
-  fs::path from = fs::exists(ckpt / "trainer_state.json") ? ckpt : fs::exists(old / "trainer_state.json") ? old : "";
+  fs::path from = fs::exists(ckpt / "trainer_state.json")  ? ckpt
+                  : fs::exists(old / "trainer_state.json") ? old
+                                                           : "";
   if (o.restart && !from.empty()) {
     if (group != nullptr && world > 1) group->barrier();
     if (main_process) {
@@ -165,14 +175,16 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
   if (!from.empty()) {
     const nlohmann::json state = read_json(from / "trainer_state.json");
     TORCH_CHECK(state.contains("run") && state["run"].is_object() && state.contains("step") &&
-                    state["step"].is_number_integer() && state.contains("losses") && state["losses"].is_array(),
+                    state["step"].is_number_integer() && state.contains("losses") &&
+                    state["losses"].is_array(),
                 "finetune: ", (from / "trainer_state.json").string(),
                 ": expected the fields run, step, losses (written by msbnb finetune)");
     for (const auto& [key, value] : fingerprint.items()) {
       TORCH_CHECK(state["run"].contains(key) && state["run"][key] == value, "finetune: the checkpoint in ",
                   from.string(), " was written with ", key, " = ",
                   state["run"].contains(key) ? state["run"][key].dump() : std::string("(absent)"),
-                  ", this run has ", value.dump(), " (pass the same options, or restart (--restart) to discard it)");
+                  ", this run has ", value.dump(),
+                  " (pass the same options, or restart (--restart) to discard it)");
     }
     const int64_t step = state["step"].get<int64_t>();
     TORCH_CHECK(step >= 0 && step <= o.steps && static_cast<int64_t>(state["losses"].size()) == step,
@@ -185,12 +197,14 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
   }
   if (dp) {
     // Every rank must resume from the same step: out_dir has to be on storage they all see.
-    auto s = torch::tensor({static_cast<double>(res.step), static_cast<double>(res.step) * res.step}, torch::kDouble);
+    auto s = torch::tensor({static_cast<double>(res.step), static_cast<double>(res.step) * res.step},
+                           torch::kDouble);
     group->all_reduce_sum(s, "resumed step");
     const double sum = s[0].item<double>(), sum_sq = s[1].item<double>();
-    TORCH_CHECK(sum_sq * static_cast<double>(world) == sum * sum, "finetune: rank ", rank, " resumes from step ",
-                res.step, " but the ranks disagree (mean step ", sum / static_cast<double>(world),
-                "): out_dir ", out.string(), " must be the same folder for every rank");
+    TORCH_CHECK(sum_sq * static_cast<double>(world) == sum * sum, "finetune: rank ", rank,
+                " resumes from step ", res.step, " but the ranks disagree (mean step ",
+                sum / static_cast<double>(world), "): out_dir ", out.string(),
+                " must be the same folder for every rank");
   }
 
   auto save = [&](bool final_files) {

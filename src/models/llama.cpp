@@ -268,9 +268,11 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& input_ids, KVCache* c
   for (size_t i = 0; i < layer_list.size(); ++i) {
     if (recompute) {
       // Captured by value: backward recomputes the layer after this function has returned.
-      h = train::checkpoint([layer = layer_list[i].ptr(), cos_t = cos, sin_t = sin](const torch::Tensor& x) {
-        return layer->forward(x, cos_t, sin_t, nullptr, 0);
-      }, h);
+      h = train::checkpoint(
+          [layer = layer_list[i].ptr(), cos_t = cos, sin_t = sin](const torch::Tensor& x) {
+            return layer->forward(x, cos_t, sin_t, nullptr, 0);
+          },
+          h);
     } else {
       h = layer_list[i]->forward(h, cos, sin, cache, static_cast<int64_t>(i));
     }

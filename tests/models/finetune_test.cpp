@@ -1,8 +1,9 @@
 // models::finetune: QLoRA on the plain fixture (NF4 base, LoRA, 8-bit AdamW) learns a repetitive
 // token stream; the checkpoint resumes to the same steps bit for bit; the saved PEFT adapter
 // reproduces the trained model; gradient checkpointing changes nothing; bad input is refused.
-#include <gtest/gtest.h>
+#include "msbnb/models/finetune.h"
 
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -12,7 +13,6 @@
 #include "msbnb/io/safetensors.h"
 #include "msbnb/lora/lora.h"
 #include "msbnb/lora/peft.h"
-#include "msbnb/models/finetune.h"
 #include "msbnb/models/loader.h"
 
 namespace fs = std::filesystem;
@@ -51,7 +51,8 @@ mm::FinetuneOptions options(const std::string& out) {
 }
 
 std::string temp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("msbnb_finetune_test_" + name + "_" + std::to_string(::getpid()));
+  const fs::path p =
+      fs::temp_directory_path() / ("msbnb_finetune_test_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   return p.string();
 }
@@ -163,7 +164,8 @@ TEST(Finetune, RefusesBadInput) {
   // A checkpoint file that is not ours.
   fs::create_directories(fs::path(out) / "checkpoint");
   std::ofstream(fs::path(out) / "checkpoint" / "trainer_state.json") << "{\"step\": 1}";
-  expect_error([&] { mm::finetune(*m.model, tokens, options(out)); }, {"trainer_state.json", "run, step, losses"});
+  expect_error([&] { mm::finetune(*m.model, tokens, options(out)); },
+               {"trainer_state.json", "run, step, losses"});
   fs::remove_all(out);
 }
 

@@ -45,7 +45,7 @@ struct FinetuneOptions {
   int64_t r = 16;
   double lora_alpha = 32;
   double lora_dropout = 0;
-  std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
+  std::vector<std::string> target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                              "gate_proj", "up_proj", "down_proj"};
   double lr = 2e-4, weight_decay = 0, max_grad_norm = 1.0;
   int64_t steps = 100, batch = 8, context = 128, warmup_steps = 0, save_every = 50;
@@ -73,7 +73,8 @@ struct FinetuneResult {
 };
 
 /// Injects LoRA layers on options.target_modules (unless the model has them already; lora_A is
-/// drawn after torch::manual_seed(options.seed)) and freezes everything else. Returns the number of trainable parameters.
+/// drawn after torch::manual_seed(options.seed)) and freezes everything else. Returns the number of trainable
+/// parameters.
 int64_t prepare_lora(LlamaForCausalLMImpl& model, const FinetuneOptions& options);
 
 /// Trains `model` (prepared by prepare_lora, or it is done here) on windows of `tokens` (rules
