@@ -17,4 +17,4 @@ echo
 echo
 ./build/release/examples/qlora_training --short --svg build/release/qlora_loss.svg  # QLoRA vs LoRA vs full fine-tuning on real text
 echo
-./build/release/bin/msbnb demo                     # the built-in KJV model in every format: size, perplexity, speed
+./build/release/bin/msbnb demo --out build/msbnb-demo-adapter  # the built-in KJV model in every format (size, perplexity, speed), then a minute of QLoRA
