@@ -215,6 +215,8 @@ void add_bench(CLI::App& app) {
       TORCH_CHECK(false, "bench --matmul: could not run ", exe,
                   " (build the benchmarks: bash scripts/build.sh builds bench/)");
     }
+    TORCH_CHECK(o->matmul_args.empty(), "bench: unexpected arguments (", o->matmul_args.front(),
+                " ...): they are for --matmul only");
     if (o->short_mode) {
       if (o->model.empty()) o->shape = "tiny";
       o->decode = std::min<int64_t>(o->decode, 8);
