@@ -135,15 +135,6 @@ models::LinearFactory random_weights(const models::LinearFactory& inner, uint64_
   };
 }
 
-int64_t linear_bytes_of(const models::LlamaForCausalLMImpl& model) {
-  int64_t other = 0;
-  for (const auto& item : model.named_modules())
-    if (dynamic_cast<models::RMSNormImpl*>(item.value().get()))
-      other += item.value()->parameters()[0].numel() * 4;
-  if (!model.config().tie_word_embeddings) other += model.model->embed_tokens->weight.numel() * 4;
-  return models::module_bytes(model) - other;
-}
-
 struct Case {
   std::string format;
   int64_t weight_bytes = 0, linear_bytes = 0;
@@ -297,7 +288,7 @@ void add_bench(CLI::App& app) {
       }
       k.build_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       k.weight_bytes = models::module_bytes(*model);
-      k.linear_bytes = linear_bytes_of(*model);
+      k.linear_bytes = models::linear_bytes(*model);
       const Case base = k;
       for (const auto& path_name : paths) {
         const MatmulPath path = models::parse_matmul_path(path_name, "--paths");

@@ -1,9 +1,7 @@
 // `msbnb eval CHECKPOINT --text FILE`: sliding-window perplexity and tokens per second.
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "common.h"
 #include "msbnb/models/generate.h"
@@ -13,7 +11,8 @@ namespace msbnb::cli {
 
 void add_eval(CLI::App& app) {
   struct Opts {
-    std::string dir, text, quantize, adapter, matmul_path = "auto";
+    std::string dir, text;
+    LoadFlags load;
     int64_t window = 0, stride = 0, max_tokens = 0;
     bool json = false;
   };
@@ -24,30 +23,13 @@ void add_eval(CLI::App& app) {
   c->add_option("--window", o->window, "tokens per window (default: max_position_embeddings, at most 512)");
   c->add_option("--stride", o->stride, "window step (default: window / 2)");
   c->add_option("--max-tokens", o->max_tokens, "evaluate only the first N tokens (0: all)");
-  c->add_option("--quantize", o->quantize,
-                "quantize a float checkpoint while loading: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq");
-  c->add_option("--adapter", o->adapter, "PEFT LoRA adapter folder to attach");
-  c->add_option("--matmul-path", o->matmul_path,
-                "4-bit layers: auto (exact) | fast (bf16) | int8 (int8 activations: fastest decode)")
-      ->capture_default_str();
+  o->load.add_to(*c);
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
-    std::ifstream f(o->text, std::ios::binary);
-    TORCH_CHECK(f.good(), o->text, ": expected a readable text file, got none");
-    std::ostringstream ss;
-    ss << f.rdbuf();
-    models::LoadOptions lo;
-    lo.quantize = parse_quantize_option(o->quantize);
-    lo.adapter = o->adapter;
-    lo.matmul_path = models::parse_matmul_path(o->matmul_path, "--matmul-path");
-    models::LoadedModel m;
-    {
-      ProgressBar bar("load");
-      lo.progress = bar.callback();
-      m = models::load_pretrained(o->dir, lo);
-    }
+    const std::string text = read_text_file(o->text, "--text");
+    models::LoadedModel m = o->load.load(o->dir);
     auto tok = models::load_tokenizer(o->dir);
-    std::vector<int64_t> ids = tok->encode(ss.str());
+    std::vector<int64_t> ids = tok->encode(text);
     if (o->max_tokens > 0 && static_cast<int64_t>(ids.size()) > o->max_tokens)
       ids.resize(static_cast<size_t>(o->max_tokens));
     TORCH_CHECK(ids.size() >= 2, o->text, ": expected at least 2 tokens of text, got ", ids.size());

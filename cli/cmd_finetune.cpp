@@ -12,9 +12,9 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
-#include <thread>
 
 #include "common.h"
+#include "msbnb/io/atomic_file.h"
 #include "msbnb/models/finetune.h"
 #include "msbnb/models/generate.h"
 #include "msbnb/models/tokenizer.h"
@@ -72,7 +72,7 @@ FinetuneRun run_finetune(models::LlamaForCausalLMImpl& model, const std::vector<
       l.y.push_back(run.result.losses[i]);
     }
     p.lines.push_back(l);
-    write_text_file(svg_path, render_svg({p}));
+    io::write_file_atomic(svg_path, render_svg({p}));
   }
   return run;
 }
@@ -183,12 +183,8 @@ void add_finetune(CLI::App& app) {
     o->f.base_model_name_or_path = o->dir;
     models::LoadOptions lo;
     lo.quantize = parse_quantize_option(o->format);
-    models::LoadedModel m;
-    {
-      ProgressBar bar(main_process ? "load" : "");
-      if (main_process) lo.progress = bar.callback();
-      m = models::load_pretrained(o->dir, lo);
-    }
+    models::LoadedModel m =
+        main_process ? load_with_progress(o->dir, lo) : models::load_pretrained(o->dir, lo);
     auto tok = models::load_tokenizer(o->dir);
     const std::vector<int64_t> ids = tok->encode(read_text_file(o->text, "--text"));
     const size_t cut =

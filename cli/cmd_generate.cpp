@@ -12,7 +12,8 @@ namespace msbnb::cli {
 
 void add_generate(CLI::App& app) {
   struct Opts {
-    std::string dir, prompt = "In the beginning", quantize, adapter, matmul_path = "auto";
+    std::string dir, prompt = "In the beginning";
+    LoadFlags load;
     models::SamplingOptions s;
     bool json = false;
   };
@@ -26,24 +27,10 @@ void add_generate(CLI::App& app) {
   c->add_option("--top-k", o->s.top_k, "keep the k most likely tokens (0: all)");
   c->add_option("--top-p", o->s.top_p, "nucleus sampling mass (1: all)");
   c->add_option("--seed", o->s.seed, "sampling seed");
-  c->add_option("--quantize", o->quantize,
-                "quantize a float checkpoint while loading: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq");
-  c->add_option("--adapter", o->adapter, "PEFT LoRA adapter folder to attach");
-  c->add_option("--matmul-path", o->matmul_path,
-                "4-bit layers: auto (exact) | fast (bf16) | int8 (int8 activations: fastest decode)")
-      ->capture_default_str();
+  o->load.add_to(*c);
   c->add_flag("--json", o->json, "machine-readable output");
   c->callback([o] {
-    models::LoadOptions lo;
-    lo.quantize = parse_quantize_option(o->quantize);
-    lo.adapter = o->adapter;
-    lo.matmul_path = models::parse_matmul_path(o->matmul_path, "--matmul-path");
-    models::LoadedModel m;
-    {
-      ProgressBar bar("load");
-      lo.progress = bar.callback();
-      m = models::load_pretrained(o->dir, lo);
-    }
+    models::LoadedModel m = o->load.load(o->dir);
     auto tok = models::load_tokenizer(o->dir);
     std::vector<int64_t> prompt = tok->encode(o->prompt);
     if (tok->bos_id()) prompt.insert(prompt.begin(), *tok->bos_id());

@@ -16,6 +16,7 @@
 #include <set>
 
 #include "common.h"
+#include "msbnb/io/atomic_file.h"
 #include "msbnb/nn/linear.h"
 #include "svg.h"
 
@@ -77,7 +78,7 @@ void write_layer_svg(const std::string& path, const LayerRow& row, const torch::
   b.x_label = "error";
   b.y_label = "weights";
   b.bars.push_back({"error", "#2ca02c", -m, m, histogram(err.data_ptr<float>(), err.numel(), -m, m, 200)});
-  write_text_file(path, render_svg({a, b}));
+  io::write_file_atomic(path, render_svg({a, b}));
 }
 
 }  // namespace
@@ -100,12 +101,7 @@ void add_inspect(CLI::App& app) {
     models::LoadOptions lo;
     lo.quantize = parse_quantize_option(o->format);
     TORCH_CHECK(lo.quantize.has_value(), "--format: expected a quantized format, got \"", o->format, "\"");
-    models::LoadedModel m;
-    {
-      ProgressBar bar("load");
-      lo.progress = bar.callback();
-      m = models::load_pretrained(o->dir, lo);
-    }
+    models::LoadedModel m = load_with_progress(o->dir, lo);
     const bool from_float = models::read_config(o->dir).quantization == std::nullopt;
     const std::string ref_dir = from_float ? o->dir : o->reference;
     std::optional<models::CheckpointFiles> ref;

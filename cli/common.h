@@ -53,6 +53,17 @@ class ProgressBar {
   bool drawn_ = false;
 };
 
+/// load_pretrained with a progress bar ("load") on a terminal.
+models::LoadedModel load_with_progress(const std::string& dir, models::LoadOptions options);
+
+/// The loading options of the commands that run a checkpoint (generate, eval): --quantize,
+/// --adapter, --matmul-path.
+struct LoadFlags {
+  std::string quantize, adapter, matmul_path = "auto";
+  void add_to(CLI::App& command);
+  models::LoadedModel load(const std::string& dir) const;
+};
+
 /// "3.62 GB", "13.1 MB", "512 B" (decimal units).
 std::string human_bytes(double bytes);
 

@@ -35,6 +35,29 @@ models::Progress ProgressBar::callback() {
   return [this](int64_t d, int64_t t, const std::string& w) { update(d, t, w); };
 }
 
+models::LoadedModel load_with_progress(const std::string& dir, models::LoadOptions options) {
+  ProgressBar bar("load");
+  options.progress = bar.callback();
+  return models::load_pretrained(dir, options);
+}
+
+void LoadFlags::add_to(CLI::App& c) {
+  c.add_option("--quantize", quantize,
+               "quantize a float checkpoint while loading: int8 | int4 | nf4 | nf4-dq | fp4 | fp4-dq");
+  c.add_option("--adapter", adapter, "PEFT LoRA adapter folder to attach");
+  c.add_option("--matmul-path", matmul_path,
+               "4-bit layers: auto (exact) | fast (bf16) | int8 (int8 activations: fastest decode)")
+      ->capture_default_str();
+}
+
+models::LoadedModel LoadFlags::load(const std::string& dir) const {
+  models::LoadOptions lo;
+  lo.quantize = parse_quantize_option(quantize);
+  lo.adapter = adapter;
+  lo.matmul_path = models::parse_matmul_path(matmul_path, "--matmul-path");
+  return load_with_progress(dir, lo);
+}
+
 std::string human_bytes(double b) {
   char buf[32];
   if (b >= 1e9) {

@@ -6,8 +6,6 @@
 #include <cstdio>
 #include <sstream>
 
-#include "msbnb/io/atomic_file.h"
-
 namespace msbnb::cli {
 namespace {
 
@@ -128,7 +126,5 @@ std::string render_svg(const std::vector<SvgPlot>& plots) {
   s << "</svg>\n";
   return s.str();
 }
-
-void write_text_file(const std::string& path, const std::string& text) { io::write_file_atomic(path, text); }
 
 }  // namespace msbnb::cli

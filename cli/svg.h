@@ -26,9 +26,6 @@ struct SvgPlot {
 /// The plots stacked vertically in one SVG document.
 std::string render_svg(const std::vector<SvgPlot>& plots);
 
-/// Writes `text` to `path` atomically (temp file, fsync, rename); `what` names it in errors.
-void write_text_file(const std::string& path, const std::string& text);
-
 /// Equal-width histogram of `values` over [lo, hi) (values outside land in the end bins).
 std::vector<double> histogram(const float* values, int64_t n, double lo, double hi, int bins);
 

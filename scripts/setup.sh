@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(g++ cmake ninja-build clang-format libtorch-dev libopenblas0-pthread libgtest-dev libgmock-dev
           libbenchmark-dev nlohmann-json3-dev libcli11-dev clang libclang-rt-14-dev
           g++-aarch64-linux-gnu qemu-user-static zlib1g-dev dataset-fashion-mnist
-          bible-kjv bible-kjv-text libgloo-dev)
+          bible-kjv bible-kjv-text libgloo-dev python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

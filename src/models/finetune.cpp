@@ -192,7 +192,11 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
                 "] with one loss per step, got step ", step, " and ", state["losses"].size(), " losses");
     lora::load_adapter(model, from.string(), lora::LoadAdapterOptions().inject(false));
     torch::load(opt, (from / "optimizer.pt").string());
-    for (const auto& l : state["losses"]) res.losses.push_back(l.get<double>());
+    for (const auto& l : state["losses"]) {
+      TORCH_CHECK(l.is_number(), "finetune: ", (from / "trainer_state.json").string(),
+                  ": expected numbers in losses, got ", l.dump());
+      res.losses.push_back(l.get<double>());
+    }
     res.resumed_from = res.step = step;
   }
   if (dp) {
@@ -238,27 +242,25 @@ FinetuneResult finetune(LlamaForCausalLMImpl& model, const std::vector<int64_t>&
   int64_t steps_here = 0;
   while (res.step < o.steps) {
     const auto starts = batch_starts(o.seed, res.step, o.batch, n, o.context);
-    auto x = torch::empty({std::max<int64_t>(mine.size(), 1), o.context}, torch::kLong);
-    auto y = torch::empty_like(x);
-    for (int64_t b = mine.begin; b < mine.end; ++b) {
-      const int64_t* src = tokens.data() + starts[static_cast<size_t>(b)];
-      std::copy(src, src + o.context, x[b - mine.begin].data_ptr<int64_t>());
-      std::copy(src + 1, src + 1 + o.context, y[b - mine.begin].data_ptr<int64_t>());
-    }
     const double lr = o.warmup_steps > 0 && res.step < o.warmup_steps
                           ? o.lr * static_cast<double>(res.step + 1) / static_cast<double>(o.warmup_steps + 1)
                           : o.lr;
     for (auto& g : opt.param_groups()) g.options().set_lr(lr);
     opt.zero_grad();
+    // A rank with an empty shard computes nothing; DataParallel counts its gradients as zeros.
     torch::Tensor loss_value = torch::zeros({1});
     if (mine.size() > 0) {
+      auto x = torch::empty({mine.size(), o.context}, torch::kLong);
+      auto y = torch::empty_like(x);
+      for (int64_t b = mine.begin; b < mine.end; ++b) {
+        const int64_t* src = tokens.data() + starts[static_cast<size_t>(b)];
+        std::copy(src, src + o.context, x[b - mine.begin].data_ptr<int64_t>());
+        std::copy(src + 1, src + 1 + o.context, y[b - mine.begin].data_ptr<int64_t>());
+      }
       auto logits = model.forward(x);
       auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, cfg.vocab_size}), y.reshape({-1}));
       (loss * weight).backward();
       loss_value.fill_(loss.item<double>() * static_cast<double>(mine.size()) / static_cast<double>(o.batch));
-    } else {
-      // An empty shard still joins the gradient average (with zeros).
-      for (auto& p : params) p.mutable_grad() = torch::zeros_like(p);
     }
     if (dp) {
       dp->synchronize_gradients();

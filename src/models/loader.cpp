@@ -331,12 +331,7 @@ LoadedModel load_pretrained(const std::string& dir, const LoadOptions& options) 
   if (options.matmul_path != MatmulPath::automatic) set_matmul_path(*out.model, options.matmul_path);
   out.model->eval();
   out.model_bytes = module_bytes(*out.model);
-  int64_t other = 0;
-  for (const auto& item : out.model->named_modules()) {
-    if (dynamic_cast<RMSNormImpl*>(item.value().get())) other += item.value()->parameters()[0].numel() * 4;
-  }
-  if (!cfg.tie_word_embeddings) other += out.model->model->embed_tokens->weight.numel() * 4;
-  out.linear_bytes = out.model_bytes - other;
+  out.linear_bytes = linear_bytes(*out.model);
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out;
 }
@@ -463,6 +458,14 @@ QuantizeReport quantize_checkpoint(const std::string& in_dir, const std::string&
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return report;
+}
+
+int64_t linear_bytes(const LlamaForCausalLMImpl& model) {
+  int64_t other = 0;
+  for (const auto& item : model.named_modules())
+    if (dynamic_cast<RMSNormImpl*>(item.value().get())) other += item.value()->parameters()[0].numel() * 4;
+  if (!model.config().tie_word_embeddings) other += model.model->embed_tokens->weight.numel() * 4;
+  return module_bytes(model) - other;
 }
 
 int64_t set_matmul_path(torch::nn::Module& module, MatmulPath path) {

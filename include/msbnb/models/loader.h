@@ -111,6 +111,10 @@ int64_t set_matmul_path(torch::nn::Module& module, MatmulPath path);
 /// "auto" | "exact" | "fast" | "int8" -> MatmulPath (throws naming `what` for another value).
 MatmulPath parse_matmul_path(const std::string& value, const std::string& what = "matmul_path");
 
+/// Bytes of the weights a forward of one token reads: every parameter and buffer but the norms'
+/// and, unless tied to lm_head, the embedding table (one row of it is read).
+int64_t linear_bytes(const LlamaForCausalLMImpl& model);
+
 /// Bytes of a module's parameters and buffers, each tensor counted once.
 int64_t module_bytes(const torch::nn::Module& module);
 
